@@ -1,0 +1,326 @@
+//! `producer`: pushes work onto the pipeline's queues and operates them (state, dead letters).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use upload_pipeline::{
+    Settings,
+    jobs::{
+        Stage,
+        synthetic::{FailMode, Misbehave, SyntheticJob},
+    },
+    queue::{Broker, QueueStats},
+    telemetry,
+};
+
+/// Pushes work onto the upload-pipeline queues and operates them.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// A TOML settings file (see config/example.toml).
+    #[arg(long, global = true, env = "UPLOAD_PIPELINE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Shows each stage queue: pending, in flight, delayed, dead, oldest pending age.
+    Queues {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists, replays or purges a stage's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Pushes a batch of synthetic jobs (simulated work) and, with --wait, follows them to the end.
+    Synthetic {
+        /// The stage queue to push to.
+        #[arg(long, default_value = "parse")]
+        stage: Stage,
+        /// How many jobs.
+        #[arg(long, default_value_t = 1000)]
+        jobs: u64,
+        /// Simulated work per job, in ms.
+        #[arg(long, default_value_t = 0)]
+        work_ms: u64,
+        /// Share of jobs (0-100) that fail their first attempt with a retryable error.
+        #[arg(long, default_value_t = 0.0)]
+        fail_percent: f64,
+        /// Share of jobs (0-100) that fail permanently and end in the dead letters.
+        #[arg(long, default_value_t = 0.0)]
+        dead_percent: f64,
+        /// Wait until the queue has drained, with a progress line.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Lists dead letters, newest first.
+    List {
+        /// The stage.
+        #[arg(long)]
+        stage: Stage,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Puts dead letters back on the queue with fresh attempts: the given ids, or all.
+    Replay {
+        /// The stage.
+        #[arg(long)]
+        stage: Stage,
+        /// Dead-letter entry ids (from `dlq list`); all when none is given.
+        ids: Vec<String>,
+    },
+    /// Deletes dead letters: the given ids, or all.
+    Purge {
+        /// The stage.
+        #[arg(long)]
+        stage: Stage,
+        /// Dead-letter entry ids (from `dlq list`); all when none is given.
+        ids: Vec<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut settings = Settings::load(args.config.as_deref()).context("Failed to load settings")?;
+    // The CLI talks to people on stdout; keep the logs to warnings unless asked otherwise.
+    if std::env::var_os("RUST_LOG").is_none() {
+        settings.log.filter = "warn".into();
+    }
+    telemetry::init_logging(&settings.log).context("Failed to start logging")?;
+    let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
+        .await
+        .context("Failed to connect to Redis")?;
+    match args.command {
+        Command::Queues { json } => queues(&broker, json).await,
+        Command::Dlq { action } => dlq(&broker, action).await,
+        Command::Synthetic {
+            stage,
+            jobs,
+            work_ms,
+            fail_percent,
+            dead_percent,
+            wait,
+            timeout_secs,
+        } => {
+            if !(0.0..=100.0).contains(&fail_percent) || !(0.0..=100.0).contains(&dead_percent) {
+                bail!("--fail-percent and --dead-percent must be between 0 and 100");
+            }
+            let spec = Batch {
+                stage,
+                jobs,
+                work_ms,
+                fail_percent,
+                dead_percent,
+            };
+            synthetic(
+                &broker,
+                spec,
+                wait.then_some(Duration::from_secs(timeout_secs)),
+            )
+            .await
+        }
+    }
+}
+
+async fn queues(broker: &Broker, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for stage in Stage::ALL {
+        let stats = broker
+            .handle(stage.as_str())?
+            .stats()
+            .await
+            .with_context(|| format!("Failed to read queue {stage}"))?;
+        rows.push((stage, stats));
+    }
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(s, st)| {
+                (
+                    s.to_string(),
+                    serde_json::to_value(st).expect("stats serialise"),
+                )
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(map));
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}",
+        "queue", "pending", "in_flight", "delayed", "dead", "oldest_age", "consumers"
+    );
+    for (stage, s) in rows {
+        let age = s
+            .oldest_pending_age_ms
+            .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        println!(
+            "{stage:<8} {:>10} {:>10} {:>10} {:>10} {age:>12} {:>10}",
+            s.pending, s.in_flight, s.delayed, s.dead, s.consumers
+        );
+    }
+    Ok(())
+}
+
+async fn dlq(broker: &Broker, action: DlqAction) -> anyhow::Result<()> {
+    match action {
+        DlqAction::List { stage, limit } => {
+            let letters = broker
+                .handle(stage.as_str())?
+                .dead_letters(limit)
+                .await
+                .context("Failed to list dead letters")?;
+            if letters.is_empty() {
+                println!("no dead letters in {stage}");
+            }
+            for d in letters {
+                println!(
+                    "{}  job {}  attempts {}  {}\n    payload {}",
+                    d.entry_id, d.job_id, d.attempts, d.error, d.payload
+                );
+            }
+        }
+        DlqAction::Replay { stage, ids } => {
+            let n = broker
+                .handle(stage.as_str())?
+                .replay_dead(&ids)
+                .await
+                .context("Failed to replay dead letters")?;
+            println!("replayed {n} dead letters of {stage}");
+            if !ids.is_empty() && n < ids.len() as u64 {
+                bail!(
+                    "{} of the given ids were not dead letters of {stage}",
+                    ids.len() as u64 - n
+                );
+            }
+        }
+        DlqAction::Purge { stage, ids } => {
+            let n = broker
+                .handle(stage.as_str())?
+                .purge_dead(&ids)
+                .await
+                .context("Failed to purge dead letters")?;
+            println!("purged {n} dead letters of {stage}");
+        }
+    }
+    Ok(())
+}
+
+struct Batch {
+    stage: Stage,
+    jobs: u64,
+    work_ms: u64,
+    fail_percent: f64,
+    dead_percent: f64,
+}
+
+async fn synthetic(broker: &Broker, spec: Batch, wait: Option<Duration>) -> anyhow::Result<()> {
+    let queue = broker.queue::<SyntheticJob>(spec.stage.as_str())?;
+    let before = queue.stats().await.context("Failed to read the queue")?;
+    // Deterministic spread of the injected failures over the batch.
+    let every = |percent: f64| {
+        if percent > 0.0 {
+            (100.0 / percent).round().max(1.0) as u64
+        } else {
+            0
+        }
+    };
+    let (fail_every, dead_every) = (every(spec.fail_percent), every(spec.dead_percent));
+    let jobs: Vec<SyntheticJob> = (0..spec.jobs)
+        .map(|seq| {
+            let fail = if dead_every > 0 && seq % dead_every == dead_every - 1 {
+                Some(Misbehave {
+                    mode: FailMode::Permanent,
+                    attempts: None,
+                    retry_after_ms: None,
+                })
+            } else if fail_every > 0 && seq % fail_every == 0 {
+                Some(Misbehave {
+                    mode: FailMode::Error,
+                    attempts: Some(1),
+                    retry_after_ms: None,
+                })
+            } else {
+                None
+            };
+            SyntheticJob {
+                seq,
+                work_ms: spec.work_ms,
+                fail,
+                record: false,
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    queue
+        .push_many(&jobs)
+        .await
+        .context("Failed to push the jobs")?;
+    println!(
+        "pushed {} synthetic jobs to {} in {:.0} ms",
+        spec.jobs,
+        spec.stage,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    let Some(timeout) = wait else { return Ok(()) };
+
+    let bar = ProgressBar::new(spec.jobs);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} jobs settled  {msg}",
+        )
+        .expect("valid template"),
+    );
+    let backlog = |s: &QueueStats| s.pending + s.in_flight + s.delayed;
+    let start_backlog = backlog(&before);
+    loop {
+        let now = queue.stats().await.context("Failed to read the queue")?;
+        let left = backlog(&now).saturating_sub(start_backlog);
+        let dead = now.dead.saturating_sub(before.dead);
+        bar.set_position(spec.jobs.saturating_sub(left));
+        let rate = (spec.jobs - left) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        bar.set_message(format!(
+            "{rate:.0} jobs/s, {} in flight, {} waiting to retry, {dead} dead",
+            now.in_flight, now.delayed
+        ));
+        if left == 0 {
+            bar.finish();
+            println!(
+                "settled {} jobs in {:.2} s ({:.0} jobs/s): {} succeeded, {dead} dead (see `producer dlq list --stage {}`)",
+                spec.jobs,
+                started.elapsed().as_secs_f64(),
+                spec.jobs as f64 / started.elapsed().as_secs_f64(),
+                spec.jobs - dead,
+                spec.stage
+            );
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bar.abandon();
+            bail!(
+                "{left} jobs still unsettled after {} s: are workers running for stage {}?",
+                timeout.as_secs(),
+                spec.stage
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

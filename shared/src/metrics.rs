@@ -1,0 +1,116 @@
+//! Every metric the fleet exports: names, help texts and histogram buckets, in one place.
+//! Names follow `upload_pipeline_<subsystem>_<name>_<unit>`; labels come from small fixed sets.
+
+/// Jobs finished, by queue and outcome (`success`, `retried`, `dead`, `released`).
+pub const QUEUE_JOBS: &str = "upload_pipeline_queue_jobs_total";
+/// Jobs pushed, by queue.
+pub const QUEUE_PUSHED: &str = "upload_pipeline_queue_pushed_jobs_total";
+/// Handler run time, by queue.
+pub const QUEUE_JOB_DURATION: &str = "upload_pipeline_queue_job_duration_seconds";
+/// Time from a job becoming runnable to its delivery, by queue.
+pub const QUEUE_WAIT: &str = "upload_pipeline_queue_wait_seconds";
+/// Jobs taken over from consumers that stopped answering, by queue.
+pub const QUEUE_RECLAIMED: &str = "upload_pipeline_queue_reclaimed_jobs_total";
+/// Claims a live consumer lost to another (it was stalled for longer than half of `reclaim_after`), by queue.
+pub const QUEUE_CLAIMS_LOST: &str = "upload_pipeline_queue_claims_lost_total";
+/// Failed Redis calls of the queue, by queue and operation; each was retried.
+pub const QUEUE_REDIS_ERRORS: &str = "upload_pipeline_queue_redis_errors_total";
+/// Jobs waiting for a worker, by queue (read from Redis at scrape time).
+pub const QUEUE_PENDING: &str = "upload_pipeline_queue_pending_jobs";
+/// Jobs delivered and not yet acknowledged, by queue.
+pub const QUEUE_IN_FLIGHT: &str = "upload_pipeline_queue_in_flight_jobs";
+/// Failed attempts waiting for their retry, by queue.
+pub const QUEUE_DELAYED: &str = "upload_pipeline_queue_delayed_jobs";
+/// Dead letters, by queue.
+pub const QUEUE_DEAD: &str = "upload_pipeline_queue_dead_jobs";
+/// Age of the oldest waiting job, by queue (0 when none waits).
+pub const QUEUE_OLDEST_AGE: &str = "upload_pipeline_queue_oldest_pending_age_seconds";
+/// Job slots busy in this worker process, by stage.
+pub const WORKER_BUSY: &str = "upload_pipeline_worker_busy_slots";
+/// Job slots of this worker process, by stage.
+pub const WORKER_SLOTS: &str = "upload_pipeline_worker_slots";
+/// Stage workers restarted after their backend failed, by stage.
+pub const WORKER_RESTARTS: &str = "upload_pipeline_worker_restarts_total";
+/// Seconds since a stage's worker loop last went round, by stage.
+pub const WORKER_HEARTBEAT_AGE: &str = "upload_pipeline_worker_heartbeat_age_seconds";
+/// Build information (`version`), always 1.
+pub const BUILD_INFO: &str = "upload_pipeline_build_info";
+
+/// Buckets of job run time and queue wait (seconds): sub-millisecond no-ops up to provider-bound minutes.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0,
+    90.0, 180.0, 600.0,
+];
+
+/// Registers help texts and units with the installed recorder.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        QUEUE_JOBS,
+        "Jobs finished, by queue and outcome (success, retried, dead, released)."
+    );
+    describe_counter!(QUEUE_PUSHED, "Jobs pushed, by queue.");
+    describe_histogram!(
+        QUEUE_JOB_DURATION,
+        Unit::Seconds,
+        "Handler run time, by queue."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time from a job becoming runnable to its delivery, by queue."
+    );
+    describe_counter!(
+        QUEUE_RECLAIMED,
+        "Jobs taken over from consumers that stopped answering, by queue."
+    );
+    describe_counter!(
+        QUEUE_CLAIMS_LOST,
+        "Claims a live consumer lost to another consumer, by queue."
+    );
+    describe_counter!(
+        QUEUE_REDIS_ERRORS,
+        "Failed Redis calls of the queue (each retried), by queue and operation."
+    );
+    describe_gauge!(QUEUE_PENDING, "Jobs waiting for a worker, by queue.");
+    describe_gauge!(
+        QUEUE_IN_FLIGHT,
+        "Jobs delivered and not yet acknowledged, by queue."
+    );
+    describe_gauge!(
+        QUEUE_DELAYED,
+        "Failed attempts waiting for their retry time, by queue."
+    );
+    describe_gauge!(QUEUE_DEAD, "Dead letters, by queue.");
+    describe_gauge!(
+        QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest waiting job, by queue."
+    );
+    describe_gauge!(
+        WORKER_BUSY,
+        "Job slots busy in this worker process, by stage."
+    );
+    describe_gauge!(WORKER_SLOTS, "Job slots of this worker process, by stage.");
+    describe_counter!(
+        WORKER_RESTARTS,
+        "Stage workers restarted after their backend failed, by stage."
+    );
+    describe_gauge!(
+        WORKER_HEARTBEAT_AGE,
+        Unit::Seconds,
+        "Seconds since a stage's worker loop last went round."
+    );
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+}
+
+/// Sets the queue gauges from freshly read stats.
+pub fn record_queue_stats(queue: &str, stats: &crate::queue::QueueStats) {
+    let q = queue.to_owned();
+    metrics::gauge!(QUEUE_PENDING, "queue" => q.clone()).set(stats.pending as f64);
+    metrics::gauge!(QUEUE_IN_FLIGHT, "queue" => q.clone()).set(stats.in_flight as f64);
+    metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(stats.delayed as f64);
+    metrics::gauge!(QUEUE_DEAD, "queue" => q.clone()).set(stats.dead as f64);
+    metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q)
+        .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+}

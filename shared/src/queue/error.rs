@@ -1,0 +1,177 @@
+//! Errors of the queue itself ([`QueueError`]) and the outcome a job handler reports ([`JobError`]).
+
+use std::time::Duration;
+
+use apalis_core::error::{AbortError, BoxDynError, RetryAfterError};
+
+/// An error talking to the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Redis refused the command or could not be reached.
+    #[error("Redis command failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A job could not be serialised to JSON.
+    #[error("failed to encode the job payload: {0}")]
+    Encode(serde_json::Error),
+    /// A queue name outside `[a-z0-9_-]{1,64}`.
+    #[error("invalid queue name {0:?}: use 1 to 64 lowercase letters, digits, '-' or '_'")]
+    InvalidName(String),
+}
+
+impl QueueError {
+    /// Whether trying again later can succeed (Redis down, timeouts) or not (bad names, unencodable jobs).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.code(),
+                        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "NOGROUP")
+                    )
+            }
+            Self::Encode(_) | Self::InvalidName(_) => false,
+        }
+    }
+}
+
+/// How a job handler reports a failure, so the queue knows whether to try again.
+///
+/// Handlers may also return apalis's [`AbortError`] (permanent) or [`RetryAfterError`] (retry after a delay), or any
+/// other error, which counts as retryable with the queue's backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt: after `after` if given (a provider's Retry-After), else after the queue's backoff.
+    #[error("{source}")]
+    Retryable {
+        /// What went wrong.
+        source: BoxDynError,
+        /// The earliest time to try again, if the failure says so.
+        after: Option<Duration>,
+    },
+    /// Never worth another attempt (bad input, a 4xx answer): the job goes to the dead letters at once.
+    #[error("{source}")]
+    Permanent {
+        /// What went wrong.
+        source: BoxDynError,
+    },
+}
+
+impl JobError {
+    /// A failure worth retrying after the queue's backoff.
+    pub fn retryable(source: impl Into<BoxDynError>) -> Self {
+        Self::Retryable {
+            source: source.into(),
+            after: None,
+        }
+    }
+
+    /// A failure worth retrying, not before `after`.
+    pub fn retry_after(source: impl Into<BoxDynError>, after: Duration) -> Self {
+        Self::Retryable {
+            source: source.into(),
+            after: Some(after),
+        }
+    }
+
+    /// A failure no retry can fix.
+    pub fn permanent(source: impl Into<BoxDynError>) -> Self {
+        Self::Permanent {
+            source: source.into(),
+        }
+    }
+}
+
+/// What the queue does with a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Try again, after the given delay or the backoff.
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
+    /// Dead-letter now.
+    Permanent { error: String },
+}
+
+impl Failure {
+    /// Classifies whatever error the handler stack returned.
+    pub(crate) fn classify(err: &BoxDynError) -> Self {
+        if let Some(e) = err.downcast_ref::<JobError>() {
+            return match e {
+                JobError::Retryable { source, after } => Self::Retry {
+                    error: source.to_string(),
+                    after: *after,
+                },
+                JobError::Permanent { source } => Self::Permanent {
+                    error: source.to_string(),
+                },
+            };
+        }
+        if let Some(e) = err.downcast_ref::<AbortError>() {
+            return Self::Permanent {
+                error: e.to_string(),
+            };
+        }
+        if let Some(e) = err.downcast_ref::<RetryAfterError>() {
+            return Self::Retry {
+                error: e.to_string(),
+                after: Some(e.get_duration()),
+            };
+        }
+        Self::Retry {
+            error: err.to_string(),
+            after: None,
+        }
+    }
+
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Self::Retry { error, .. } | Self::Permanent { error } => error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_errors_are_classified_by_their_type() {
+        let boxed = |e: JobError| -> BoxDynError { Box::new(e) };
+        assert_eq!(
+            Failure::classify(&boxed(JobError::permanent("bad file"))),
+            Failure::Permanent {
+                error: "bad file".into()
+            }
+        );
+        assert_eq!(
+            Failure::classify(&boxed(JobError::retry_after("429", Duration::from_secs(3)))),
+            Failure::Retry {
+                error: "429".into(),
+                after: Some(Duration::from_secs(3))
+            }
+        );
+        let abort: BoxDynError = Box::new(AbortError::new("no"));
+        assert!(matches!(
+            Failure::classify(&abort),
+            Failure::Permanent { .. }
+        ));
+        let later: BoxDynError =
+            Box::new(RetryAfterError::new("busy", Duration::from_millis(1500)));
+        assert_eq!(Failure::classify(&later).message(), "RetryError: busy");
+        assert!(
+            matches!(Failure::classify(&later), Failure::Retry { after: Some(d), .. } if d == Duration::from_millis(1500))
+        );
+        let other: BoxDynError = "connection reset".into();
+        assert_eq!(
+            Failure::classify(&other),
+            Failure::Retry {
+                error: "connection reset".into(),
+                after: None
+            }
+        );
+    }
+}

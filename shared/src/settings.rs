@@ -1,0 +1,380 @@
+//! Typed, validated settings: built-in defaults, then an optional TOML file, then environment variables.
+//!
+//! Environment variables: `REDIS_URL`, `LOG_FORMAT` (`text` or `json`), `RUST_LOG` (a tracing filter), and any
+//! field as `UPLOAD_PIPELINE__<SECTION>__<FIELD>`, e.g. `UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER=10s`.
+//! `config/example.toml` documents every field. Settings are read once at start-up and passed down.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A value has the wrong type or an unknown field was given.
+    #[error("invalid settings: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value is out of its allowed range.
+    #[error("invalid setting `{field}`: {reason}")]
+    Invalid {
+        /// The dotted field name, e.g. `queue.max_deliveries`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// All settings of a producer or worker process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Redis that carries the queues and the fleet-wide state (`REDIS_URL`).
+    pub redis_url: RedisUrl,
+    /// The job queues.
+    pub queue: QueueSettings,
+    /// Worker processes.
+    pub worker: WorkerSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            redis_url: RedisUrl("redis://127.0.0.1:6379".into()),
+            queue: QueueSettings::default(),
+            worker: WorkerSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+/// A Redis URL; its password is never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(pub String);
+
+impl RedisUrl {
+    /// The URL itself, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                write!(f, "{}://***{}", &self.0[..scheme], &self.0[at..])
+            }
+            _ => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// Settings of the job queues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    /// Prefix of every Redis key; give each deployment (or test) its own.
+    pub key_prefix: String,
+    /// Upper bound on how long the jobs of a killed worker wait before another replica runs them. Live workers
+    /// refresh their claims every quarter of it; claims idle for half of it are taken over.
+    #[serde(with = "humantime_serde")]
+    pub reclaim_after: Duration,
+    /// Attempts a job gets (runs that failed, panicked or never finished) before it goes to the dead letters.
+    pub max_deliveries: u32,
+    /// How long an idle worker's blocking read waits before it looks around (stale claims, shutdown).
+    #[serde(with = "humantime_serde")]
+    pub block_timeout: Duration,
+    /// Backoff before the second attempt; it doubles per attempt, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest backoff between two attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Dead letters kept per queue; the oldest are dropped beyond it.
+    pub dead_letter_max: u64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            key_prefix: "upload-pipeline".into(),
+            reclaim_after: Duration::from_secs(30),
+            max_deliveries: 5,
+            block_timeout: Duration::from_secs(5),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            dead_letter_max: 100_000,
+        }
+    }
+}
+
+impl QueueSettings {
+    /// The delay before attempt `failed_attempt + 1`: `retry_base * 2^(failed_attempt - 1)`, capped at
+    /// `retry_max`, of which a random half is kept ("equal jitter"), so retries of a burst spread out.
+    pub fn backoff(&self, failed_attempt: u32) -> Duration {
+        let exp = failed_attempt.saturating_sub(1).min(30);
+        let full = self
+            .retry_base
+            .saturating_mul(1u32 << exp)
+            .min(self.retry_max);
+        let half = full / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Settings of worker processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Where `/healthz` and `/metrics` are served.
+    pub metrics_addr: SocketAddr,
+    /// How long in-flight jobs may take to finish after SIGTERM before the worker gives them back and exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Jobs one process runs at once, per stage.
+    pub concurrency: StageConcurrency,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            shutdown_grace: Duration::from_secs(30),
+            concurrency: StageConcurrency::default(),
+        }
+    }
+}
+
+/// Per-stage concurrency of one worker process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageConcurrency {
+    /// Parse jobs at once (CPU- or provider-bound).
+    pub parse: usize,
+    /// Chunk jobs at once (CPU-bound).
+    pub chunk: usize,
+    /// Embed jobs at once (provider- or model-bound).
+    pub embed: usize,
+}
+
+impl Default for StageConcurrency {
+    fn default() -> Self {
+        Self {
+            parse: 4,
+            chunk: 4,
+            embed: 16,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` for people, `json` for log pipelines (`LOG_FORMAT`).
+    pub format: LogFormat,
+    /// A tracing filter such as `info,upload_pipeline=debug` (`RUST_LOG`).
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (TOML) if given, then the environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(SettingsError::Invalid {
+                    field: "config file",
+                    reason: format!("{} does not exist", file.display()),
+                });
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        let fig = fig
+            .merge(
+                Env::prefixed("UPLOAD_PIPELINE__")
+                    .split("__")
+                    .lowercase(true),
+            )
+            .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis_url".into()))
+            .merge(
+                Env::raw()
+                    .only(&["LOG_FORMAT"])
+                    .map(|_| "log.format".into()),
+            )
+            .merge(Env::raw().only(&["RUST_LOG"]).map(|_| "log.filter".into()));
+        let settings: Settings = fig.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value against its allowed range.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |field, reason: &str| {
+            Err(SettingsError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        let url = self.redis_url.expose();
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
+            || url.starts_with("unix://"))
+        {
+            return invalid(
+                "redis_url",
+                "must start with redis://, rediss://, redis+unix:// or unix://",
+            );
+        }
+        let q = &self.queue;
+        if q.key_prefix.is_empty()
+            || q.key_prefix.len() > 100
+            || q.key_prefix.contains(['{', '}', ' '])
+        {
+            return invalid(
+                "queue.key_prefix",
+                "must be 1 to 100 characters without spaces or braces",
+            );
+        }
+        if q.reclaim_after < Duration::from_millis(200)
+            || q.reclaim_after > Duration::from_secs(24 * 3600)
+        {
+            return invalid("queue.reclaim_after", "must be between 200ms and 24h");
+        }
+        if !(1..=1000).contains(&q.max_deliveries) {
+            return invalid("queue.max_deliveries", "must be between 1 and 1000");
+        }
+        if q.block_timeout < Duration::from_millis(10) || q.block_timeout > Duration::from_secs(60)
+        {
+            return invalid("queue.block_timeout", "must be between 10ms and 60s");
+        }
+        if q.retry_base.is_zero() || q.retry_base > q.retry_max {
+            return invalid(
+                "queue.retry_base",
+                "must be above zero and at most queue.retry_max",
+            );
+        }
+        if q.dead_letter_max == 0 {
+            return invalid("queue.dead_letter_max", "must be at least 1");
+        }
+        let w = &self.worker;
+        if w.shutdown_grace > Duration::from_secs(3600) {
+            return invalid("worker.shutdown_grace", "must be at most 1h");
+        }
+        for (field, n) in [
+            ("worker.concurrency.parse", w.concurrency.parse),
+            ("worker.concurrency.chunk", w.concurrency.chunk),
+            ("worker.concurrency.embed", w.concurrency.embed),
+        ] {
+            if !(1..=10_000).contains(&n) {
+                return invalid(field, "must be between 1 and 10000");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_file_then_the_environment_override_the_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("up.toml", "[queue]\nreclaim_after = \"10s\"\nmax_deliveries = 3\n[worker.concurrency]\nembed = 2\n")?;
+            jail.set_env("UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES", "7");
+            jail.set_env("REDIS_URL", "redis://:hunter2@example:6380/2");
+            jail.set_env("LOG_FORMAT", "json");
+            let s = Settings::load(Some(Path::new("up.toml"))).expect("valid");
+            assert_eq!(s.queue.reclaim_after, Duration::from_secs(10));
+            assert_eq!(s.queue.max_deliveries, 7);
+            assert_eq!(s.worker.concurrency.embed, 2);
+            assert_eq!(s.worker.concurrency.parse, 4);
+            assert_eq!(s.log.format, LogFormat::Json);
+            assert_eq!(s.redis_url.expose(), "redis://:hunter2@example:6380/2");
+            assert!(
+                !format!("{s:?}").contains("hunter2"),
+                "the password must not be printed"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES", "0");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("queue.max_deliveries"), "{err}");
+            jail.set_env("UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES", "5");
+            jail.set_env("UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER", "soon");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("reclaim_after"), "{err}");
+            jail.set_env("UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER", "30s");
+            jail.set_env("UPLOAD_PIPELINE__QUEUE__NO_SUCH_FIELD", "1");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("no_such_field"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/up.toml"))).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let q = QueueSettings {
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(10),
+            ..Default::default()
+        };
+        for _ in 0..100 {
+            let first = q.backoff(1);
+            assert!(
+                first >= Duration::from_millis(500) && first <= Duration::from_secs(1),
+                "{first:?}"
+            );
+            let third = q.backoff(3);
+            assert!(
+                third >= Duration::from_secs(2) && third <= Duration::from_secs(4),
+                "{third:?}"
+            );
+            assert!(q.backoff(30) <= Duration::from_secs(10));
+        }
+    }
+}

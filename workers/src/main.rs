@@ -1,0 +1,46 @@
+//! `worker`: runs the chosen pipeline stages until SIGTERM or SIGINT, then drains.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::Parser;
+use upload_pipeline::{Settings, jobs::Stage, runtime::Runtime, shutdown, telemetry};
+
+/// Runs pipeline stages: fetches their jobs from Redis and processes them.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Stages this process runs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "parse,chunk,embed")]
+    stages: Vec<Stage>,
+    /// Where to serve /healthz and /metrics (overrides worker.metrics_addr).
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// A TOML settings file (see config/example.toml).
+    #[arg(long, env = "UPLOAD_PIPELINE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut settings = Settings::load(args.config.as_deref()).context("Failed to load settings")?;
+    if let Some(addr) = args.metrics_addr {
+        settings.worker.metrics_addr = addr;
+    }
+    telemetry::init_logging(&settings.log).context("Failed to start logging")?;
+    let metrics = telemetry::init_metrics().context("Failed to start metrics")?;
+    let mut stages = args.stages;
+    stages.sort();
+    stages.dedup();
+    let runtime = Runtime::connect(Arc::new(settings))
+        .await
+        .context("Failed to connect to Redis")?;
+    let runtime = upload_pipeline::jobs::register(runtime, &stages)
+        .context("Failed to register the stages")?;
+    runtime
+        .run(Some(metrics), shutdown::signal())
+        .await
+        .context("The worker failed")?;
+    Ok(())
+}
