@@ -1,1 +1,423 @@
+//! Test support for the integration tests in `tests/tests/`: unique key prefixes on the shared Redis, private
+//! Redis servers for tests that restart Redis or measure its memory, worker processes to kill, and waits on
+//! conditions with deadlines (never fixed sleeps).
 
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use upload_pipeline::{
+    Settings,
+    jobs::synthetic::{LogLine, SyntheticContext},
+    queue::{Broker, QueueHandle, QueueStats},
+    settings::RedisUrl,
+};
+
+/// The Redis the tests share (`REDIS_URL`, default `redis://127.0.0.1:6379`).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix no other test (or earlier run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!(
+        "test-{test}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Settings for a test: its own key prefix and timings short enough for a test, on `redis_url`.
+pub fn settings(prefix: &str, redis_url: &str) -> Settings {
+    let mut s = Settings::default();
+    s.redis_url = RedisUrl(redis_url.to_owned());
+    s.queue.key_prefix = prefix.to_owned();
+    s.queue.reclaim_after = Duration::from_secs(4);
+    s.queue.block_timeout = Duration::from_millis(200);
+    s.queue.retry_base = Duration::from_millis(200);
+    s.queue.retry_max = Duration::from_secs(2);
+    s.queue.max_deliveries = 3;
+    s.worker.shutdown_grace = Duration::from_secs(5);
+    s
+}
+
+/// Connects a broker with `settings`.
+pub async fn broker(settings: &Settings) -> Broker {
+    Broker::connect(settings.redis_url.expose(), settings.queue.clone())
+        .await
+        .expect("connect to Redis")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the queue's stats satisfy `pred`; returns them.
+pub async fn wait_for_stats(
+    queue: &QueueHandle,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&QueueStats) -> bool,
+) -> QueueStats {
+    wait_for(what, timeout, || async {
+        let s = queue.stats().await.expect("queue stats");
+        pred(&s).then_some(s)
+    })
+    .await
+}
+
+/// The log lines synthetic jobs with `record: true` wrote for `queue`.
+pub async fn synthetic_log(settings: &Settings, queue: &str) -> Vec<LogLine> {
+    let client = redis::Client::open(settings.redis_url.expose()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let lines: Vec<String> = redis::cmd("LRANGE")
+        .arg(SyntheticContext::log_key(&settings.queue.key_prefix, queue))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("LRANGE");
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("log line"))
+        .collect()
+}
+
+/// Deletes every key under `prefix` (call at the end of a test on the shared Redis).
+pub async fn cleanup(settings: &Settings) {
+    let client = redis::Client::open(settings.redis_url.expose()).expect("redis url");
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", settings.queue.key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A Redis server of the test's own, for tests that restart Redis or measure its memory.
+pub struct RedisServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` without persistence on a free port and waits until it answers.
+    pub async fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it again on the same port (after [`RedisServer::stop`]); the data is gone, as after a crash.
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed? `make services` installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for(
+            "the private redis-server to answer",
+            Duration::from_secs(10),
+            || async {
+                let client = redis::Client::open(url.as_str()).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `INFO memory` `used_memory`, in bytes.
+    pub async fn used_memory(&self) -> u64 {
+        let client = redis::Client::open(self.url()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `worker` binary, built once per test run (it lives in another package, so cargo does not build it for us).
+pub fn worker_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(bin) = std::env::var("UPLOAD_PIPELINE_WORKER_BIN") {
+            return PathBuf::from(bin);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "workers", "--bin", "worker"])
+            .status()
+            .expect("run cargo build for the worker binary");
+        assert!(status.success(), "building the worker binary failed");
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/worker
+        exe.parent()
+            .and_then(|deps| deps.parent())
+            .map(|dir| dir.join("worker"))
+            .expect("target dir")
+    })
+    .clone()
+}
+
+/// A `worker` process of the test's.
+pub struct WorkerProcess {
+    child: Child,
+    /// Where /healthz and /metrics are served.
+    pub metrics_addr: String,
+    /// The file its logs go to.
+    pub log_path: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `worker --stages <stages>` with `settings` passed through the environment.
+    pub fn start(settings: &Settings, stages: &str) -> Self {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-{}.log",
+            settings.queue.key_prefix,
+            rand::random::<u32>()
+        ));
+        let log = std::fs::File::create(&log_path).expect("worker log file");
+        let q = &settings.queue;
+        let w = &settings.worker;
+        let child = Command::new(worker_bin())
+            .args(["--stages", stages, "--metrics-addr", &metrics_addr])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("REDIS_URL", settings.redis_url.expose())
+            .env("RUST_LOG", "info")
+            .env("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", &q.key_prefix)
+            .env(
+                "UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER",
+                format!("{}ms", q.reclaim_after.as_millis()),
+            )
+            .env(
+                "UPLOAD_PIPELINE__QUEUE__BLOCK_TIMEOUT",
+                format!("{}ms", q.block_timeout.as_millis()),
+            )
+            .env(
+                "UPLOAD_PIPELINE__QUEUE__RETRY_BASE",
+                format!("{}ms", q.retry_base.as_millis()),
+            )
+            .env(
+                "UPLOAD_PIPELINE__QUEUE__RETRY_MAX",
+                format!("{}ms", q.retry_max.as_millis()),
+            )
+            .env(
+                "UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES",
+                q.max_deliveries.to_string(),
+            )
+            .env(
+                "UPLOAD_PIPELINE__WORKER__SHUTDOWN_GRACE",
+                format!("{}ms", w.shutdown_grace.as_millis()),
+            )
+            .env(
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__PARSE",
+                w.concurrency.parse.to_string(),
+            )
+            .env(
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__CHUNK",
+                w.concurrency.chunk.to_string(),
+            )
+            .env(
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__EMBED",
+                w.concurrency.embed.to_string(),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the worker binary");
+        Self {
+            child,
+            metrics_addr,
+            log_path,
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`"KILL"`, `"TERM"`, `"INT"`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for("the worker to exit", timeout, || {
+            let status = child.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Its logs so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Fetches `path` from its health/metrics server; `None` while it does not answer.
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr)
+            .await
+            .ok()?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics_addr
+        );
+        stream.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = String::new();
+        stream.read_to_string(&mut buf).await.ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// Waits until its /healthz answers 200.
+    pub async fn wait_healthy(&self) {
+        wait_for(
+            "the worker's /healthz to answer 200",
+            Duration::from_secs(30),
+            || async {
+                self.http_get("/healthz")
+                    .await
+                    .filter(|(code, _)| *code == 200)
+            },
+        )
+        .await;
+    }
+
+    /// The sum of a metric's samples whose labels contain every `label="value"` in `filters`.
+    pub async fn metric(&self, name: &str, filters: &[&str]) -> f64 {
+        let (_, body) = self.http_get("/metrics").await.expect("/metrics answers");
+        sum_metric(&body, name, filters)
+    }
+}
+
+/// Sums the samples of `name` in a Prometheus text exposition whose labels contain all of `filters`.
+pub fn sum_metric(body: &str, name: &str, filters: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log_path);
+        } else {
+            eprintln!(
+                "worker {} logs kept at {}",
+                self.child.id(),
+                self.log_path.display()
+            );
+        }
+    }
+}

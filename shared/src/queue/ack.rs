@@ -15,7 +15,11 @@ use apalis_core::{error::BoxDynError, task::Task};
 use futures::FutureExt;
 use tower::{Layer, Service};
 
-use super::{Delivery, backend::RawPayload, backend::Shared, error::Failure};
+use super::{
+    Delivery,
+    backend::{RawPayload, Shared, Suspect},
+    error::Failure,
+};
 use crate::metrics as m;
 
 /// Installed by the backend on every worker it feeds; not meant to be added by hand.
@@ -68,6 +72,7 @@ impl<S> std::fmt::Debug for AckService<S> {
 struct Running {
     shared: Arc<Shared>,
     entry_id: String,
+    suspect: bool,
     handler_done: bool,
     settled: bool,
 }
@@ -76,7 +81,7 @@ impl Running {
     fn handler_done(&mut self) {
         if !self.handler_done {
             self.handler_done = true;
-            self.shared.running_ended();
+            self.shared.running_ended(self.suspect);
         }
     }
 }
@@ -123,6 +128,7 @@ where
     fn call(&mut self, task: Task<T>) -> Self::Future {
         let delivery = task.ctx().data().get::<Delivery>().cloned();
         let payload = task.ctx().data().get::<RawPayload>().map(|p| p.0.clone());
+        let suspect = task.ctx().data().get::<Suspect>().is_some();
         let shared = self.shared.clone();
         let fut = self.inner.call(task);
         let (Some(delivery), Some(payload)) = (delivery, payload) else {
@@ -132,6 +138,7 @@ where
         let mut running = Running {
             shared: shared.clone(),
             entry_id: delivery.entry_id.clone(),
+            suspect,
             handler_done: false,
             settled: false,
         };

@@ -42,6 +42,15 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 #[derive(Debug, Clone)]
 pub(crate) struct RawPayload(pub Arc<str>);
 
+/// Marks a suspect: a job that was in flight in [`SUSPECT_DELIVERIES`] - 1 processes that died. It runs alone,
+/// so a job that crashes its process takes no innocent job down with it, while innocents that only shared a
+/// process with it finish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Suspect;
+
+/// Deliveries from which a reclaimed job runs alone.
+const SUSPECT_DELIVERIES: u64 = 3;
+
 /// One consumer of a queue: a name in the consumer group, the jobs it holds, and its background tasks.
 ///
 /// Create one per worker with [`Queue::consumer`](super::Queue::consumer) inside a Tokio runtime, hand
@@ -91,6 +100,10 @@ pub(crate) struct Shared {
     reader: tokio::sync::Mutex<Reader>,
     reader_id: AtomicI64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// A suspect job is running: nothing else starts until it ends.
+    suspect_running: AtomicBool,
+    /// Wakes the backend when a handler ends (a suspect may start, or a suspect's run ended).
+    waker: futures::task::AtomicWaker,
 }
 
 impl<T: DeserializeOwned + Send + Sync + 'static> Consumer<T> {
@@ -112,6 +125,8 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Consumer<T> {
             last_reclaim_ms: AtomicU64::new(0),
             reader_id: AtomicI64::new(-1),
             tasks: Mutex::new(Vec::new()),
+            suspect_running: AtomicBool::new(false),
+            waker: futures::task::AtomicWaker::new(),
         });
         let tasks = vec![
             tokio::spawn(run_acker(shared.clone(), rx)),
@@ -208,11 +223,15 @@ impl Shared {
     }
 
     pub(crate) fn running_started(&self) {
-        self.running.fetch_add(1, Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(crate) fn running_ended(&self) {
-        self.running.fetch_sub(1, Ordering::Relaxed);
+    pub(crate) fn running_ended(&self, suspect: bool) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        if suspect {
+            self.suspect_running.store(false, Ordering::Release);
+        }
+        self.waker.wake();
     }
 
     /// Acknowledges a finished job; resolves once `XACK` and `XDEL` are written (batched with other acks).
@@ -444,16 +463,19 @@ impl Shared {
                 ready_at_ms,
                 last_error: env.err,
             };
-            tasks.push(
-                TaskBuilder::new(args)
-                    .task_id(TaskId::from_string(env.id))
-                    .attempt(attempt.saturating_sub(1) as usize)
-                    .max_attempts(max as usize)
-                    .data(delivery)
-                    .data(RawPayload(Arc::from(env.p)))
-                    .build(),
-            );
+            let mut task = TaskBuilder::new(args)
+                .task_id(TaskId::from_string(env.id))
+                .attempt(attempt.saturating_sub(1) as usize)
+                .max_attempts(max as usize)
+                .data(delivery)
+                .data(RawPayload(Arc::from(env.p)));
+            if entry.deliveries >= SUSPECT_DELIVERIES {
+                task = task.data(Suspect);
+            }
+            tasks.push(task.build());
         }
+        // Suspects go last, so the rest of the batch starts before they wait for the worker to empty.
+        tasks.sort_by_key(is_suspect);
         tasks
     }
 
@@ -570,6 +592,7 @@ impl Shared {
             .arg(&self.name)
             .arg(min_idle)
             .arg(count)
+            .arg(SUSPECT_DELIVERIES)
             .invoke_async(&mut self.queue.broker().connection())
             .await
             .or_else(|e| {
@@ -844,6 +867,10 @@ impl<T> std::fmt::Debug for StreamBackend<T> {
     }
 }
 
+fn is_suspect<T>(task: &Task<T>) -> bool {
+    task.ctx().data().get::<Suspect>().is_some()
+}
+
 fn entry_id_of<T>(task: &Task<T>) -> Option<String> {
     task.ctx()
         .data()
@@ -869,8 +896,29 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Backend for StreamBackend<T> {
         _worker: &WorkerContext,
     ) -> Poll<Option<Result<Task<T>, QueueError>>> {
         loop {
-            if let Some(task) = self.buffer.pop_front() {
-                return Poll::Ready(Some(Ok(task)));
+            if let Some(task) = self.buffer.front() {
+                let suspect = is_suspect(task);
+                if self.shared.suspect_running.load(Ordering::Acquire)
+                    || (suspect && self.shared.running.load(Ordering::Acquire) > 0)
+                {
+                    // Wait for the suspect to end, or for the worker to empty before a suspect starts.
+                    self.shared.waker.register(cx.waker());
+                    let busy = self.shared.suspect_running.load(Ordering::Acquire)
+                        || (suspect && self.shared.running.load(Ordering::Acquire) > 0);
+                    if busy {
+                        return Poll::Pending;
+                    }
+                }
+                if suspect {
+                    self.shared.suspect_running.store(true, Ordering::Release);
+                }
+                return Poll::Ready(self.buffer.pop_front().map(Ok));
+            }
+            if self.shared.suspect_running.load(Ordering::Acquire) {
+                self.shared.waker.register(cx.waker());
+                if self.shared.suspect_running.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
             }
             if self.shared.closing.load(Ordering::Acquire) {
                 return Poll::Ready(None);

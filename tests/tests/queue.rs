@@ -1,0 +1,664 @@
+//! The durable queue's properties, each proven against the real Redis with real worker processes.
+
+use std::time::{Duration, Instant};
+
+use tests::{
+    RedisServer, WorkerProcess, broker, cleanup, settings, synthetic_log, unique_prefix, wait_for,
+    wait_for_stats,
+};
+use upload_pipeline::{
+    jobs::synthetic::{FailMode, LogLine, Misbehave, SyntheticJob},
+    queue::Queue,
+};
+
+fn job(seq: u64, work_ms: u64) -> SyntheticJob {
+    SyntheticJob {
+        seq,
+        work_ms,
+        fail: None,
+        record: true,
+    }
+}
+
+fn failing(
+    seq: u64,
+    mode: FailMode,
+    attempts: Option<u32>,
+    retry_after_ms: Option<u64>,
+) -> SyntheticJob {
+    SyntheticJob {
+        seq,
+        work_ms: 0,
+        fail: Some(Misbehave {
+            mode,
+            attempts,
+            retry_after_ms,
+        }),
+        record: true,
+    }
+}
+
+fn events<'a>(log: &'a [LogLine], seq: u64, event: &str) -> Vec<&'a LogLine> {
+    log.iter()
+        .filter(|l| l.seq == seq && l.event == event)
+        .collect()
+}
+
+/// a. At-least-once: SIGKILL mid-job; another replica runs the job within `reclaim_after`, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_reclaim_after() {
+    let prefix = unique_prefix("at-least-once");
+    let s = settings(&prefix, &tests::redis_url());
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    let mut victim = WorkerProcess::start(&s, "parse");
+    victim.wait_healthy().await;
+
+    let jobs: Vec<SyntheticJob> = (0..4).map(|i| job(i, 3_000)).collect();
+    queue.push_many(&jobs).await.unwrap();
+    let victim_pid = victim.pid();
+    wait_for(
+        "the victim to start all four jobs",
+        Duration::from_secs(10),
+        || async {
+            let log = synthetic_log(&s, "parse").await;
+            (log.iter()
+                .filter(|l| l.event == "start" && l.pid == victim_pid)
+                .count()
+                == 4)
+                .then_some(())
+        },
+    )
+    .await;
+    let replica = WorkerProcess::start(&s, "parse");
+    replica.wait_healthy().await;
+    victim.signal("KILL");
+    let killed_at = upload_pipeline_now_ms();
+    victim.wait_exit(Duration::from_secs(5)).await;
+
+    let log = wait_for(
+        "every job to finish on the replica",
+        Duration::from_secs(20),
+        || async {
+            let log = synthetic_log(&s, "parse").await;
+            (log.iter().filter(|l| l.event == "finish").count() >= 4).then_some(log)
+        },
+    )
+    .await;
+    for seq in 0..4 {
+        let finishes = events(&log, seq, "finish");
+        assert_eq!(
+            finishes.len(),
+            1,
+            "job {seq} finished exactly once: {log:?}"
+        );
+        assert_eq!(
+            finishes[0].pid,
+            replica.pid(),
+            "job {seq} finished on the replica"
+        );
+        let restart = events(&log, seq, "start")
+            .into_iter()
+            .find(|l| l.pid == replica.pid())
+            .expect("restarted on the replica");
+        let waited = restart.at_ms.saturating_sub(killed_at);
+        assert!(
+            waited <= s.queue.reclaim_after.as_millis() as u64,
+            "job {seq} ran again {waited} ms after the kill, beyond reclaim_after ({:?})",
+            s.queue.reclaim_after
+        );
+        assert_eq!(restart.attempt, 2, "the killed run counts as an attempt");
+    }
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.dead),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    cleanup(&s).await;
+}
+
+fn upload_pipeline_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// b. No duplicate runs while the owner lives, even for jobs lasting ten times the reclaim time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_jobs_lasting_ten_times_reclaim_after_never_run_twice_while_their_worker_lives() {
+    let prefix = unique_prefix("no-duplicates");
+    let mut s = settings(&prefix, &tests::redis_url());
+    s.queue.reclaim_after = Duration::from_millis(1500);
+    s.worker.concurrency.parse = 4;
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    let a = WorkerProcess::start(&s, "parse");
+    let b = WorkerProcess::start(&s, "parse");
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+
+    let jobs: Vec<SyntheticJob> = (0..6).map(|i| job(i, 15_000)).collect();
+    queue.push_many(&jobs).await.unwrap();
+    let log = wait_for(
+        "all six long jobs to finish",
+        Duration::from_secs(60),
+        || async {
+            let log = synthetic_log(&s, "parse").await;
+            (log.iter().filter(|l| l.event == "finish").count() >= 6).then_some(log)
+        },
+    )
+    .await;
+    for seq in 0..6 {
+        assert_eq!(
+            events(&log, seq, "start").len(),
+            1,
+            "job {seq} started once: {log:?}"
+        );
+        assert_eq!(
+            events(&log, seq, "finish").len(),
+            1,
+            "job {seq} finished once"
+        );
+    }
+    assert_eq!(
+        a.metric("upload_pipeline_queue_claims_lost_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        b.metric("upload_pipeline_queue_claims_lost_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        a.metric("upload_pipeline_queue_reclaimed_jobs_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        b.metric("upload_pipeline_queue_reclaimed_jobs_total", &[])
+            .await,
+        0.0
+    );
+    cleanup(&s).await;
+}
+
+/// d. Poison jobs: panics, undecodable payloads and jobs that keep crashing their process end in the dead letters
+/// with their last error, and the worker carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
+    let prefix = unique_prefix("poison");
+    let mut s = settings(&prefix, &tests::redis_url());
+    s.queue.reclaim_after = Duration::from_millis(1000);
+    let b = broker(&s).await;
+    let queue: Queue<SyntheticJob> = b.queue("parse").unwrap();
+    let raw: Queue<serde_json::Value> = b.queue("parse").unwrap();
+
+    queue
+        .push(&failing(1, FailMode::Panic, None, None))
+        .await
+        .unwrap();
+    raw.push(&serde_json::json!({"not": "a synthetic job"}))
+        .await
+        .unwrap();
+    queue
+        .push(&failing(3, FailMode::Crash, None, None))
+        .await
+        .unwrap();
+    queue.push(&job(4, 0)).await.unwrap();
+
+    // A supervisor (as Kubernetes would) restarts the worker each time the crashing job takes it down.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut restarts = 0;
+    let worker = 'supervise: loop {
+        let mut worker = WorkerProcess::start(&s, "parse");
+        loop {
+            if queue.stats().await.unwrap().dead == 3 {
+                break 'supervise worker;
+            }
+            if !worker.is_running() {
+                restarts += 1;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no three dead letters after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let letters = queue.dead_letters(10).await.unwrap();
+    let by_kind = |needle: &str| {
+        letters
+            .iter()
+            .find(|d| d.payload.contains(needle) || d.error.contains(needle))
+    };
+    let panicked = by_kind("\"panic\"").expect("the panicking job is dead");
+    assert!(
+        panicked.error.contains("panicked") && panicked.error.contains("gave up after 3 attempts"),
+        "{panicked:?}"
+    );
+    assert_eq!(panicked.attempts, 3);
+    let undecodable = by_kind("a synthetic job").expect("the undecodable job is dead");
+    assert!(
+        undecodable.error.contains("does not decode"),
+        "{undecodable:?}"
+    );
+    assert_eq!(
+        undecodable.attempts, 1,
+        "decoding cannot succeed later, so it is not retried"
+    );
+    let crashing = by_kind("\"crash\"").expect("the crashing job is dead");
+    assert!(
+        crashing
+            .error
+            .contains("delivered 3 times without finishing"),
+        "{crashing:?}"
+    );
+    assert_eq!(crashing.attempts, 3);
+    let crash_runs = synthetic_log(&s, "parse")
+        .await
+        .iter()
+        .filter(|l| l.seq == 3 && l.event == "start")
+        .count();
+    assert_eq!(crash_runs, 3, "the crashing job ran max_deliveries times");
+    assert_eq!(restarts, 3, "each of its runs took the worker down");
+
+    let log = synthetic_log(&s, "parse").await;
+    assert_eq!(
+        events(&log, 4, "finish").len(),
+        1,
+        "the healthy job ran despite the poison around it"
+    );
+    assert!(
+        worker.logs().contains("dead letters") || restarts > 0,
+        "dead-lettering is logged"
+    );
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.delayed),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    cleanup(&s).await;
+}
+
+/// g. Retries: backoff with jitter, a delay the handler asks for, attempts visible, permanent errors not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not() {
+    let prefix = unique_prefix("retries");
+    let mut s = settings(&prefix, &tests::redis_url());
+    s.queue.max_deliveries = 5;
+    s.queue.retry_base = Duration::from_millis(300);
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    let worker = WorkerProcess::start(&s, "parse");
+    worker.wait_healthy().await;
+
+    queue
+        .push(&failing(1, FailMode::Error, Some(2), None))
+        .await
+        .unwrap();
+    queue
+        .push(&failing(2, FailMode::Error, Some(1), Some(1500)))
+        .await
+        .unwrap();
+    queue
+        .push(&failing(3, FailMode::Permanent, None, None))
+        .await
+        .unwrap();
+    wait_for_stats(
+        &queue,
+        "two finished and one dead",
+        Duration::from_secs(20),
+        |st| st.dead == 1 && st.pending + st.in_flight + st.delayed == 0,
+    )
+    .await;
+    let log = synthetic_log(&s, "parse").await;
+
+    let starts: Vec<&LogLine> = events(&log, 1, "start");
+    assert_eq!(
+        starts.iter().map(|l| l.attempt).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "attempt numbers reach the handler"
+    );
+    let gap1 = starts[1].at_ms - starts[0].at_ms;
+    let gap2 = starts[2].at_ms - starts[1].at_ms;
+    // Equal jitter: attempt n waits between half and all of retry_base * 2^(n-1).
+    assert!(
+        gap1 >= 150,
+        "first backoff {gap1} ms is at least half of 300 ms"
+    );
+    assert!(
+        gap2 >= 300,
+        "second backoff {gap2} ms is at least half of 600 ms"
+    );
+    assert_eq!(events(&log, 1, "finish").len(), 1);
+
+    let starts: Vec<&LogLine> = events(&log, 2, "start");
+    assert_eq!(starts.len(), 2);
+    let gap = starts[1].at_ms - starts[0].at_ms;
+    assert!(
+        gap >= 1500,
+        "the handler asked for 1500 ms and the retry came after {gap} ms"
+    );
+
+    assert_eq!(
+        events(&log, 3, "start").len(),
+        1,
+        "a permanent error is not retried"
+    );
+    let dead = queue.dead_letters(5).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(dead[0].error, "synthetic permanent failure");
+    assert_eq!(
+        worker
+            .metric("upload_pipeline_queue_jobs_total", &["outcome=\"retried\""])
+            .await,
+        3.0
+    );
+    cleanup(&s).await;
+}
+
+/// h. Redis faults: dropped connections and a Redis restart do not end the worker; it reconnects, logs and
+/// counts it, and goes on processing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_redis_restart_or_dropped_connection_does_not_end_the_worker() {
+    let mut redis = RedisServer::start().await;
+    let s = settings(&unique_prefix("redis-faults"), &redis.url());
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    let mut worker = WorkerProcess::start(&s, "parse");
+    worker.wait_healthy().await;
+    let finished = |n: usize| {
+        let s = &s;
+        move || async move {
+            (synthetic_log(s, "parse")
+                .await
+                .iter()
+                .filter(|l| l.event == "finish")
+                .count()
+                >= n)
+                .then_some(())
+        }
+    };
+
+    queue.push(&job(1, 0)).await.unwrap();
+    wait_for("the first job", Duration::from_secs(10), finished(1)).await;
+
+    // Drop every client connection: the blocked read and the command connection both break.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The test's own connection was dropped too; it reconnects on the next call.
+    wait_for(
+        "a push after the connections were dropped",
+        Duration::from_secs(10),
+        || async { queue.push(&job(2, 0)).await.ok() },
+    )
+    .await;
+    wait_for(
+        "a job after the connections were dropped",
+        Duration::from_secs(20),
+        finished(2),
+    )
+    .await;
+
+    // Restart Redis: everything in it is gone, including the consumer group.
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the worker notice the outage
+    assert!(worker.is_running(), "the worker survives Redis going away");
+    redis.restart().await;
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    queue.push(&job(3, 0)).await.unwrap();
+    wait_for(
+        "a job after the Redis restart",
+        Duration::from_secs(30),
+        || async {
+            synthetic_log(&s, "parse")
+                .await
+                .iter()
+                .any(|l| l.seq == 3 && l.event == "finish")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(worker.is_running());
+    let errors = worker
+        .metric("upload_pipeline_queue_redis_errors_total", &[])
+        .await;
+    assert!(errors >= 1.0, "Redis failures are counted ({errors})");
+    assert!(
+        worker.logs().contains("Redis call failed; retrying"),
+        "Redis failures are logged"
+    );
+}
+
+/// i. Graceful shutdown: SIGTERM stops fetching, lets running jobs finish within the grace period, gives
+/// unfinished ones back at once, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_sigterm_drains_running_jobs_gives_back_unfinished_ones_and_exits_zero() {
+    let prefix = unique_prefix("shutdown");
+    let mut s = settings(&prefix, &tests::redis_url());
+    s.queue.reclaim_after = Duration::from_secs(120);
+    s.worker.shutdown_grace = Duration::from_secs(3);
+    s.worker.concurrency.parse = 2;
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+
+    // Jobs shorter than the grace period finish; the queued one is not started.
+    let mut worker = WorkerProcess::start(&s, "parse");
+    worker.wait_healthy().await;
+    queue
+        .push_many(&[job(1, 1500), job(2, 1500), job(3, 1500)])
+        .await
+        .unwrap();
+    wait_for("two jobs to start", Duration::from_secs(10), || async {
+        (synthetic_log(&s, "parse")
+            .await
+            .iter()
+            .filter(|l| l.event == "start")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?}");
+    let log = synthetic_log(&s, "parse").await;
+    assert_eq!(
+        log.iter().filter(|l| l.event == "finish").count(),
+        2,
+        "running jobs finished: {log:?}"
+    );
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.consumers),
+        (1, 0, 0),
+        "the unstarted job waits for the next worker: {stats:?}"
+    );
+
+    // A job longer than the grace period is given back at once, long before reclaim_after (120 s).
+    let mut worker = WorkerProcess::start(&s, "parse");
+    worker.wait_healthy().await;
+    queue.push(&job(4, 60_000)).await.unwrap();
+    wait_for("the long job to start", Duration::from_secs(10), || async {
+        synthetic_log(&s, "parse")
+            .await
+            .iter()
+            .any(|l| l.seq == 4 && l.event == "start")
+            .then_some(())
+    })
+    .await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?}");
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        stats.in_flight, 0,
+        "nothing stays claimed by the stopped worker: {stats:?}"
+    );
+    assert!(
+        stats.pending >= 1,
+        "the unfinished job is claimable at once: {stats:?}"
+    );
+    let next = WorkerProcess::start(&s, "parse");
+    wait_for(
+        "another worker to start the given-back job",
+        Duration::from_secs(10),
+        || async {
+            synthetic_log(&s, "parse")
+                .await
+                .iter()
+                .any(|l| l.seq == 4 && l.event == "start" && l.pid == next.pid())
+                .then_some(())
+        },
+    )
+    .await;
+    cleanup(&s).await;
+}
+
+/// The readable state: pending, in flight, delayed, dead and the age of the oldest pending job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_state_counts_pending_in_flight_delayed_and_dead_jobs() {
+    let prefix = unique_prefix("stats");
+    let mut s = settings(&prefix, &tests::redis_url());
+    s.worker.concurrency.parse = 1;
+    let b = broker(&s).await;
+    let queue: Queue<SyntheticJob> = b.queue("parse").unwrap();
+    let empty = queue.stats().await.unwrap();
+    assert_eq!(empty, Default::default(), "a queue nobody used is empty");
+
+    queue
+        .push_many(&[job(1, 20_000), job(2, 0), job(3, 0)])
+        .await
+        .unwrap();
+    queue
+        .push_delayed(&job(4, 0), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.delayed, stats.dead),
+        (3, 0, 1, 0),
+        "{stats:?}"
+    );
+    assert!(stats.oldest_pending_age_ms.is_some());
+
+    let _worker = WorkerProcess::start(&s, "parse");
+    let stats = wait_for_stats(&queue, "one job in flight", Duration::from_secs(10), |st| {
+        st.in_flight == 1
+    })
+    .await;
+    assert_eq!(
+        (stats.pending, stats.delayed, stats.consumers),
+        (2, 1, 1),
+        "{stats:?}"
+    );
+    cleanup(&s).await;
+}
+
+/// Dead letters can be listed, replayed with fresh attempts, and purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_listed_replayed_with_fresh_attempts_and_purged() {
+    let prefix = unique_prefix("dlq");
+    let s = settings(&prefix, &tests::redis_url());
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    let mut worker = WorkerProcess::start(&s, "parse");
+    for seq in 0..3 {
+        queue
+            .push(&failing(seq, FailMode::Error, None, None))
+            .await
+            .unwrap();
+    }
+    wait_for_stats(
+        &queue,
+        "three dead letters",
+        Duration::from_secs(20),
+        |st| st.dead == 3 && st.delayed == 0,
+    )
+    .await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(10)).await.success());
+    let letters = queue.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 3);
+    assert!(
+        letters.windows(2).all(|w| w[0].entry_id > w[1].entry_id),
+        "newest first"
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|d| d.attempts == 3 && d.error.contains("gave up after 3 attempts")),
+        "{letters:?}"
+    );
+
+    let replayed = &letters[0];
+    assert_eq!(
+        queue
+            .replay_dead(std::slice::from_ref(&replayed.entry_id))
+            .await
+            .unwrap(),
+        1
+    );
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.dead), (1, 2), "{stats:?}");
+    let seq: u64 = serde_json::from_str::<SyntheticJob>(&replayed.payload)
+        .unwrap()
+        .seq;
+    let before = events(&synthetic_log(&s, "parse").await, seq, "start").len();
+    let _worker = WorkerProcess::start(&s, "parse");
+    wait_for_stats(
+        &queue,
+        "the replayed job to die again",
+        Duration::from_secs(20),
+        |st| st.dead == 3 && st.pending + st.in_flight + st.delayed == 0,
+    )
+    .await;
+    let runs = events(&synthetic_log(&s, "parse").await, seq, "start")
+        .iter()
+        .map(|l| l.attempt)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        runs[before..],
+        [1, 2, 3],
+        "a replayed job gets a fresh set of attempts"
+    );
+
+    assert_eq!(
+        queue
+            .purge_dead(std::slice::from_ref(
+                &queue.dead_letters(1).await.unwrap()[0].entry_id
+            ))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(queue.purge_dead(&[]).await.unwrap(), 2);
+    assert_eq!(queue.stats().await.unwrap().dead, 0);
+    assert_eq!(
+        queue.replay_dead(&["1-1".to_owned()]).await.unwrap(),
+        0,
+        "unknown ids are not replayed"
+    );
+    cleanup(&s).await;
+}
+
+/// Queue names are checked before any key is made from them.
+#[tokio::test]
+async fn queue_names_are_validated() {
+    let s = settings(&unique_prefix("names"), &tests::redis_url());
+    let b = broker(&s).await;
+    for bad in ["", "Parse", "a b", "x{y}", &"q".repeat(65)] {
+        let err = b.handle(bad).unwrap_err().to_string();
+        assert!(err.contains("invalid queue name"), "{bad:?}: {err}");
+    }
+    assert!(b.handle("embed-v2_large").is_ok());
+}
