@@ -1,6 +1,7 @@
 //! `producer`: pushes work onto the pipeline's queues and operates them (state, dead letters).
 
 use std::{
+    io::IsTerminal,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -289,6 +290,9 @@ async fn synthetic(broker: &Broker, spec: Batch, wait: Option<Duration>) -> anyh
         )
         .expect("valid template"),
     );
+    // Without a terminal (CI, logs) the bar is hidden; print a line a second instead.
+    let plain = !std::io::stderr().is_terminal();
+    let mut last_line = Instant::now();
     let backlog = |s: &QueueStats| s.pending + s.in_flight + s.delayed;
     let start_backlog = backlog(&before);
     loop {
@@ -297,10 +301,15 @@ async fn synthetic(broker: &Broker, spec: Batch, wait: Option<Duration>) -> anyh
         let dead = now.dead.saturating_sub(before.dead);
         bar.set_position(spec.jobs.saturating_sub(left));
         let rate = (spec.jobs - left) as f64 / started.elapsed().as_secs_f64().max(1e-3);
-        bar.set_message(format!(
+        let msg = format!(
             "{rate:.0} jobs/s, {} in flight, {} waiting to retry, {dead} dead",
             now.in_flight, now.delayed
-        ));
+        );
+        if plain && last_line.elapsed() >= Duration::from_secs(1) {
+            last_line = Instant::now();
+            println!("  {}/{} jobs settled  {msg}", spec.jobs - left, spec.jobs);
+        }
+        bar.set_message(msg);
         if left == 0 {
             bar.finish();
             println!(

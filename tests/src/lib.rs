@@ -33,8 +33,10 @@ pub fn unique_prefix(test: &str) -> String {
 
 /// Settings for a test: its own key prefix and timings short enough for a test, on `redis_url`.
 pub fn settings(prefix: &str, redis_url: &str) -> Settings {
-    let mut s = Settings::default();
-    s.redis_url = RedisUrl(redis_url.to_owned());
+    let mut s = Settings {
+        redis_url: RedisUrl(redis_url.to_owned()),
+        ..Default::default()
+    };
     s.queue.key_prefix = prefix.to_owned();
     s.queue.reclaim_after = Duration::from_secs(4);
     s.queue.block_timeout = Duration::from_millis(200);

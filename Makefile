@@ -1,0 +1,35 @@
+# upload-pipeline: every target installs or starts what it needs; run `make` for this list.
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+export REDIS_URL ?= redis://127.0.0.1:6379
+
+.PHONY: help services build demo test lint fmt bench-queue clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+services: ## Install and start Redis 7 and PostgreSQL with pgvector when missing (idempotent)
+	@bash deploy/local/services.sh
+
+build: ## Build the producer and worker binaries
+	$(CARGO) build --workspace --bins
+
+demo: services build ## Run a two-worker fleet on the embedded defaults through a batch of jobs
+	@bash deploy/local/demo.sh
+
+test: services lint ## Format check, clippy, and every unit and integration test against the real Redis
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)
+	@bash tests/bench/queue.sh
+
+clean: ## Remove build output
+	$(CARGO) clean
