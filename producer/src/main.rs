@@ -23,7 +23,7 @@ use upload_pipeline::{
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// A TOML settings file (see config/example.toml).
+    /// A TOML settings file (see deploy/config.example.toml).
     #[arg(long, global = true, env = "UPLOAD_PIPELINE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]

@@ -2,7 +2,7 @@
 //!
 //! Environment variables: `REDIS_URL`, `LOG_FORMAT` (`text` or `json`), `RUST_LOG` (a tracing filter), and any
 //! field as `UPLOAD_PIPELINE__<SECTION>__<FIELD>`, e.g. `UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER=10s`.
-//! `config/example.toml` documents every field. Settings are read once at start-up and passed down.
+//! `deploy/config.example.toml` documents every field. Settings are read once at start-up and passed down.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -343,11 +343,23 @@ mod tests {
             jail.set_env("UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES", "5");
             jail.set_env("UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER", "soon");
             let err = Settings::load(None).unwrap_err().to_string();
-            assert!(err.contains("reclaim_after"), "{err}");
+            assert!(err.to_lowercase().contains("queue.reclaim_after"), "{err}");
             jail.set_env("UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER", "30s");
             jail.set_env("UPLOAD_PIPELINE__QUEUE__NO_SUCH_FIELD", "1");
             let err = Settings::load(None).unwrap_err().to_string();
-            assert!(err.contains("no_such_field"), "{err}");
+            assert!(err.to_lowercase().contains("no_such_field"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_example_config_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config.example.toml");
+        figment::Jail::expect_with(|_| {
+            assert_eq!(
+                Settings::load(Some(&path)).expect("the example parses"),
+                Settings::default()
+            );
             Ok(())
         });
     }

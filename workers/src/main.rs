@@ -16,7 +16,7 @@ struct Args {
     /// Where to serve /healthz and /metrics (overrides worker.metrics_addr).
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
-    /// A TOML settings file (see config/example.toml).
+    /// A TOML settings file (see deploy/config.example.toml).
     #[arg(long, env = "UPLOAD_PIPELINE_CONFIG")]
     config: Option<PathBuf>,
 }
