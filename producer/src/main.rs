@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use upload_pipeline::{
     Settings,
+    auth::Auth,
+    client::Client,
     jobs::{
         Stage,
         synthetic::{FailMode, Misbehave, SyntheticJob},
@@ -18,6 +20,7 @@ use upload_pipeline::{
     queue::{Broker, QueueStats},
     telemetry,
 };
+use uuid::Uuid;
 
 /// Pushes work onto the upload-pipeline queues and operates them.
 #[derive(Debug, Parser)]
@@ -30,8 +33,89 @@ struct Args {
     command: Command,
 }
 
+/// How CLI commands reach the API.
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// The producer API.
+    #[arg(
+        long,
+        env = "UPLOAD_PIPELINE_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api: String,
+    /// A bearer token.
+    #[arg(long, env = "UPLOAD_PIPELINE_TOKEN", conflicts_with = "user")]
+    token: Option<String>,
+    /// Act as this user, with a token minted from the configured JWT secret (development).
+    #[arg(long)]
+    user: Option<Uuid>,
+}
+
+impl ApiArgs {
+    fn client(&self, settings: &Settings) -> anyhow::Result<Client> {
+        let token = match (&self.token, self.user) {
+            (Some(t), _) => t.clone(),
+            (None, Some(user)) => Auth::hs256(settings.api.jwt_secret.expose()).issue(
+                user,
+                Duration::from_secs(3600),
+                false,
+            ),
+            (None, None) => bail!("give --token (or UPLOAD_PIPELINE_TOKEN) or --user"),
+        };
+        Ok(Client::new(&self.api, &token)?)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serves the HTTP API and runs the reconciler (migrates first).
+    Serve {
+        /// Where to listen (overrides api.listen).
+        #[arg(long, env = "LISTEN_ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Creates the database if missing, applies the migrations and registers the embedding model's index.
+    Migrate,
+    /// Prints a bearer token for a user, signed with the configured JWT secret.
+    Token {
+        /// The user's UUID.
+        #[arg(long)]
+        user: Uuid,
+        /// How long it is valid.
+        #[arg(long, default_value = "24h", value_parser = humantime_duration)]
+        ttl: Duration,
+        /// Operator rights.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Uploads files, or every file under folders, and with --wait follows them until ready.
+    Upload {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Wait until every document is ready or failed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Shows a document's status.
+    Status {
+        /// The document id.
+        id: Uuid,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Searches your documents.
+    Search {
+        /// What to look for.
+        query: String,
+        /// How many results.
+        #[arg(short, long, default_value_t = 5)]
+        k: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Shows each stage queue: pending, in flight, delayed, dead, oldest pending age.
     Queues {
         /// Print JSON instead of a table.
@@ -106,11 +190,94 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
         settings.log.filter = "warn".into();
     }
+    match args.command {
+        Command::Serve { listen } => {
+            if let Some(listen) = listen {
+                settings.api.listen = listen;
+                settings.validate().context("Invalid settings")?;
+            }
+            if std::env::var_os("RUST_LOG").is_none() {
+                settings.log.filter = "info".into();
+            }
+            // Logging is set up below for the other commands; the server wants info level.
+            return serve(settings).await;
+        }
+        Command::Migrate => {
+            telemetry::init_logging(&settings.log).context("Failed to start logging")?;
+            upload_pipeline::db::migrate(&settings)
+                .await
+                .context("Failed to migrate")?;
+            println!(
+                "database migrated; embedding model {} ({} dimensions) registered",
+                settings.embedding.model, settings.embedding.dimensions
+            );
+            return Ok(());
+        }
+        Command::Token { user, ttl, admin } => {
+            println!(
+                "{}",
+                Auth::hs256(settings.api.jwt_secret.expose()).issue(user, ttl, admin)
+            );
+            return Ok(());
+        }
+        Command::Upload { paths, wait, api } => {
+            telemetry::init_logging(&settings.log).context("Failed to start logging")?;
+            return upload(&api.client(&settings)?, &paths, wait).await;
+        }
+        Command::Status { id, api } => {
+            let doc = api
+                .client(&settings)?
+                .status(id)
+                .await
+                .context("Failed to get the status")?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            return Ok(());
+        }
+        Command::Search { query, k, api } => {
+            let found = api
+                .client(&settings)?
+                .search(&query, k)
+                .await
+                .context("Search failed")?;
+            println!(
+                "{} results in {:.1} ms ({})",
+                found.results.len(),
+                found.took_ms,
+                found.embedding_model
+            );
+            for (i, hit) in found.results.iter().enumerate() {
+                let page = hit
+                    .metadata
+                    .get("page")
+                    .map(|p| format!(" p.{p}"))
+                    .unwrap_or_default();
+                let text: String = hit.content.split_whitespace().collect::<Vec<_>>().join(" ");
+                let text: String = text.chars().take(220).collect();
+                println!(
+                    "{:>2}. {:.3}  {}{page} #{}\n    {text}",
+                    i + 1,
+                    hit.score,
+                    hit.filename,
+                    hit.chunk_index
+                );
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     telemetry::init_logging(&settings.log).context("Failed to start logging")?;
     let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
         .await
         .context("Failed to connect to Redis")?;
     match args.command {
+        Command::Serve { .. }
+        | Command::Migrate
+        | Command::Token { .. }
+        | Command::Upload { .. }
+        | Command::Status { .. }
+        | Command::Search { .. } => {
+            unreachable!("handled above")
+        }
         Command::Queues { json } => queues(&broker, json).await,
         Command::Dlq { action } => dlq(&broker, action).await,
         Command::Synthetic {
@@ -332,4 +499,114 @@ async fn synthetic(broker: &Broker, spec: Batch, wait: Option<Duration>) -> anyh
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    telemetry::init_logging(&settings.log).context("Failed to start logging")?;
+    let metrics = telemetry::init_metrics().context("Failed to start metrics")?;
+    let shutdown = async {
+        let _ = upload_pipeline::shutdown::signal().await;
+    };
+    upload_pipeline::api::run_server(std::sync::Arc::new(settings), Some(metrics), shutdown)
+        .await
+        .context("The producer failed")?;
+    Ok(())
+}
+
+fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("Failed to read folder {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            out.extend(collect_files(&entries)?);
+        } else if path.is_file() {
+            out.push(path.clone());
+        } else {
+            bail!("{} is neither a file nor a folder", path.display());
+        }
+    }
+    Ok(out)
+}
+
+async fn upload(client: &Client, paths: &[PathBuf], wait: bool) -> anyhow::Result<()> {
+    let files = collect_files(paths)?;
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    for file in &files {
+        match client.upload_file(file, None).await {
+            Ok(up) => {
+                println!(
+                    "{}  {}{}",
+                    up.document_id,
+                    file.display(),
+                    if up.duplicate {
+                        "  (duplicate of an earlier upload)"
+                    } else {
+                        ""
+                    }
+                );
+                ids.push((up.document_id, file.display().to_string()));
+            }
+            Err(e) => {
+                refused += 1;
+                eprintln!("refused {}: {e}", file.display());
+            }
+        }
+    }
+    if wait && !ids.is_empty() {
+        let bar = ProgressBar::new(ids.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} documents settled  {msg}",
+            )
+            .expect("template"),
+        );
+        let started = Instant::now();
+        loop {
+            let mut settled = 0;
+            let mut failed = Vec::new();
+            for (id, name) in &ids {
+                let doc = client.status(*id).await.context("Failed to get a status")?;
+                match doc.status.as_str() {
+                    "ready" => settled += 1,
+                    "failed" => {
+                        settled += 1;
+                        failed.push(format!("{name}: {}", doc.error.unwrap_or_default()));
+                    }
+                    _ => {}
+                }
+            }
+            bar.set_position(settled);
+            if settled == ids.len() as u64 {
+                bar.finish_and_clear();
+                println!(
+                    "{} documents settled in {:.1} s: {} ready, {} failed",
+                    ids.len(),
+                    started.elapsed().as_secs_f64(),
+                    ids.len() - failed.len(),
+                    failed.len()
+                );
+                for f in &failed {
+                    println!("  failed: {f}");
+                }
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("documents still not settled after 10 minutes: are workers running?");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    if refused > 0 {
+        bail!("{refused} of {} files were refused", files.len());
+    }
+    Ok(())
 }

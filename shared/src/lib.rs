@@ -23,9 +23,18 @@
 //! The transport ([`queue`]) knows nothing of documents: it moves typed jobs and guarantees that each is run
 //! until it succeeds, fails permanently or runs out of attempts, even when workers are killed.
 
+pub mod api;
+pub mod auth;
+pub mod chunking;
+pub mod client;
+pub mod db;
+pub mod documents;
 pub mod jobs;
 pub mod metrics;
+pub mod parsing;
+pub mod providers;
 pub mod queue;
+pub mod reconciler;
 pub mod runtime;
 pub mod settings;
 pub mod shutdown;

@@ -33,6 +33,21 @@ pub const WORKER_SLOTS: &str = "upload_pipeline_worker_slots";
 pub const WORKER_RESTARTS: &str = "upload_pipeline_worker_restarts_total";
 /// Seconds since a stage's worker loop last went round, by stage.
 pub const WORKER_HEARTBEAT_AGE: &str = "upload_pipeline_worker_heartbeat_age_seconds";
+/// Upload-to-queryable time of documents that became ready (a bucket boundary at the 90 s target).
+pub const DOCUMENT_UPLOAD_TO_QUERYABLE: &str =
+    "upload_pipeline_documents_upload_to_queryable_seconds";
+/// Documents that became ready.
+pub const DOCUMENTS_READY: &str = "upload_pipeline_documents_ready_total";
+/// Documents that failed, by stage.
+pub const DOCUMENTS_FAILED: &str = "upload_pipeline_documents_failed_total";
+/// Documents accepted by the API, by outcome (`created`, `duplicate`, `replayed`).
+pub const DOCUMENTS_UPLOADED: &str = "upload_pipeline_documents_uploaded_total";
+/// Search latency through the API, embedding of the query included (a bucket boundary at the 3 s target).
+pub const SEARCH_DURATION: &str = "upload_pipeline_search_duration_seconds";
+/// Stage jobs pushed again by the reconciler, by stage.
+pub const RECONCILER_REQUEUED: &str = "upload_pipeline_reconciler_requeued_jobs_total";
+/// API responses, by route and status class.
+pub const API_RESPONSES: &str = "upload_pipeline_api_responses_total";
 /// Build information (`version`), always 1.
 pub const BUILD_INFO: &str = "upload_pipeline_build_info";
 
@@ -101,6 +116,27 @@ pub fn describe() {
         Unit::Seconds,
         "Seconds since a stage's worker loop last went round."
     );
+    describe_histogram!(
+        DOCUMENT_UPLOAD_TO_QUERYABLE,
+        Unit::Seconds,
+        "Time from upload to a document being searchable."
+    );
+    describe_counter!(DOCUMENTS_READY, "Documents that became ready.");
+    describe_counter!(DOCUMENTS_FAILED, "Documents that failed, by stage.");
+    describe_counter!(
+        DOCUMENTS_UPLOADED,
+        "Documents accepted by the API, by outcome (created, duplicate, replayed)."
+    );
+    describe_histogram!(
+        SEARCH_DURATION,
+        Unit::Seconds,
+        "Search latency through the API, query embedding included."
+    );
+    describe_counter!(
+        RECONCILER_REQUEUED,
+        "Stage jobs pushed again by the reconciler, by stage."
+    );
+    describe_counter!(API_RESPONSES, "API responses, by route and status class.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
 
@@ -113,4 +149,15 @@ pub fn record_queue_stats(queue: &str, stats: &crate::queue::QueueStats) {
     metrics::gauge!(QUEUE_DEAD, "queue" => q.clone()).set(stats.dead as f64);
     metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q)
         .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+}
+
+/// Records a document that became ready `seconds` after its upload.
+pub fn document_ready(seconds: f64) {
+    metrics::histogram!(DOCUMENT_UPLOAD_TO_QUERYABLE).record(seconds);
+    metrics::counter!(DOCUMENTS_READY).increment(1);
+}
+
+/// Records a document that failed at `stage`.
+pub fn document_failed(stage: &str) {
+    metrics::counter!(DOCUMENTS_FAILED, "stage" => stage.to_owned()).increment(1);
 }

@@ -63,6 +63,9 @@ pub enum RuntimeError {
     /// No stage was registered.
     #[error("no stage to run: register at least one")]
     NoStages,
+    /// A document stage was asked for without the database and providers it needs.
+    #[error("stage {0} needs the document pipeline (database and embedder)")]
+    MissingPipeline(&'static str),
 }
 
 /// A worker process under construction: add stages, then [`Runtime::run`].

@@ -34,8 +34,18 @@ pub enum SettingsError {
 pub struct Settings {
     /// Redis that carries the queues and the fleet-wide state (`REDIS_URL`).
     pub redis_url: RedisUrl,
+    /// PostgreSQL with pgvector, the source of truth (`DATABASE_URL`).
+    pub database_url: RedisUrl,
     /// The job queues.
     pub queue: QueueSettings,
+    /// The producer's HTTP API.
+    pub api: ApiSettings,
+    /// The embedding provider.
+    pub embedding: EmbeddingSettings,
+    /// How parsed documents are cut into chunks.
+    pub chunking: ChunkingSettings,
+    /// Limits and recovery of the document pipeline.
+    pub pipeline: PipelineSettings,
     /// Worker processes.
     pub worker: WorkerSettings,
     /// Logging.
@@ -46,17 +56,167 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             redis_url: RedisUrl("redis://127.0.0.1:6379".into()),
+            database_url: RedisUrl("postgres://postgres@127.0.0.1:5432/upload_pipeline".into()),
             queue: QueueSettings::default(),
+            api: ApiSettings::default(),
+            embedding: EmbeddingSettings::default(),
+            chunking: ChunkingSettings::default(),
+            pipeline: PipelineSettings::default(),
             worker: WorkerSettings::default(),
             log: LogSettings::default(),
         }
     }
 }
 
-/// A Redis URL; its password is never printed.
+/// A connection URL (Redis or Postgres); its password is never printed.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RedisUrl(pub String);
+
+/// A secret (key, token secret): never printed, never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// The JWT secret used when none is configured: accepted only while the API listens on a loopback address.
+pub const DEV_JWT_SECRET: &str = "upload-pipeline-development-secret-do-not-use-in-production";
+
+/// Settings of the producer's HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Where `producer serve` listens.
+    pub listen: SocketAddr,
+    /// HS256 secret of the bearer tokens (`JWT_SECRET`); the built-in development secret only works on loopback.
+    pub jwt_secret: Secret,
+    /// Largest upload, in bytes; larger ones get 413 while they stream in.
+    pub max_upload_bytes: u64,
+    /// Largest `k` of a search.
+    pub max_search_k: u32,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            jwt_secret: Secret(DEV_JWT_SECRET.into()),
+            max_upload_bytes: 50 * 1024 * 1024,
+            max_search_k: 50,
+        }
+    }
+}
+
+/// Which embedder turns chunks and queries into vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingProvider {
+    /// A deterministic lexical embedder with no model: offline, instant, for tests and smoke runs.
+    Hashing,
+    /// An OpenAI-compatible `/embeddings` endpoint (OpenAI, Azure OpenAI v1, vLLM, text-embeddings-inference, Ollama).
+    Openai,
+}
+
+/// Settings of the embedding provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingSettings {
+    /// `hashing` or `openai`.
+    pub provider: EmbeddingProvider,
+    /// The model name stored with every vector; a new name gets its own index.
+    pub model: String,
+    /// Vector dimensions (sent as `dimensions` to OpenAI text-embedding-3 models).
+    pub dimensions: u32,
+    /// Base URL of the OpenAI-compatible API (ends before `/embeddings`).
+    pub base_url: String,
+    /// API key (`OPENAI_API_KEY`); empty for servers without auth.
+    pub api_key: Secret,
+    /// Chunks per embed job and per request.
+    pub batch_size: usize,
+    /// Timeout of one embeddings request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for EmbeddingSettings {
+    fn default() -> Self {
+        Self {
+            provider: EmbeddingProvider::Hashing,
+            model: "hashing-v1".into(),
+            dimensions: 384,
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: Secret(String::new()),
+            batch_size: 64,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How parsed documents are cut into chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChunkingSettings {
+    /// Largest chunk, in tokens (cl100k_base).
+    pub max_tokens: usize,
+    /// Tokens repeated from the end of one chunk at the start of the next.
+    pub overlap_tokens: usize,
+    /// Most chunks one document may have; more fails the document.
+    pub max_chunks: usize,
+}
+
+impl Default for ChunkingSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 512,
+            overlap_tokens: 64,
+            max_chunks: 20_000,
+        }
+    }
+}
+
+/// Limits and recovery of the document pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// A stage left queued or running this long is pushed again by the reconciler (lost queue entry, Redis
+    /// outage between commit and push, crashed worker after a Redis restart).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_after: Duration,
+    /// How often the reconciler looks.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Most pages a document may have.
+    pub max_pages: usize,
+    /// Most characters of text a document may yield.
+    pub max_chars: usize,
+    /// Longest time one parse may take.
+    #[serde(with = "humantime_serde")]
+    pub parse_timeout: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            reconcile_after: Duration::from_secs(300),
+            reconcile_interval: Duration::from_secs(15),
+            max_pages: 2_000,
+            max_chars: 20_000_000,
+            parse_timeout: Duration::from_secs(120),
+        }
+    }
+}
 
 impl RedisUrl {
     /// The URL itself, for connecting.
@@ -162,6 +322,8 @@ pub struct StageConcurrency {
     pub chunk: usize,
     /// Embed jobs at once (provider- or model-bound).
     pub embed: usize,
+    /// Synthetic jobs at once (load tests).
+    pub synthetic: usize,
 }
 
 impl Default for StageConcurrency {
@@ -170,6 +332,7 @@ impl Default for StageConcurrency {
             parse: 4,
             chunk: 4,
             embed: 16,
+            synthetic: 16,
         }
     }
 }
@@ -225,6 +388,21 @@ impl Settings {
             .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis_url".into()))
             .merge(
                 Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database_url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["JWT_SECRET"])
+                    .map(|_| "api.jwt_secret".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["OPENAI_API_KEY"])
+                    .map(|_| "embedding.api_key".into()),
+            )
+            .merge(
+                Env::raw()
                     .only(&["LOG_FORMAT"])
                     .map(|_| "log.format".into()),
             )
@@ -251,6 +429,45 @@ impl Settings {
             return invalid(
                 "redis_url",
                 "must start with redis://, rediss://, redis+unix:// or unix://",
+            );
+        }
+        let db = self.database_url.expose();
+        if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            return invalid(
+                "database_url",
+                "must start with postgres:// or postgresql://",
+            );
+        }
+        if self.api.jwt_secret.expose().len() < 16 {
+            return invalid("api.jwt_secret", "must be at least 16 characters");
+        }
+        if self.api.jwt_secret.expose() == DEV_JWT_SECRET && !self.api.listen.ip().is_loopback() {
+            return invalid(
+                "api.jwt_secret",
+                "set a secret of your own (JWT_SECRET) before listening beyond loopback",
+            );
+        }
+        if self.api.max_upload_bytes == 0 || !(1..=100).contains(&self.api.max_search_k) {
+            return invalid(
+                "api",
+                "max_upload_bytes must be above 0 and max_search_k between 1 and 100",
+            );
+        }
+        let e = &self.embedding;
+        if e.model.is_empty() || !(1..=2000).contains(&e.dimensions) {
+            return invalid(
+                "embedding",
+                "model must be named and dimensions between 1 and 2000 (the HNSW limit)",
+            );
+        }
+        if !(1..=2048).contains(&e.batch_size) {
+            return invalid("embedding.batch_size", "must be between 1 and 2048");
+        }
+        let c = &self.chunking;
+        if c.max_tokens < 16 || c.overlap_tokens >= c.max_tokens || c.max_chunks == 0 {
+            return invalid(
+                "chunking",
+                "max_tokens must be at least 16 and above overlap_tokens; max_chunks above 0",
             );
         }
         let q = &self.queue;
@@ -292,6 +509,7 @@ impl Settings {
             ("worker.concurrency.parse", w.concurrency.parse),
             ("worker.concurrency.chunk", w.concurrency.chunk),
             ("worker.concurrency.embed", w.concurrency.embed),
+            ("worker.concurrency.synthetic", w.concurrency.synthetic),
         ] {
             if !(1..=10_000).contains(&n) {
                 return invalid(field, "must be between 1 and 10000");

@@ -4,13 +4,20 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
-use upload_pipeline::{Settings, jobs::Stage, runtime::Runtime, shutdown, telemetry};
+use upload_pipeline::{
+    Settings, db,
+    jobs::{self, Pipeline, Stage},
+    providers,
+    runtime::Runtime,
+    shutdown, telemetry,
+};
 
 /// Runs pipeline stages: fetches their jobs from Redis and processes them.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Stages this process runs, comma-separated.
+    /// Stages this process runs, comma-separated: parse, chunk, embed (the document pipeline) and synthetic
+    /// (simulated work for load tests).
     #[arg(long, value_delimiter = ',', default_value = "parse,chunk,embed")]
     stages: Vec<Stage>,
     /// Where to serve /healthz and /metrics (overrides worker.metrics_addr).
@@ -33,10 +40,28 @@ async fn main() -> anyhow::Result<()> {
     let mut stages = args.stages;
     stages.sort();
     stages.dedup();
-    let runtime = Runtime::connect(Arc::new(settings))
+    let settings = Arc::new(settings);
+    let runtime = Runtime::connect(settings.clone())
         .await
         .context("Failed to connect to Redis")?;
-    let runtime = upload_pipeline::jobs::register(runtime, &stages)
+    let pipeline = if jobs::needs_pipeline(&stages) {
+        let slots: usize = stages
+            .iter()
+            .map(|s| s.concurrency(&settings.worker.concurrency))
+            .sum();
+        let pool = db::connect(&settings, slots.clamp(2, 64) as u32)
+            .await
+            .context("Failed to connect to PostgreSQL")?;
+        let embedder =
+            providers::embedder(&settings.embedding).context("Failed to set up the embedder")?;
+        Some(
+            Pipeline::new(pool, runtime.broker(), embedder, settings.clone())
+                .context("Failed to open the stage queues")?,
+        )
+    } else {
+        None
+    };
+    let runtime = jobs::register(runtime, &stages, pipeline.as_ref())
         .context("Failed to register the stages")?;
     runtime
         .run(Some(metrics), shutdown::signal())

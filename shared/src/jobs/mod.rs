@@ -1,10 +1,16 @@
 //! The pipeline's stages, their queues, and the jobs those queues carry.
 //!
-//! Each stage has one queue named after it (`parse`, `chunk`, `embed`). Until the document stages land, each
-//! stage queue carries [`synthetic::SyntheticJob`]s: simulated work with failures injected on request, which
-//! exercises the fleet end to end (demo, tests, load tests).
+//! Each stage has one queue named after it: `parse` ([`parse`]), `chunk` ([`chunk`]) and `embed` ([`embed`])
+//! carry the document pipeline; `synthetic` ([`synthetic`]) carries simulated work with failures injected on
+//! request, for load tests of a deployment and the fleet's own tests. A worker runs the stages it is given.
 
+pub mod chunk;
+pub mod embed;
+pub mod parse;
+pub mod pipeline;
 pub mod synthetic;
+
+pub use pipeline::{EmbedJob, Pipeline, StageJob};
 
 use std::{fmt, str::FromStr};
 
@@ -20,11 +26,15 @@ pub enum Stage {
     Chunk,
     /// Chunks to vectors.
     Embed,
+    /// Simulated work, for load tests (not part of the document pipeline).
+    Synthetic,
 }
 
 impl Stage {
-    /// Every stage, in pipeline order.
-    pub const ALL: [Stage; 3] = [Stage::Parse, Stage::Chunk, Stage::Embed];
+    /// The document pipeline's stages, in order.
+    pub const PIPELINE: [Stage; 3] = [Stage::Parse, Stage::Chunk, Stage::Embed];
+    /// Every stage.
+    pub const ALL: [Stage; 4] = [Stage::Parse, Stage::Chunk, Stage::Embed, Stage::Synthetic];
 
     /// The name of the stage and of its queue.
     pub const fn as_str(self) -> &'static str {
@@ -32,6 +42,7 @@ impl Stage {
             Stage::Parse => "parse",
             Stage::Chunk => "chunk",
             Stage::Embed => "embed",
+            Stage::Synthetic => "synthetic",
         }
     }
 
@@ -41,6 +52,7 @@ impl Stage {
             Stage::Parse => settings.parse,
             Stage::Chunk => settings.chunk,
             Stage::Embed => settings.embed,
+            Stage::Synthetic => settings.synthetic,
         }
     }
 }
@@ -53,7 +65,7 @@ impl fmt::Display for Stage {
 
 /// A stage name that is not one of `parse`, `chunk`, `embed`.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown stage {0:?}: expected parse, chunk or embed")]
+#[error("unknown stage {0:?}: expected parse, chunk, embed or synthetic")]
 pub struct UnknownStage(pub String);
 
 impl FromStr for Stage {
@@ -63,24 +75,51 @@ impl FromStr for Stage {
             "parse" => Ok(Stage::Parse),
             "chunk" => Ok(Stage::Chunk),
             "embed" => Ok(Stage::Embed),
+            "synthetic" => Ok(Stage::Synthetic),
             other => Err(UnknownStage(other.to_owned())),
         }
     }
 }
 
-/// Registers the handler of each stage in `stages` with the runtime.
+/// Whether any of `stages` needs the database (the document stages do; synthetic does not).
+pub fn needs_pipeline(stages: &[Stage]) -> bool {
+    stages.iter().any(|s| *s != Stage::Synthetic)
+}
+
+/// Registers the handler of each stage in `stages` with the runtime; the document stages need `pipeline`.
 pub fn register(
     runtime: crate::runtime::Runtime,
     stages: &[Stage],
+    pipeline: Option<&Pipeline>,
 ) -> Result<crate::runtime::Runtime, crate::runtime::RuntimeError> {
-    let context = synthetic::SyntheticContext::new(&runtime);
-    stages.iter().try_fold(runtime, |rt, &stage| {
-        let ctx = context.clone();
+    let mut rt = runtime;
+    for &stage in stages {
         let concurrency = stage.concurrency(&rt.settings().worker.concurrency);
-        rt.stage(stage.as_str(), concurrency, move |job, delivery| {
-            synthetic::run(ctx.clone(), job, delivery)
-        })
-    })
+        let queue = stage.as_str();
+        if stage == Stage::Synthetic {
+            let ctx = synthetic::SyntheticContext::new(&rt);
+            rt = rt.stage(queue, concurrency, move |job, delivery| {
+                synthetic::run(ctx.clone(), job, delivery)
+            })?;
+            continue;
+        }
+        let p = pipeline
+            .cloned()
+            .ok_or(crate::runtime::RuntimeError::MissingPipeline(queue))?;
+        rt = match stage {
+            Stage::Parse => rt.stage(queue, concurrency, move |job, d| {
+                parse::run(p.clone(), job, d)
+            })?,
+            Stage::Chunk => rt.stage(queue, concurrency, move |job, d| {
+                chunk::run(p.clone(), job, d)
+            })?,
+            Stage::Embed => rt.stage(queue, concurrency, move |job, d| {
+                embed::run(p.clone(), job, d)
+            })?,
+            Stage::Synthetic => unreachable!("handled above"),
+        };
+    }
+    Ok(rt)
 }
 
 #[cfg(test)]

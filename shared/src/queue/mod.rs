@@ -488,6 +488,24 @@ impl<T: Serialize> Queue<T> {
         self.handle.push_envelopes(std::slice::from_ref(&env)).await
     }
 
+    /// Pushes many jobs under job ids of the caller's, pipelined in batches.
+    pub async fn push_batch<'a, I>(&self, jobs: I) -> Result<(), QueueError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a T)>,
+        T: 'a,
+    {
+        let envelopes = jobs
+            .into_iter()
+            .map(|(id, job)| {
+                Ok(Envelope::new(
+                    id.to_owned(),
+                    serde_json::to_string(job).map_err(QueueError::Encode)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        self.handle.push_envelopes(&envelopes).await
+    }
+
     /// Pushes many jobs, pipelined in batches; returns their ids in order.
     pub async fn push_many<'a, I>(&self, jobs: I) -> Result<Vec<String>, QueueError>
     where

@@ -1,0 +1,714 @@
+//! The producer's HTTP API (axum). Every `/v1` call needs `Authorization: Bearer <JWT>`; errors are
+//! `{"error": {"code": "...", "message": "..."}}`.
+//!
+//! | method and path | does | answers |
+//! |---|---|---|
+//! | `POST /v1/documents` | multipart `file` (+ optional `metadata`, a JSON object); `Idempotency-Key` header | 202 `{document_id, status}`; 200 with `duplicate: true` for bytes uploaded before |
+//! | `GET /v1/documents/{id}` | status, error, chunks, per-stage progress | 200, 404 |
+//! | `GET /v1/documents?status=&limit=&cursor=` | the caller's documents, newest first | 200 `{documents, next_cursor}` |
+//! | `DELETE /v1/documents/{id}` | removes it with its chunks | 204, 404 |
+//! | `POST /v1/search` | `{query, k}` | 200 `{results, took_ms, embedding_model}` |
+//! | `GET /healthz`, `/readyz`, `/metrics` | liveness; Postgres and Redis reachable; Prometheus | |
+//!
+//! Error codes: `invalid_request` 400, `invalid_json` 400, `empty_file` 400, `invalid_metadata` 400,
+//! `unauthorized` 401, `not_found` 404, `idempotency_conflict` 409, `file_too_large` 413,
+//! `unsupported_media_type` 415, `invalid_document` 422, `invalid_text` 422, `invalid_query` 422, `invalid_k` 422,
+//! `unavailable` 503, `internal` 500.
+
+use std::time::Instant;
+
+use axum::{
+    Json, Router,
+    extract::{
+        DefaultBodyLimit, FromRequestParts, MatchedPath, Multipart, Path, Query, Request, State,
+        multipart::MultipartRejection, rejection::JsonRejection,
+    },
+    http::{HeaderMap, StatusCode, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::{
+    auth::Auth,
+    db::DbError,
+    documents::{self, NewUpload, UploadError, UploadOutcome},
+    jobs::{Pipeline, Stage},
+    metrics as m,
+    parsing::{DocKind, ParseError},
+    queue::Broker,
+};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The document pipeline (database, queues, embedder, settings).
+    pub pipeline: Pipeline,
+    /// Token verification.
+    pub auth: Auth,
+    /// Redis, for readiness and queue gauges.
+    pub broker: Broker,
+    /// The Prometheus registry to render on `/metrics`.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// An API error: status, stable code, and a message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such document")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": { "code": self.code, "message": self.message } })),
+        )
+            .into_response()
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        if e.is_retryable() {
+            tracing::warn!(error = %e, "Database unavailable");
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is unavailable; try again",
+            )
+        } else {
+            tracing::error!(error = %e, "Database error");
+            Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        match e {
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ),
+            JsonRejection::JsonDataError(e) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.body_text(),
+            ),
+            other => Self::new(StatusCode::BAD_REQUEST, "invalid_json", other.body_text()),
+        }
+    }
+}
+
+/// The authenticated caller.
+pub struct Caller(pub Uuid);
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let Some(token) = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+        else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <token>",
+            ));
+        };
+        match state.auth.verify(token.trim()) {
+            Ok((user, _)) => Ok(Self(user)),
+            Err(e) => {
+                tracing::debug!(error = %e, "Token refused");
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the token is invalid or expired",
+                ))
+            }
+        }
+    }
+}
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    let body_limit = state.pipeline.settings.api.max_upload_bytes as usize + 1024 * 1024;
+    Router::new()
+        .route("/v1/documents", post(upload).get(list))
+        .route("/v1/documents/{id}", get(status).delete(remove))
+        .route("/v1/search", post(search))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(count_responses))
+        .with_state(state)
+}
+
+async fn count_responses(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    let class = format!("{}xx", resp.status().as_u16() / 100);
+    metrics::counter!(m::API_RESPONSES, "route" => route, "status" => class).increment(1);
+    resp
+}
+
+/// The base name of an uploaded file, without directories or control characters, at most 255 bytes.
+fn sanitize_filename(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base.chars().filter(|c| !c.is_control()).collect();
+    let clean = clean.trim().trim_start_matches('.').to_owned();
+    let mut out = String::new();
+    for c in clean.chars() {
+        if out.len() + c.len_utf8() > 255 {
+            break;
+        }
+        out.push(c);
+    }
+    if out.is_empty() { "upload".into() } else { out }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, limit: u64) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "file_too_large",
+            format!("uploads are limited to {limit} bytes"),
+        )
+    } else {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("unreadable multipart body: {}", e.body_text()),
+        )
+    }
+}
+
+async fn upload(
+    State(state): State<ApiState>,
+    Caller(user): Caller,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let limit = state.pipeline.settings.api.max_upload_bytes;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "send multipart/form-data with a `file` field: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && k.len() <= 255);
+            Some(
+                key.ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "Idempotency-Key must be 1 to 255 visible characters",
+                    )
+                })?
+                .to_owned(),
+            )
+        }
+    };
+    let mut file: Option<(String, Vec<u8>)> = None;
+    let mut metadata = serde_json::json!({});
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
+        match field.name() {
+            Some("file") => {
+                let name = sanitize_filename(field.file_name().unwrap_or("upload"));
+                let mut bytes = Vec::new();
+                while let Some(chunk) =
+                    field.chunk().await.map_err(|e| multipart_error(e, limit))?
+                {
+                    if (bytes.len() + chunk.len()) as u64 > limit {
+                        return Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "file_too_large",
+                            format!("uploads are limited to {limit} bytes"),
+                        ));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                file = Some((name, bytes));
+            }
+            Some("metadata") => {
+                let mut raw = Vec::new();
+                while let Some(chunk) =
+                    field.chunk().await.map_err(|e| multipart_error(e, limit))?
+                {
+                    raw.extend_from_slice(&chunk);
+                    if raw.len() > 64 * 1024 {
+                        return Err(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_metadata",
+                            "metadata is limited to 64 KiB",
+                        ));
+                    }
+                }
+                metadata = serde_json::from_slice::<serde_json::Value>(&raw)
+                    .ok()
+                    .filter(|v| v.is_object())
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_metadata",
+                            "metadata must be a JSON object",
+                        )
+                    })?;
+            }
+            _ => {
+                while field
+                    .chunk()
+                    .await
+                    .map_err(|e| multipart_error(e, limit))?
+                    .is_some()
+                {}
+            }
+        }
+    }
+    let (filename, bytes) = file.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the multipart body has no `file` field",
+        )
+    })?;
+    let kind = DocKind::detect(&filename, &bytes).map_err(|e| match e {
+        ParseError::Empty => {
+            ApiError::new(StatusCode::BAD_REQUEST, "empty_file", "the file is empty")
+        }
+        ParseError::Unsupported(m) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            m,
+        ),
+        ParseError::InvalidText(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_text", m)
+        }
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_document",
+            other.to_string(),
+        ),
+    })?;
+    let up = NewUpload {
+        user_id: user,
+        filename,
+        kind,
+        bytes,
+        metadata,
+        idempotency_key,
+    };
+    let outcome = documents::create(&state.pipeline.pool, &up)
+        .await
+        .map_err(|e| match e {
+            UploadError::IdempotencyConflict => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", e.to_string())
+            }
+            UploadError::Db(e) => e.into(),
+        })?;
+    let (id, code, label) = match outcome {
+        UploadOutcome::Created(id) => {
+            // Durable already: if Redis is down the reconciler pushes the job later.
+            if let Err(e) = state.pipeline.push_parse(id, user).await {
+                tracing::warn!(document_id = %id, error = %e, "Could not push the parse job; the reconciler will");
+            }
+            (id, StatusCode::ACCEPTED, "created")
+        }
+        UploadOutcome::Replayed(id) => (id, StatusCode::ACCEPTED, "replayed"),
+        UploadOutcome::Duplicate(id) => (id, StatusCode::OK, "duplicate"),
+    };
+    metrics::counter!(m::DOCUMENTS_UPLOADED, "outcome" => label).increment(1);
+    let doc = documents::get(&state.pipeline.pool, user, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let mut body = serde_json::json!({ "document_id": id, "status": doc.status });
+    if label == "duplicate" {
+        body["duplicate"] = true.into();
+    }
+    Ok((code, Json(body)).into_response())
+}
+
+async fn status(
+    State(state): State<ApiState>,
+    Caller(user): Caller,
+    id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
+) -> Result<Response, ApiError> {
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::not_found());
+    };
+    let doc = documents::get(&state.pipeline.pool, user, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(doc).into_response())
+}
+
+async fn remove(
+    State(state): State<ApiState>,
+    Caller(user): Caller,
+    id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
+) -> Result<Response, ApiError> {
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::not_found());
+    };
+    if documents::delete(&state.pipeline.pool, user, id).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn encode_cursor(c: (DateTime<Utc>, Uuid)) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{}", c.0.to_rfc3339(), c.1))
+}
+
+fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()?;
+    let (t, id) = std::str::from_utf8(&raw).ok()?.split_once('|')?;
+    Some((
+        DateTime::parse_from_rfc3339(t).ok()?.with_timezone(&Utc),
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    Caller(user): Caller,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    const STATUSES: [&str; 6] = [
+        "queued",
+        "parsing",
+        "chunking",
+        "embedding",
+        "ready",
+        "failed",
+    ];
+    if let Some(s) = &params.status
+        && !STATUSES.contains(&s.as_str())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("status must be one of {}", STATUSES.join(", ")),
+        ));
+    }
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "limit must be between 1 and 100",
+        ));
+    }
+    let cursor = match &params.cursor {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "invalid cursor")
+        })?),
+    };
+    let (docs, next) = documents::list(
+        &state.pipeline.pool,
+        user,
+        params.status.as_deref(),
+        limit,
+        cursor,
+    )
+    .await?;
+    Ok(
+        Json(serde_json::json!({ "documents": docs, "next_cursor": next.map(encode_cursor) }))
+            .into_response(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchRequest {
+    query: String,
+    #[serde(default = "default_k")]
+    k: i64,
+}
+
+fn default_k() -> i64 {
+    5
+}
+
+async fn search(
+    State(state): State<ApiState>,
+    Caller(user): Caller,
+    body: Result<Json<SearchRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let Json(req) = body?;
+    let max_k = state.pipeline.settings.api.max_search_k;
+    let query = req.query.trim();
+    if query.is_empty() || query.chars().count() > 4000 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_query",
+            "query must be 1 to 4000 characters",
+        ));
+    }
+    if req.k < 1 || req.k > max_k as i64 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_k",
+            format!("k must be between 1 and {max_k}"),
+        ));
+    }
+    let embedder = &state.pipeline.embedder;
+    let vectors = embedder.embed(&[query.to_owned()]).await.map_err(|e| {
+        tracing::warn!(error = %e, "Embedding the query failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the embedding provider is unavailable: {e}"),
+        )
+    })?;
+    let hits = documents::search(
+        &state.pipeline.pool,
+        user,
+        embedder.model(),
+        &vectors[0],
+        req.k as u32,
+    )
+    .await?;
+    let took = started.elapsed();
+    metrics::histogram!(m::SEARCH_DURATION).record(took.as_secs_f64());
+    Ok(Json(serde_json::json!({
+        "results": hits,
+        "took_ms": (took.as_secs_f64() * 1e5).round() / 100.0,
+        "embedding_model": embedder.model(),
+    }))
+    .into_response())
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let db = sqlx::query("SELECT 1")
+        .execute(&state.pipeline.pool)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    let mut conn = state.broker.connection();
+    let redis = redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    let ok = db.is_none() && redis.is_none();
+    let body = Json(
+        serde_json::json!({ "status": if ok { "ready" } else { "unavailable" }, "postgres": db.unwrap_or_else(|| "ok".into()), "redis": redis.unwrap_or_else(|| "ok".into()) }),
+    );
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        body,
+    )
+        .into_response()
+}
+
+async fn render_metrics(State(state): State<ApiState>) -> Response {
+    for stage in Stage::PIPELINE {
+        if let Ok(queue) = state.broker.handle(stage.as_str())
+            && let Ok(Ok(stats)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), queue.stats()).await
+        {
+            m::record_queue_stats(stage.as_str(), &stats);
+        }
+    }
+    match &state.metrics {
+        Some(h) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are not enabled",
+        )
+        .into_response(),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Shared pieces for binaries and tests.
+pub fn state(pipeline: Pipeline, broker: Broker, metrics: Option<PrometheusHandle>) -> ApiState {
+    ApiState {
+        auth: Auth::hs256(pipeline.settings.api.jwt_secret.expose()),
+        pipeline,
+        broker,
+        metrics,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filenames_lose_paths_and_control_characters() {
+        assert_eq!(sanitize_filename("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_filename("C:\\docs\\report.pdf"), "report.pdf");
+        assert_eq!(sanitize_filename("a\u{0}b\nc.txt"), "abc.txt");
+        assert_eq!(sanitize_filename("..."), "upload");
+        assert_eq!(sanitize_filename(&"é".repeat(300)).len(), 254);
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = (Utc::now(), Uuid::new_v4());
+        let back = decode_cursor(&encode_cursor(c)).unwrap();
+        assert_eq!(back.1, c.1);
+        assert!(decode_cursor("garbage").is_none());
+    }
+}
+
+/// `producer serve`: migrates, then serves the API on `api.listen` and runs the reconciler until `shutdown`.
+pub async fn run_server(
+    settings: std::sync::Arc<crate::Settings>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ServerResult<()> {
+    let pool = crate::db::migrate(&settings)
+        .await
+        .map_err(ServerError::Db)?;
+    let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
+        .await
+        .map_err(ServerError::Queue)?;
+    let embedder = crate::providers::embedder(&settings.embedding)
+        .map_err(|e| ServerError::Setup(e.to_string()))?;
+    let pipeline =
+        Pipeline::new(pool, &broker, embedder, settings.clone()).map_err(ServerError::Queue)?;
+    let listener = tokio::net::TcpListener::bind(settings.api.listen)
+        .await
+        .map_err(|e| {
+            ServerError::Setup(format!("cannot listen on {}: {e}", settings.api.listen))
+        })?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let identity = format!(
+        "producer-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    );
+    let mut rx = stop_rx.clone();
+    let reconciler = tokio::spawn(crate::reconciler::run(
+        pipeline.clone(),
+        broker.clone(),
+        identity,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
+    if settings.api.jwt_secret.expose() == crate::settings::DEV_JWT_SECRET {
+        tracing::warn!(
+            "Using the built-in development JWT secret: set JWT_SECRET before exposing the API"
+        );
+    }
+    tracing::info!(listen = %settings.api.listen, "Producer API serving");
+    let state = state(pipeline, broker, metrics);
+    let served = serve(listener, state, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
+    let _ = reconciler.await;
+    served.map_err(|e| ServerError::Setup(e.to_string()))
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The database.
+    #[error(transparent)]
+    Db(DbError),
+    /// Redis.
+    #[error(transparent)]
+    Queue(crate::queue::QueueError),
+    /// Anything else at start-up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Result of [`run_server`].
+pub type ServerResult<T> = Result<T, ServerError>;

@@ -1,0 +1,216 @@
+//! Chunking: parsed Markdown sections to token-bounded chunks that follow the document's structure
+//! (text-splitter's Markdown splitter, sized with the cl100k_base tokenizer), each with its page and the path of
+//! headings above it. Pure: no I/O.
+
+use std::sync::{Arc, LazyLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use text_splitter::{ChunkConfig, MarkdownSplitter};
+use tiktoken_rs::CoreBPE;
+
+use crate::parsing::Section;
+
+/// The tokenizer chunks are measured with (OpenAI's embedding models use it).
+pub fn tokenizer() -> Arc<CoreBPE> {
+    static BPE: LazyLock<Arc<CoreBPE>> = LazyLock::new(|| {
+        Arc::new(tiktoken_rs::cl100k_base().expect("the cl100k_base tables are compiled in"))
+    });
+    BPE.clone()
+}
+
+/// Tokens of `text` with [`tokenizer`].
+pub fn count_tokens(text: &str) -> usize {
+    tokenizer().encode_ordinary(text).len()
+}
+
+/// One chunk of a document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Position in the document, from 0.
+    pub index: usize,
+    /// The text.
+    pub content: String,
+    /// Its size in tokens.
+    pub token_count: usize,
+    /// SHA-256 of the content, hex: an unchanged chunk keeps its embedding when a document is chunked again.
+    pub content_sha256: String,
+    /// `{"page": n, "headings": ["Title", "Section"]}` (page only when the format has pages).
+    pub metadata: serde_json::Value,
+}
+
+/// Why chunking failed (permanent).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    /// Invalid sizes.
+    #[error("invalid chunk sizes: {0}")]
+    Config(String),
+    /// More chunks than allowed.
+    #[error("the document makes {0} chunks, above the limit of {1}")]
+    TooMany(usize, usize),
+}
+
+/// Cuts `sections` into chunks of at most `max_tokens`, repeating `overlap_tokens` between neighbours.
+pub fn chunk(
+    sections: &[Section],
+    max_tokens: usize,
+    overlap_tokens: usize,
+    max_chunks: usize,
+) -> Result<Vec<Chunk>, ChunkError> {
+    let bpe = tokenizer();
+    let config = ChunkConfig::new(max_tokens)
+        .with_overlap(overlap_tokens)
+        .map_err(|e| ChunkError::Config(e.to_string()))?
+        .with_sizer(bpe.clone());
+    let splitter = MarkdownSplitter::new(config);
+    let mut chunks = Vec::new();
+    // Headings carry over from one section (page) to the next.
+    let mut outline: Vec<(usize, String)> = Vec::new();
+    for section in sections {
+        let headings = headings_with_offsets(&section.markdown);
+        let mut next_heading = 0;
+        for (offset, text) in splitter.chunk_indices(&section.markdown) {
+            // Headings that start before the end of this chunk's first line apply to it.
+            let first_line_end = offset + text.find('\n').unwrap_or(text.len());
+            while next_heading < headings.len() && headings[next_heading].0 <= first_line_end {
+                let (_, level, title) = &headings[next_heading];
+                outline.retain(|(l, _)| l < level);
+                outline.push((*level, title.clone()));
+                next_heading += 1;
+            }
+            let content = text.trim().to_owned();
+            if content.is_empty() {
+                continue;
+            }
+            let mut metadata = serde_json::json!({ "headings": outline.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>() });
+            if let Some(page) = section.page {
+                metadata["page"] = page.into();
+            }
+            chunks.push(Chunk {
+                index: chunks.len(),
+                token_count: bpe.encode_ordinary(&content).len(),
+                content_sha256: hex::encode(Sha256::digest(content.as_bytes())),
+                content,
+                metadata,
+            });
+            if chunks.len() > max_chunks {
+                return Err(ChunkError::TooMany(chunks.len(), max_chunks));
+            }
+        }
+        // Headings after the last chunk start still open the outline for the next section.
+        for (_, level, title) in &headings[next_heading..] {
+            outline.retain(|(l, _)| l < level);
+            outline.push((*level, title.clone()));
+        }
+    }
+    Ok(chunks)
+}
+
+/// ATX headings (`# Title`) outside code fences, with their byte offsets and levels.
+fn headings_with_offsets(markdown: &str) -> Vec<(usize, usize, String)> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    let mut in_fence = false;
+    for line in markdown.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("```") || trimmed.starts_with("~~~") {
+            in_fence = !in_fence;
+        } else if !in_fence {
+            let level = trimmed.bytes().take_while(|&b| b == b'#').count();
+            if (1..=6).contains(&level) && trimmed[level..].starts_with([' ', '\t']) {
+                let title = trimmed[level..]
+                    .trim()
+                    .trim_end_matches('#')
+                    .trim()
+                    .to_owned();
+                if !title.is_empty() {
+                    out.push((offset, level, title));
+                }
+            }
+        }
+        offset += line.len();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(page: Option<u32>, md: &str) -> Section {
+        Section {
+            page,
+            markdown: md.to_owned(),
+        }
+    }
+
+    #[test]
+    fn chunks_stay_within_the_token_limit_and_overlap() {
+        let para = "The tide rises and falls twice a day because the moon pulls on the oceans. "
+            .repeat(40);
+        let md = format!("# Tides\n\n{para}\n\n## Spring tides\n\n{para}");
+        let chunks = chunk(&[section(None, &md)], 64, 16, 1000).unwrap();
+        assert!(chunks.len() > 4, "{}", chunks.len());
+        for c in &chunks {
+            assert!(
+                c.token_count <= 64,
+                "chunk {} has {} tokens",
+                c.index,
+                c.token_count
+            );
+            assert_eq!(c.content_sha256.len(), 64);
+        }
+        assert_eq!(
+            chunks.iter().map(|c| c.index).collect::<Vec<_>>(),
+            (0..chunks.len()).collect::<Vec<_>>()
+        );
+        let last = chunks.last().unwrap();
+        assert_eq!(
+            last.metadata["headings"],
+            serde_json::json!(["Tides", "Spring tides"])
+        );
+        assert_eq!(chunks[0].metadata["headings"], serde_json::json!(["Tides"]));
+    }
+
+    #[test]
+    fn pages_and_headings_carry_into_metadata() {
+        let sections = [
+            section(Some(1), "# Report\n\nIntro text."),
+            section(Some(2), "More text on page two."),
+        ];
+        let chunks = chunk(&sections, 512, 64, 1000).unwrap();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(
+            chunks[0].metadata,
+            serde_json::json!({"page": 1, "headings": ["Report"]})
+        );
+        assert_eq!(
+            chunks[1].metadata,
+            serde_json::json!({"page": 2, "headings": ["Report"]})
+        );
+    }
+
+    #[test]
+    fn headings_in_code_fences_are_not_headings() {
+        let h = headings_with_offsets("# A\n```\n# not a heading\n```\n## B\n");
+        assert_eq!(
+            h.iter()
+                .map(|(_, l, t)| (*l, t.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(1, "A"), (2, "B")]
+        );
+    }
+
+    #[test]
+    fn too_many_chunks_is_an_error() {
+        let md = "word ".repeat(2000);
+        assert!(matches!(
+            chunk(&[section(None, &md)], 16, 0, 10),
+            Err(ChunkError::TooMany(_, 10))
+        ));
+        assert!(matches!(
+            chunk(&[section(None, "x")], 16, 16, 10),
+            Err(ChunkError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,121 @@
+//! PostgreSQL: the pool, migrations, and transactions scoped to one user.
+//!
+//! Every read and write of user data goes through [`begin_as`]: the transaction takes the role
+//! `upload_pipeline_app` (no BYPASSRLS) and sets `upload_pipeline.user_id`, so row-level security shows it only
+//! that user's rows, whatever the query says.
+
+use std::time::Duration;
+
+use sqlx::{
+    ConnectOptions, PgPool, Postgres, Transaction,
+    migrate::{MigrateDatabase, Migrator},
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use uuid::Uuid;
+
+use crate::settings::Settings;
+
+/// The migrations in `migrations/`, compiled in.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The query or connection failed.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl DbError {
+    /// Whether trying again later can help (connection lost, serialization failure, deadlock, too many clients).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Sqlx(sqlx::Error::Database(e)) => {
+                matches!(
+                    e.code().as_deref(),
+                    Some("40001" | "40P01" | "53300" | "57P01" | "57P03" | "08006" | "08001")
+                )
+            }
+            Self::Sqlx(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_),
+            ) => true,
+            Self::Sqlx(_) | Self::Migrate(_) => false,
+        }
+    }
+}
+
+fn options(settings: &Settings) -> Result<PgConnectOptions, DbError> {
+    let opts: PgConnectOptions = settings.database_url.expose().parse()?;
+    Ok(opts.log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2)))
+}
+
+/// Connects a pool to `database_url`.
+pub async fn connect(settings: &Settings, max_connections: u32) -> Result<PgPool, DbError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options(settings)?)
+        .await?)
+}
+
+/// Creates the database if missing, applies the migrations, and registers the configured embedding model (its
+/// HNSW index). Idempotent; run by `producer migrate`, by `producer serve` at start-up, and by the tests.
+pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
+    let url = settings.database_url.expose();
+    if !Postgres::database_exists(url).await? {
+        tracing::info!("Creating the database");
+        if let Err(e) = Postgres::create_database(url).await {
+            // Another process may have created it meanwhile.
+            if !Postgres::database_exists(url).await? {
+                return Err(e.into());
+            }
+        }
+    }
+    let pool = connect(settings, 4).await?;
+    // One migrator at a time across the fleet: the advisory lock serialises concurrent start-ups.
+    MIGRATOR.run(&pool).await?;
+    register_model(
+        &pool,
+        &settings.embedding.model,
+        settings.embedding.dimensions,
+    )
+    .await?;
+    Ok(pool)
+}
+
+/// Registers an embedding model and creates its HNSW index; returns the index name.
+pub async fn register_model(
+    pool: &PgPool,
+    model: &str,
+    dimensions: u32,
+) -> Result<String, DbError> {
+    Ok(
+        sqlx::query_scalar("SELECT upload_pipeline.register_embedding_model($1, $2)")
+            .bind(model)
+            .bind(dimensions as i32)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Begins a transaction that sees and changes only `user_id`'s rows.
+pub async fn begin_as(
+    pool: &PgPool,
+    user_id: Uuid,
+) -> Result<Transaction<'static, Postgres>, DbError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL ROLE upload_pipeline_app")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT set_config('upload_pipeline.user_id', $1, true)")
+        .bind(user_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}

@@ -1,0 +1,457 @@
+//! Local parsers: uploaded bytes to Markdown sections, each with its page number where the format has pages.
+//! Pure functions (no I/O); the parse stage runs them on a blocking thread with a time limit.
+//!
+//! | kind | detected by | becomes |
+//! |---|---|---|
+//! | plain text | `.txt`, `.text`, `.log`, `.csv` | the text |
+//! | Markdown | `.md`, `.markdown` | the text |
+//! | HTML | `.html`, `.htm` | Markdown (scripts, styles and head dropped) |
+//! | PDF | `%PDF-` magic | the text layer, one section per page |
+//! | DOCX | `.docx` and a zip with `word/document.xml` | Markdown with headings, one section per page break |
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+/// A part of a parsed document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    /// The page, from 1, when the format has pages.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub page: Option<u32>,
+    /// Markdown text.
+    pub markdown: String,
+}
+
+/// The kinds of document the local parsers read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocKind {
+    /// Plain UTF-8 text.
+    Text,
+    /// Markdown.
+    Markdown,
+    /// HTML.
+    Html,
+    /// PDF with a text layer.
+    Pdf,
+    /// Word (Office Open XML).
+    Docx,
+}
+
+impl DocKind {
+    /// The MIME type recorded for the kind.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Text => "text/plain",
+            Self::Markdown => "text/markdown",
+            Self::Html => "text/html",
+            Self::Pdf => "application/pdf",
+            Self::Docx => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        }
+    }
+
+    /// Decides the kind from the file name and the first bytes, and rejects what cannot be right before it is
+    /// stored: empty files, binary data or invalid UTF-8 in a text kind, a PDF or DOCX without its signature.
+    pub fn detect(filename: &str, bytes: &[u8]) -> Result<Self, ParseError> {
+        if bytes.is_empty() {
+            return Err(ParseError::Empty);
+        }
+        let ext = filename
+            .rsplit_once('.')
+            .map(|(_, e)| e.to_ascii_lowercase())
+            .unwrap_or_default();
+        let kind = match ext.as_str() {
+            "txt" | "text" | "log" | "csv" => Self::Text,
+            "md" | "markdown" => Self::Markdown,
+            "html" | "htm" => Self::Html,
+            "pdf" => Self::Pdf,
+            "docx" => Self::Docx,
+            _ if bytes.starts_with(b"%PDF-") => Self::Pdf,
+            _ => {
+                return Err(ParseError::Unsupported(format!(
+                    "cannot read {filename:?}: supported are .txt, .md, .html, .pdf and .docx"
+                )));
+            }
+        };
+        match kind {
+            Self::Text | Self::Markdown | Self::Html => {
+                let text = std::str::from_utf8(bytes).map_err(|e| {
+                    ParseError::InvalidText(format!(
+                        "{filename:?} is not valid UTF-8 (first bad byte at offset {})",
+                        e.valid_up_to()
+                    ))
+                })?;
+                if text.contains('\0') {
+                    return Err(ParseError::InvalidText(format!(
+                        "{filename:?} contains binary data (NUL bytes)"
+                    )));
+                }
+            }
+            Self::Pdf if !bytes.starts_with(b"%PDF-") => {
+                return Err(ParseError::Corrupt(format!(
+                    "{filename:?} is not a PDF (no %PDF- header)"
+                )));
+            }
+            Self::Docx if !bytes.starts_with(b"PK\x03\x04") => {
+                return Err(ParseError::Corrupt(format!(
+                    "{filename:?} is not a DOCX (not a zip archive)"
+                )));
+            }
+            Self::Pdf | Self::Docx => {}
+        }
+        Ok(kind)
+    }
+
+    /// The kind recorded under a MIME type.
+    pub fn from_content_type(content_type: &str) -> Option<Self> {
+        [
+            Self::Text,
+            Self::Markdown,
+            Self::Html,
+            Self::Pdf,
+            Self::Docx,
+        ]
+        .into_iter()
+        .find(|k| k.content_type() == content_type)
+    }
+}
+
+/// Why a document could not be parsed. Every variant is permanent: parsing the same bytes again fails again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Zero bytes.
+    #[error("the file is empty")]
+    Empty,
+    /// A type the local parsers do not read.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Binary data or invalid UTF-8 where text was expected.
+    #[error("{0}")]
+    InvalidText(String),
+    /// The file is damaged or not what its name says.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Over a configured limit (pages, characters, decompressed size).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The document holds no text (a scanned PDF without a text layer, an empty page).
+    #[error(
+        "no text found in the document (a scanned PDF needs OCR, which the local parser does not do)"
+    )]
+    NoText,
+}
+
+/// Limits a parse must respect.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most pages.
+    pub max_pages: usize,
+    /// Most characters of text.
+    pub max_chars: usize,
+}
+
+/// Parses `bytes` of `kind` into sections.
+pub fn parse(kind: DocKind, bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
+    let sections = match kind {
+        DocKind::Text | DocKind::Markdown => {
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| ParseError::InvalidText("the file is not valid UTF-8".into()))?;
+            vec![Section {
+                page: None,
+                markdown: normalize(text),
+            }]
+        }
+        DocKind::Html => vec![Section {
+            page: None,
+            markdown: normalize(&html_to_markdown(bytes)?),
+        }],
+        DocKind::Pdf => pdf(bytes, limits)?,
+        DocKind::Docx => docx(bytes, limits)?,
+    };
+    let chars: usize = sections.iter().map(|s| s.markdown.len()).sum();
+    if chars > limits.max_chars {
+        return Err(ParseError::TooLarge(format!(
+            "the document yields {chars} characters, above the limit of {}",
+            limits.max_chars
+        )));
+    }
+    let sections: Vec<Section> = sections
+        .into_iter()
+        .filter(|s| !s.markdown.trim().is_empty())
+        .collect();
+    if sections.is_empty() {
+        return Err(ParseError::NoText);
+    }
+    Ok(sections)
+}
+
+fn normalize(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+fn html_to_markdown(bytes: &[u8]) -> Result<String, ParseError> {
+    let html = std::str::from_utf8(bytes)
+        .map_err(|_| ParseError::InvalidText("the HTML is not valid UTF-8".into()))?;
+    let converter = htmd::HtmlToMarkdown::builder()
+        .skip_tags(vec![
+            "script", "style", "head", "noscript", "template", "iframe", "object", "svg",
+        ])
+        .build();
+    converter
+        .convert(html)
+        .map_err(|e| ParseError::Corrupt(format!("the HTML could not be read: {e}")))
+}
+
+fn pdf(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
+    let doc = lopdf::Document::load_mem(bytes)
+        .map_err(|e| ParseError::Corrupt(format!("the PDF could not be read: {e}")))?;
+    let pages = doc.get_pages();
+    if pages.len() > limits.max_pages {
+        return Err(ParseError::TooLarge(format!(
+            "the PDF has {} pages, above the limit of {}",
+            pages.len(),
+            limits.max_pages
+        )));
+    }
+    let mut sections = Vec::with_capacity(pages.len());
+    let mut chars = 0;
+    for &number in pages.keys() {
+        let text = doc.extract_text(&[number]).map_err(|e| {
+            ParseError::Corrupt(format!("page {number} of the PDF could not be read: {e}"))
+        })?;
+        chars += text.len();
+        if chars > limits.max_chars {
+            return Err(ParseError::TooLarge(format!(
+                "the PDF yields more than {} characters",
+                limits.max_chars
+            )));
+        }
+        sections.push(Section {
+            page: Some(number),
+            markdown: normalize(text.trim()),
+        });
+    }
+    Ok(sections)
+}
+
+/// Largest `word/document.xml` read from a DOCX (a zip bomb stops here).
+const MAX_DOCX_XML: u64 = 64 * 1024 * 1024;
+
+fn docx(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
+    use quick_xml::events::Event;
+
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| ParseError::Corrupt(format!("the DOCX is not a readable zip archive: {e}")))?;
+    let entry = zip
+        .by_name("word/document.xml")
+        .map_err(|_| ParseError::Corrupt("the DOCX has no word/document.xml".into()))?;
+    if entry.size() > MAX_DOCX_XML {
+        return Err(ParseError::TooLarge(format!(
+            "the DOCX body decompresses to {} bytes, above {MAX_DOCX_XML}",
+            entry.size()
+        )));
+    }
+    let mut xml = String::new();
+    entry
+        .take(MAX_DOCX_XML + 1)
+        .read_to_string(&mut xml)
+        .map_err(|e| ParseError::Corrupt(format!("the DOCX body could not be read: {e}")))?;
+    if xml.len() as u64 > MAX_DOCX_XML {
+        return Err(ParseError::TooLarge(
+            "the DOCX body decompresses beyond the limit".into(),
+        ));
+    }
+
+    let mut reader = quick_xml::Reader::from_str(&xml);
+    let mut sections = vec![Section {
+        page: Some(1),
+        markdown: String::new(),
+    }];
+    let mut paragraph = String::new();
+    let mut heading: Option<usize> = None;
+    let mut list_item = false;
+    let mut in_text = false;
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| ParseError::Corrupt(format!("the DOCX body is not valid XML: {e}")))?;
+        match event {
+            Event::Start(e) | Event::Empty(e) => match e.local_name().into_inner() {
+                "t" => in_text = true,
+                "tab" => paragraph.push('\t'),
+                "br" | "lastRenderedPageBreak" => {
+                    let page_break = e.local_name().into_inner() == "lastRenderedPageBreak"
+                        || e.attributes().flatten().any(|a| {
+                            a.key.local_name().into_inner() == "type" && a.value.as_ref() == "page"
+                        });
+                    if page_break {
+                        let next = sections.last().and_then(|s| s.page).unwrap_or(1) + 1;
+                        if next as usize > limits.max_pages {
+                            return Err(ParseError::TooLarge(format!(
+                                "the DOCX has more than {} pages",
+                                limits.max_pages
+                            )));
+                        }
+                        flush_paragraph(&mut sections, &mut paragraph, heading, list_item);
+                        sections.push(Section {
+                            page: Some(next),
+                            markdown: String::new(),
+                        });
+                    } else {
+                        paragraph.push('\n');
+                    }
+                }
+                "pStyle" => {
+                    for a in e.attributes().flatten() {
+                        if a.key.local_name().into_inner() == "val" {
+                            let style = a.value.to_ascii_lowercase();
+                            heading = style
+                                .strip_prefix("heading")
+                                .and_then(|n| n.trim().parse::<usize>().ok())
+                                .map(|n| n.clamp(1, 6))
+                                .or(if style == "title" { Some(1) } else { None });
+                            list_item |= style.contains("list");
+                        }
+                    }
+                }
+                "numPr" => list_item = true,
+                _ => {}
+            },
+            Event::Text(t) if in_text => paragraph.push_str(&t),
+            Event::GeneralRef(r) if in_text => {
+                let name = r.into_inner();
+                let c = match name.as_ref() {
+                    "amp" => Some('&'),
+                    "lt" => Some('<'),
+                    "gt" => Some('>'),
+                    "quot" => Some('"'),
+                    "apos" => Some('\''),
+                    n => n
+                        .strip_prefix("#x")
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .or_else(|| n.strip_prefix('#').and_then(|d| d.parse().ok()))
+                        .and_then(char::from_u32),
+                };
+                paragraph.extend(c);
+            }
+            Event::End(e) => match e.local_name().into_inner() {
+                "t" => in_text = false,
+                "p" => {
+                    flush_paragraph(&mut sections, &mut paragraph, heading, list_item);
+                    heading = None;
+                    list_item = false;
+                }
+                "tc" => paragraph.push_str(" | "),
+                _ => {}
+            },
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    flush_paragraph(&mut sections, &mut paragraph, heading, list_item);
+    Ok(sections)
+}
+
+fn flush_paragraph(
+    sections: &mut [Section],
+    paragraph: &mut String,
+    heading: Option<usize>,
+    list_item: bool,
+) {
+    let text = paragraph.trim();
+    if !text.is_empty() {
+        let out = &mut sections.last_mut().expect("at least one section").markdown;
+        match heading {
+            Some(level) => out.push_str(&format!("{} {text}\n\n", "#".repeat(level))),
+            None if list_item => out.push_str(&format!("- {text}\n")),
+            None => out.push_str(&format!("{text}\n\n")),
+        }
+    }
+    paragraph.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_pages: 100,
+        max_chars: 1_000_000,
+    };
+
+    #[test]
+    fn kinds_are_detected_and_bad_input_is_refused_before_storage() {
+        assert_eq!(DocKind::detect("a.TXT", b"hello").unwrap(), DocKind::Text);
+        assert_eq!(
+            DocKind::detect("notes.md", b"# hi").unwrap(),
+            DocKind::Markdown
+        );
+        assert_eq!(
+            DocKind::detect("page.htm", b"<p>x</p>").unwrap(),
+            DocKind::Html
+        );
+        assert_eq!(
+            DocKind::detect("noext", b"%PDF-1.4 ...").unwrap(),
+            DocKind::Pdf
+        );
+        assert_eq!(DocKind::detect("empty.txt", b""), Err(ParseError::Empty));
+        assert!(matches!(
+            DocKind::detect("image.png", b"\x89PNG"),
+            Err(ParseError::Unsupported(_))
+        ));
+        assert!(matches!(
+            DocKind::detect("bin.txt", b"ab\0cd"),
+            Err(ParseError::InvalidText(_))
+        ));
+        assert!(matches!(
+            DocKind::detect("latin1.txt", b"caf\xe9"),
+            Err(ParseError::InvalidText(_))
+        ));
+        assert!(matches!(
+            DocKind::detect("fake.pdf", b"hello"),
+            Err(ParseError::Corrupt(_))
+        ));
+        assert!(matches!(
+            DocKind::detect("fake.docx", b"hello"),
+            Err(ParseError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn html_becomes_markdown_without_scripts() {
+        let html = b"<html><head><title>T</title><script>alert(1)</script></head><body><h1>Tides</h1><p>The <b>moon</b> pulls.</p><style>p{}</style></body></html>";
+        let sections = parse(DocKind::Html, html, LIMITS).unwrap();
+        let md = &sections[0].markdown;
+        assert!(md.contains("# Tides") && md.contains("**moon**"), "{md}");
+        assert!(!md.contains("alert") && !md.contains("p{}"), "{md}");
+    }
+
+    #[test]
+    fn a_corrupt_pdf_is_a_clear_permanent_error() {
+        let err = parse(DocKind::Pdf, b"%PDF-1.7\nthis is not a pdf body", LIMITS).unwrap_err();
+        assert!(matches!(err, ParseError::Corrupt(_)), "{err:?}");
+    }
+
+    #[test]
+    fn whitespace_only_documents_have_no_text() {
+        assert_eq!(
+            parse(DocKind::Text, b"  \n\t ", LIMITS),
+            Err(ParseError::NoText)
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let err = parse(
+            DocKind::Text,
+            "x".repeat(100).as_bytes(),
+            Limits {
+                max_pages: 1,
+                max_chars: 10,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, ParseError::TooLarge(_)));
+    }
+}
