@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services build demo test lint fmt bench-queue clean
+.PHONY: help services build demo run test lint fmt bench-queue clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -14,8 +14,11 @@ services: ## Install and start Redis 7 and PostgreSQL with pgvector when missing
 build: ## Build the producer and worker binaries
 	$(CARGO) build --workspace --bins
 
-demo: services build ## Run a two-worker fleet on the embedded defaults through a batch of jobs
+demo: services build ## Upload the sample corpus through the fleet on the embedded defaults, then search it
 	@bash deploy/local/demo.sh
+
+run: services build ## Run the fleet (producer API + a worker for every stage) in the foreground
+	@bash deploy/local/run.sh
 
 test: services lint ## Format check, clippy, and every unit and integration test against the real Redis
 	$(CARGO) build --workspace --bins

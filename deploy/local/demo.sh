@@ -1,54 +1,48 @@
 #!/usr/bin/env bash
-# `make demo`: two worker processes on the embedded defaults process batches of synthetic jobs (with injected
-# failures) while a progress line follows them; then the queue state, a dead letter, the workers' metrics, and a
-# graceful SIGTERM drain. Uses its own key prefix, so it never touches other data in Redis.
+# `make demo`: the fleet on the embedded defaults turns a small corpus (text, Markdown, HTML, PDF, DOCX) into
+# searchable chunks, then answers two searches. Uses its own database and Redis key prefix, so it never touches
+# other data; starts from scratch each time.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${BIN_DIR:-$root/target/debug}
 export UPLOAD_PIPELINE__QUEUE__KEY_PREFIX=${UPLOAD_PIPELINE__QUEUE__KEY_PREFIX:-upload-pipeline-demo}
-prefix=$UPLOAD_PIPELINE__QUEUE__KEY_PREFIX
+export DATABASE_URL=${DEMO_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/upload_pipeline_demo}
+export PGOPTIONS="-c client_min_messages=warning"
+api=${DEMO_API:-127.0.0.1:8080}
+metrics=${DEMO_METRICS:-127.0.0.1:9464}
+user=00000000-0000-4000-8000-000000000001
 logs=$root/target/demo
 mkdir -p "$logs"
 
-# Start from an empty demo namespace (an earlier demo may have been interrupted).
-redis-cli -h 127.0.0.1 --scan --pattern "$prefix:*" | xargs -r redis-cli -h 127.0.0.1 del >/dev/null
+echo "== fresh demo database and queues"
+psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS upload_pipeline_demo WITH (FORCE)"
+redis-cli -h 127.0.0.1 --scan --pattern "$UPLOAD_PIPELINE__QUEUE__KEY_PREFIX:*" | xargs -r redis-cli -h 127.0.0.1 del >/dev/null
+"$bin/producer" migrate
 
 pids=()
-stop_workers() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap stop_workers EXIT
-for i in 1 2; do
-  "$bin/worker" --metrics-addr "127.0.0.1:$((9463 + i))" >"$logs/worker-$i.log" 2>&1 &
-  pids+=($!)
+stop_fleet() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+trap stop_fleet EXIT
+"$bin/producer" serve --listen "$api" >"$logs/producer.log" 2>&1 &
+pids+=($!)
+"$bin/worker" --stages parse,chunk,embed --metrics-addr "$metrics" >"$logs/worker.log" 2>&1 &
+pids+=($!)
+for url in "http://$api/healthz" "http://$metrics/healthz"; do
+  for _ in $(seq 150); do curl -fs "$url" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs "$url" >/dev/null || { echo "the fleet did not start; see $logs/"; exit 1; }
 done
-for i in 1 2; do
-  for _ in $(seq 100); do
-    curl -fs "http://127.0.0.1:$((9463 + i))/healthz" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  curl -fs "http://127.0.0.1:$((9463 + i))/healthz" >/dev/null || { echo "worker $i did not start; see $logs/worker-$i.log"; exit 1; }
-done
-echo "== two workers up (logs in target/demo/), each running the parse, chunk and embed stages"
+echo "== producer on $api and a worker running parse, chunk and embed (logs in target/demo/)"
 echo
-echo "== 20,000 jobs on the parse queue: 2% fail once and are retried with backoff, 0.1% fail for good"
-"$bin/producer" synthetic --stage parse --jobs 20000 --fail-percent 2 --dead-percent 0.1 --wait
+echo "== upload the sample corpus (tests/fixtures/corpus) and wait until it is searchable"
+"$bin/producer" upload "$root/tests/fixtures/corpus" --user "$user" --api "http://$api" --wait
 echo
-echo "== 640 jobs on the embed queue that each work 50 ms (16 slots per worker)"
-"$bin/producer" synthetic --stage embed --jobs 640 --work-ms 50 --wait
+echo '== search: "what causes spring tides?"'
+"$bin/producer" search "what causes spring tides and neap tides" -k 3 --user "$user" --api "http://$api"
 echo
-echo "== queue state"
-"$bin/producer" queues
+echo '== search: "how do bees keep the hive warm in winter?"'
+"$bin/producer" search "how do worker bees keep the cluster warm in winter" -k 3 --user "$user" --api "http://$api"
 echo
-echo "== the newest dead letter of parse"
-"$bin/producer" dlq list --stage parse --limit 1
-echo
-echo "== what the workers counted (from their /metrics)"
-for i in 1 2; do
-  curl -fs "http://127.0.0.1:$((9463 + i))/metrics" | grep -E '^upload_pipeline_queue_jobs_total' | sed "s/^/worker $i: /"
-done
-echo
-echo "== SIGTERM: the workers drain and exit"
+echo "== stop the fleet (SIGTERM: drain and exit)"
 trap - EXIT
-stop_workers
-for i in "${!pids[@]}"; do
-  if wait "${pids[$i]}"; then echo "worker $((i + 1)) exited 0"; else echo "worker $((i + 1)) exited $?"; exit 1; fi
-done
+stop_fleet
+for p in "${pids[@]}"; do wait "$p"; done
+echo "fleet stopped"

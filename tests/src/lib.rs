@@ -24,11 +24,7 @@ pub fn redis_url() -> String {
 
 /// A key prefix no other test (or earlier run) uses.
 pub fn unique_prefix(test: &str) -> String {
-    format!(
-        "test-{test}-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
+    format!("test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
 /// Settings for a test: its own key prefix and timings short enough for a test, on `redis_url`.
@@ -90,10 +86,7 @@ pub async fn wait_for_stats(
 /// The log lines synthetic jobs with `record: true` wrote for `queue`.
 pub async fn synthetic_log(settings: &Settings, queue: &str) -> Vec<LogLine> {
     let client = redis::Client::open(settings.redis_url.expose()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
     let lines: Vec<String> = redis::cmd("LRANGE")
         .arg(SyntheticContext::log_key(&settings.queue.key_prefix, queue))
         .arg(0)
@@ -180,10 +173,7 @@ impl RedisServer {
             || async {
                 let client = redis::Client::open(url.as_str()).ok()?;
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
+                redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
             },
         )
         .await;
@@ -200,10 +190,7 @@ impl RedisServer {
     /// `INFO memory` `used_memory`, in bytes.
     pub async fn used_memory(&self) -> u64 {
         let client = redis::Client::open(self.url()).expect("url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
         let info: String = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut conn)
@@ -258,57 +245,72 @@ impl WorkerProcess {
     /// Starts `worker --stages <stages>` with `settings` passed through the environment.
     pub fn start(settings: &Settings, stages: &str) -> Self {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let log_path = std::env::temp_dir().join(format!(
-            "{}-{}.log",
-            settings.queue.key_prefix,
-            rand::random::<u32>()
-        ));
+        let log_path =
+            std::env::temp_dir().join(format!("{}-{}.log", settings.queue.key_prefix, rand::random::<u32>()));
         let log = std::fs::File::create(&log_path).expect("worker log file");
         let q = &settings.queue;
         let w = &settings.worker;
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let provider = serde_json::to_value(settings.embedding.provider)
+            .expect("provider")
+            .as_str()
+            .unwrap_or("hashing")
+            .to_owned();
+        let env: Vec<(&str, String)> = vec![
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
+            ("REDIS_URL", settings.redis_url.expose().to_owned()),
+            ("DATABASE_URL", settings.database_url.expose().to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+            ("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", q.key_prefix.clone()),
+            ("UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER", ms(q.reclaim_after)),
+            ("UPLOAD_PIPELINE__QUEUE__BLOCK_TIMEOUT", ms(q.block_timeout)),
+            ("UPLOAD_PIPELINE__QUEUE__RETRY_BASE", ms(q.retry_base)),
+            ("UPLOAD_PIPELINE__QUEUE__RETRY_MAX", ms(q.retry_max)),
+            ("UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES", q.max_deliveries.to_string()),
+            ("UPLOAD_PIPELINE__WORKER__SHUTDOWN_GRACE", ms(w.shutdown_grace)),
+            (
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__PARSE",
+                w.concurrency.parse.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__CHUNK",
+                w.concurrency.chunk.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__EMBED",
+                w.concurrency.embed.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__SYNTHETIC",
+                w.concurrency.synthetic.to_string(),
+            ),
+            ("UPLOAD_PIPELINE__EMBEDDING__PROVIDER", provider),
+            ("UPLOAD_PIPELINE__EMBEDDING__MODEL", settings.embedding.model.clone()),
+            (
+                "UPLOAD_PIPELINE__EMBEDDING__DIMENSIONS",
+                settings.embedding.dimensions.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__EMBEDDING__BASE_URL",
+                settings.embedding.base_url.clone(),
+            ),
+            (
+                "UPLOAD_PIPELINE__EMBEDDING__BATCH_SIZE",
+                settings.embedding.batch_size.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__CHUNKING__MAX_TOKENS",
+                settings.chunking.max_tokens.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__CHUNKING__OVERLAP_TOKENS",
+                settings.chunking.overlap_tokens.to_string(),
+            ),
+        ];
         let child = Command::new(worker_bin())
             .args(["--stages", stages, "--metrics-addr", &metrics_addr])
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("REDIS_URL", settings.redis_url.expose())
-            .env("RUST_LOG", "info")
-            .env("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", &q.key_prefix)
-            .env(
-                "UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER",
-                format!("{}ms", q.reclaim_after.as_millis()),
-            )
-            .env(
-                "UPLOAD_PIPELINE__QUEUE__BLOCK_TIMEOUT",
-                format!("{}ms", q.block_timeout.as_millis()),
-            )
-            .env(
-                "UPLOAD_PIPELINE__QUEUE__RETRY_BASE",
-                format!("{}ms", q.retry_base.as_millis()),
-            )
-            .env(
-                "UPLOAD_PIPELINE__QUEUE__RETRY_MAX",
-                format!("{}ms", q.retry_max.as_millis()),
-            )
-            .env(
-                "UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES",
-                q.max_deliveries.to_string(),
-            )
-            .env(
-                "UPLOAD_PIPELINE__WORKER__SHUTDOWN_GRACE",
-                format!("{}ms", w.shutdown_grace.as_millis()),
-            )
-            .env(
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__PARSE",
-                w.concurrency.parse.to_string(),
-            )
-            .env(
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__CHUNK",
-                w.concurrency.chunk.to_string(),
-            )
-            .env(
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__EMBED",
-                w.concurrency.embed.to_string(),
-            )
+            .envs(env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -357,9 +359,7 @@ impl WorkerProcess {
     /// Fetches `path` from its health/metrics server; `None` while it does not answer.
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr)
-            .await
-            .ok()?;
+        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr).await.ok()?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
             self.metrics_addr
@@ -380,11 +380,7 @@ impl WorkerProcess {
         wait_for(
             "the worker's /healthz to answer 200",
             Duration::from_secs(30),
-            || async {
-                self.http_get("/healthz")
-                    .await
-                    .filter(|(code, _)| *code == 200)
-            },
+            || async { self.http_get("/healthz").await.filter(|(code, _)| *code == 200) },
         )
         .await;
     }
@@ -400,9 +396,7 @@ impl WorkerProcess {
 pub fn sum_metric(body: &str, name: &str, filters: &[&str]) -> f64 {
     body.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
-        })
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
         .filter(|l| filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -415,11 +409,186 @@ impl Drop for WorkerProcess {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
-            eprintln!(
-                "worker {} logs kept at {}",
-                self.child.id(),
-                self.log_path.display()
-            );
+            eprintln!("worker {} logs kept at {}", self.child.id(), self.log_path.display());
         }
+    }
+}
+
+/// A database of the test's own, migrated; dropped by [`TestDb::drop_db`].
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+    /// A superuser pool (bypasses row-level security), for checks behind the API's back.
+    pub admin: sqlx::PgPool,
+}
+
+/// The PostgreSQL server the tests use (`TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432`).
+pub fn pg_server() -> String {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+impl TestDb {
+    /// Creates and migrates a fresh database and points `settings` at it.
+    pub async fn create(settings: &mut Settings) -> Self {
+        let name = format!("up_test_{:016x}", rand::random::<u64>());
+        settings.database_url = RedisUrl(format!("{}/{name}", pg_server()));
+        let admin = upload_pipeline::db::migrate(settings)
+            .await
+            .expect("create and migrate the test database");
+        Self { name, admin }
+    }
+
+    /// Drops the database (call at the end of a test).
+    pub async fn drop_db(self) {
+        self.admin.close().await;
+        if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&pool)
+                .await;
+        }
+    }
+}
+
+/// The producer API of a test, served in-process with its reconciler.
+pub struct Api {
+    /// Its base URL.
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Api {
+    /// Serves the API with `settings` on a free port and waits until it answers.
+    pub async fn start(settings: &Settings) -> Self {
+        let mut s = settings.clone();
+        s.api.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let url = format!("http://{}", s.api.listen);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            upload_pipeline::api::run_server(std::sync::Arc::new(s), None, shutdown)
+                .await
+                .expect("the API runs");
+        });
+        let http = reqwest::Client::new();
+        wait_for("the API to answer", Duration::from_secs(30), || {
+            let (http, url) = (&http, &url);
+            async move {
+                http.get(format!("{url}/healthz"))
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            }
+        })
+        .await;
+        Self {
+            url,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A typed client acting as `user`.
+    pub fn client(&self, settings: &Settings, user: uuid::Uuid) -> upload_pipeline::client::Client {
+        let token = self.token(settings, user);
+        upload_pipeline::client::Client::new(&self.url, &token).expect("client")
+    }
+
+    /// A token for `user`.
+    pub fn token(&self, settings: &Settings, user: uuid::Uuid) -> String {
+        upload_pipeline::auth::Auth::hs256(settings.api.jwt_secret.expose()).issue(
+            user,
+            Duration::from_secs(3600),
+            false,
+        )
+    }
+
+    /// Stops the server and its reconciler.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Waits until every document is `ready` (or any is `failed`, which panics); returns them.
+pub async fn wait_ready(
+    client: &upload_pipeline::client::Client,
+    ids: &[uuid::Uuid],
+    timeout: Duration,
+) -> Vec<upload_pipeline::documents::Document> {
+    wait_for("documents to become ready", timeout, || async {
+        let mut docs = Vec::new();
+        for id in ids {
+            let doc = client.status(*id).await.ok()?;
+            assert_ne!(doc.status, "failed", "document {id} failed: {:?}", doc.error);
+            docs.push(doc);
+        }
+        docs.iter().all(|d| d.status == "ready").then_some(docs)
+    })
+    .await
+}
+
+/// A fake OpenAI embeddings server (`POST /v1/embeddings`, the real protocol) answering with the hashing
+/// embedder's vectors after `latency`, counting requests.
+pub struct FakeOpenAi {
+    /// Base URL to configure as `embedding.base_url`.
+    pub base_url: String,
+    /// Requests answered.
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeOpenAi {
+    /// Starts it on a free port.
+    pub async fn start(dimensions: usize, latency: Duration) -> Self {
+        use axum::{Json, Router, routing::post};
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = requests.clone();
+        let embedder = upload_pipeline::providers::hashing::HashingEmbedder::new("fake", dimensions);
+        let app = Router::new().route(
+            "/v1/embeddings",
+            post(move |Json(body): Json<serde_json::Value>| {
+                let (embedder, counter) = (embedder.clone(), counter.clone());
+                async move {
+                    tokio::time::sleep(latency).await;
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let inputs: Vec<String> = match &body["input"] {
+                        serde_json::Value::String(s) => vec![s.clone()],
+                        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                        _ => Vec::new(),
+                    };
+                    let data: Vec<serde_json::Value> = inputs
+                        .iter()
+                        .enumerate()
+                        .rev() // out of order on purpose: clients must sort by index
+                        .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": embedder.vector(t)}))
+                        .collect();
+                    Json(serde_json::json!({"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base_url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            base_url,
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for FakeOpenAi {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

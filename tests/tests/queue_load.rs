@@ -26,23 +26,20 @@ fn no_ops() -> Vec<SyntheticJob> {
 async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut s = settings(&unique_prefix("burst"), &tests::redis_url());
-    s.worker.concurrency.parse = 50;
-    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
+    s.worker.concurrency.synthetic = 50;
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     let workers = [
-        WorkerProcess::start(&s, "parse"),
-        WorkerProcess::start(&s, "parse"),
+        WorkerProcess::start(&s, "synthetic"),
+        WorkerProcess::start(&s, "synthetic"),
     ];
     for w in &workers {
         w.wait_healthy().await;
     }
     queue.push_many(&no_ops()).await.unwrap();
 
-    let stats = wait_for_stats(
-        &queue,
-        "the burst to drain",
-        Duration::from_secs(300),
-        |st| st.pending + st.in_flight + st.delayed == 0,
-    )
+    let stats = wait_for_stats(&queue, "the burst to drain", Duration::from_secs(300), |st| {
+        st.pending + st.in_flight + st.delayed == 0
+    })
     .await;
     assert_eq!(stats.dead, 0, "{stats:?}");
     let mut done = 0.0;
@@ -57,11 +54,7 @@ async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() 
                 .await,
             0.0
         );
-        assert_eq!(
-            w.metric("upload_pipeline_queue_redis_errors_total", &[])
-                .await,
-            0.0
-        );
+        assert_eq!(w.metric("upload_pipeline_queue_redis_errors_total", &[]).await, 0.0);
         let logs = w.logs();
         assert!(
             !logs.contains("ERROR") && !logs.contains("WorkerError"),
@@ -78,20 +71,17 @@ async fn e_redis_memory_returns_to_its_baseline_after_100k_completed_jobs() {
     let _one = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let mut s = settings(&unique_prefix("memory"), &redis.url());
-    s.worker.concurrency.parse = 50;
-    let queue: Queue<SyntheticJob> = broker(&s).await.queue("parse").unwrap();
-    let worker = WorkerProcess::start(&s, "parse");
+    s.worker.concurrency.synthetic = 50;
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
+    let worker = WorkerProcess::start(&s, "synthetic");
     worker.wait_healthy().await;
     let baseline = redis.used_memory().await;
 
     queue.push_many(&no_ops()).await.unwrap();
     let peak = redis.used_memory().await;
-    wait_for_stats(
-        &queue,
-        "the jobs to complete",
-        Duration::from_secs(300),
-        |st| st.pending + st.in_flight + st.delayed == 0,
-    )
+    wait_for_stats(&queue, "the jobs to complete", Duration::from_secs(300), |st| {
+        st.pending + st.in_flight + st.delayed == 0
+    })
     .await;
     assert_eq!(
         worker

@@ -78,9 +78,7 @@ impl JobError {
 
     /// A failure no retry can fix.
     pub fn permanent(source: impl Into<BoxDynError>) -> Self {
-        Self::Permanent {
-            source: source.into(),
-        }
+        Self::Permanent { source: source.into() }
     }
 }
 
@@ -88,10 +86,7 @@ impl JobError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
     /// Try again, after the given delay or the backoff.
-    Retry {
-        error: String,
-        after: Option<Duration>,
-    },
+    Retry { error: String, after: Option<Duration> },
     /// Dead-letter now.
     Permanent { error: String },
 }
@@ -111,9 +106,7 @@ impl Failure {
             };
         }
         if let Some(e) = err.downcast_ref::<AbortError>() {
-            return Self::Permanent {
-                error: e.to_string(),
-            };
+            return Self::Permanent { error: e.to_string() };
         }
         if let Some(e) = err.downcast_ref::<RetryAfterError>() {
             return Self::Retry {
@@ -155,12 +148,8 @@ mod tests {
             }
         );
         let abort: BoxDynError = Box::new(AbortError::new("no"));
-        assert!(matches!(
-            Failure::classify(&abort),
-            Failure::Permanent { .. }
-        ));
-        let later: BoxDynError =
-            Box::new(RetryAfterError::new("busy", Duration::from_millis(1500)));
+        assert!(matches!(Failure::classify(&abort), Failure::Permanent { .. }));
+        let later: BoxDynError = Box::new(RetryAfterError::new("busy", Duration::from_millis(1500)));
         assert_eq!(Failure::classify(&later).message(), "RetryError: busy");
         assert!(
             matches!(Failure::classify(&later), Failure::Retry { after: Some(d), .. } if d == Duration::from_millis(1500))
