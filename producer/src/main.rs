@@ -37,7 +37,11 @@ struct Args {
 #[derive(Debug, clap::Args)]
 struct ApiArgs {
     /// The producer API.
-    #[arg(long, env = "UPLOAD_PIPELINE_API", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "UPLOAD_PIPELINE_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
     api: String,
     /// A bearer token.
     #[arg(long, env = "UPLOAD_PIPELINE_TOKEN", conflicts_with = "user")]
@@ -51,9 +55,11 @@ impl ApiArgs {
     fn client(&self, settings: &Settings) -> anyhow::Result<Client> {
         let token = match (&self.token, self.user) {
             (Some(t), _) => t.clone(),
-            (None, Some(user)) => {
-                Auth::hs256(settings.api.jwt_secret.expose()).issue(user, Duration::from_secs(3600), false)
-            }
+            (None, Some(user)) => Auth::hs256(settings.api.jwt_secret.expose()).issue(
+                user,
+                Duration::from_secs(3600),
+                false,
+            ),
             (None, None) => bail!("give --token (or UPLOAD_PIPELINE_TOKEN) or --user"),
         };
         Ok(Client::new(&self.api, &token)?)
@@ -240,7 +246,11 @@ async fn main() -> anyhow::Result<()> {
                 found.embedding_model
             );
             for (i, hit) in found.results.iter().enumerate() {
-                let page = hit.metadata.get("page").map(|p| format!(" p.{p}")).unwrap_or_default();
+                let page = hit
+                    .metadata
+                    .get("page")
+                    .map(|p| format!(" p.{p}"))
+                    .unwrap_or_default();
                 let text: String = hit.content.split_whitespace().collect::<Vec<_>>().join(" ");
                 let text: String = text.chars().take(220).collect();
                 println!(
@@ -289,7 +299,12 @@ async fn main() -> anyhow::Result<()> {
                 fail_percent,
                 dead_percent,
             };
-            synthetic(&broker, spec, wait.then_some(Duration::from_secs(timeout_secs))).await
+            synthetic(
+                &broker,
+                spec,
+                wait.then_some(Duration::from_secs(timeout_secs)),
+            )
+            .await
         }
     }
 }
@@ -307,7 +322,12 @@ async fn queues(broker: &Broker, json: bool) -> anyhow::Result<()> {
     if json {
         let map: serde_json::Map<String, serde_json::Value> = rows
             .iter()
-            .map(|(s, st)| (s.to_string(), serde_json::to_value(st).expect("stats serialise")))
+            .map(|(s, st)| {
+                (
+                    s.to_string(),
+                    serde_json::to_value(st).expect("stats serialise"),
+                )
+            })
             .collect();
         println!("{}", serde_json::Value::Object(map));
         return Ok(());
@@ -418,7 +438,10 @@ async fn synthetic(broker: &Broker, spec: Batch, wait: Option<Duration>) -> anyh
         })
         .collect();
     let started = Instant::now();
-    queue.push_many(&jobs).await.context("Failed to push the jobs")?;
+    queue
+        .push_many(&jobs)
+        .await
+        .context("Failed to push the jobs")?;
     println!(
         "pushed {} synthetic jobs to {} in {:.0} ms",
         spec.jobs,
@@ -429,8 +452,10 @@ async fn synthetic(broker: &Broker, spec: Batch, wait: Option<Duration>) -> anyh
 
     let bar = ProgressBar::new(spec.jobs);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} jobs settled  {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} jobs settled  {msg}",
+        )
+        .expect("valid template"),
     );
     // Without a terminal (CI, logs) the bar is hidden; print a line a second instead.
     let plain = !std::io::stderr().is_terminal();
@@ -539,8 +564,10 @@ async fn upload(client: &Client, paths: &[PathBuf], wait: bool) -> anyhow::Resul
     if wait && !ids.is_empty() {
         let bar = ProgressBar::new(ids.len() as u64);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} documents settled  {msg}")
-                .expect("template"),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} documents settled  {msg}",
+            )
+            .expect("template"),
         );
         let started = Instant::now();
         loop {

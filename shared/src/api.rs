@@ -100,7 +100,11 @@ impl From<DbError> for ApiError {
             )
         } else {
             tracing::error!(error = %e, "Database error");
-            Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
         }
     }
 }
@@ -113,9 +117,11 @@ impl From<JsonRejection> for ApiError {
                 "unsupported_media_type",
                 "send Content-Type: application/json",
             ),
-            JsonRejection::JsonDataError(e) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.body_text())
-            }
+            JsonRejection::JsonDataError(e) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.body_text(),
+            ),
             other => Self::new(StatusCode::BAD_REQUEST, "invalid_json", other.body_text()),
         }
     }
@@ -229,7 +235,10 @@ async fn upload(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            format!("send multipart/form-data with a `file` field: {}", e.body_text()),
+            format!(
+                "send multipart/form-data with a `file` field: {}",
+                e.body_text()
+            ),
         )
     })?;
     let idempotency_key = match headers.get("idempotency-key") {
@@ -254,12 +263,18 @@ async fn upload(
     };
     let mut file: Option<(String, Vec<u8>)> = None;
     let mut metadata = serde_json::json!({});
-    while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
         match field.name() {
             Some("file") => {
                 let name = sanitize_filename(field.file_name().unwrap_or("upload"));
                 let mut bytes = Vec::new();
-                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+                while let Some(chunk) =
+                    field.chunk().await.map_err(|e| multipart_error(e, limit))?
+                {
                     if (bytes.len() + chunk.len()) as u64 > limit {
                         return Err(ApiError::new(
                             StatusCode::PAYLOAD_TOO_LARGE,
@@ -273,7 +288,9 @@ async fn upload(
             }
             Some("metadata") => {
                 let mut raw = Vec::new();
-                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+                while let Some(chunk) =
+                    field.chunk().await.map_err(|e| multipart_error(e, limit))?
+                {
                     raw.extend_from_slice(&chunk);
                     if raw.len() > 64 * 1024 {
                         return Err(ApiError::new(
@@ -294,7 +311,14 @@ async fn upload(
                         )
                     })?;
             }
-            _ => while field.chunk().await.map_err(|e| multipart_error(e, limit))?.is_some() {},
+            _ => {
+                while field
+                    .chunk()
+                    .await
+                    .map_err(|e| multipart_error(e, limit))?
+                    .is_some()
+                {}
+            }
         }
     }
     let (filename, bytes) = file.ok_or_else(|| {
@@ -305,10 +329,22 @@ async fn upload(
         )
     })?;
     let kind = DocKind::detect(&filename, &bytes).map_err(|e| match e {
-        ParseError::Empty => ApiError::new(StatusCode::BAD_REQUEST, "empty_file", "the file is empty"),
-        ParseError::Unsupported(m) => ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m),
-        ParseError::InvalidText(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_text", m),
-        other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_document", other.to_string()),
+        ParseError::Empty => {
+            ApiError::new(StatusCode::BAD_REQUEST, "empty_file", "the file is empty")
+        }
+        ParseError::Unsupported(m) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            m,
+        ),
+        ParseError::InvalidText(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_text", m)
+        }
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_document",
+            other.to_string(),
+        ),
     })?;
     let up = NewUpload {
         user_id: user,
@@ -389,7 +425,9 @@ fn encode_cursor(c: (DateTime<Utc>, Uuid)) -> String {
 }
 
 fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()?;
     let (t, id) = std::str::from_utf8(&raw).ok()?.split_once('|')?;
     Some((
         DateTime::parse_from_rfc3339(t).ok()?.with_timezone(&Utc),
@@ -402,8 +440,16 @@ async fn list(
     Caller(user): Caller,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
-    const STATUSES: [&str; 6] = ["queued", "parsing", "chunking", "embedding", "ready", "failed"];
+    let Query(params) = params
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    const STATUSES: [&str; 6] = [
+        "queued",
+        "parsing",
+        "chunking",
+        "embedding",
+        "ready",
+        "failed",
+    ];
     if let Some(s) = &params.status
         && !STATUSES.contains(&s.as_str())
     {
@@ -423,13 +469,22 @@ async fn list(
     }
     let cursor = match &params.cursor {
         None => None,
-        Some(c) => Some(
-            decode_cursor(c)
-                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "invalid cursor"))?,
-        ),
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "invalid cursor")
+        })?),
     };
-    let (docs, next) = documents::list(&state.pipeline.pool, user, params.status.as_deref(), limit, cursor).await?;
-    Ok(Json(serde_json::json!({ "documents": docs, "next_cursor": next.map(encode_cursor) })).into_response())
+    let (docs, next) = documents::list(
+        &state.pipeline.pool,
+        user,
+        params.status.as_deref(),
+        limit,
+        cursor,
+    )
+    .await?;
+    Ok(
+        Json(serde_json::json!({ "documents": docs, "next_cursor": next.map(encode_cursor) }))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -476,7 +531,14 @@ async fn search(
             format!("the embedding provider is unavailable: {e}"),
         )
     })?;
-    let hits = documents::search(&state.pipeline.pool, user, embedder.model(), &vectors[0], req.k as u32).await?;
+    let hits = documents::search(
+        &state.pipeline.pool,
+        user,
+        embedder.model(),
+        &vectors[0],
+        req.k as u32,
+    )
+    .await?;
     let took = started.elapsed();
     metrics::histogram!(m::SEARCH_DURATION).record(took.as_secs_f64());
     Ok(Json(serde_json::json!({
@@ -517,7 +579,8 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 async fn render_metrics(State(state): State<ApiState>) -> Response {
     for stage in Stage::PIPELINE {
         if let Ok(queue) = state.broker.handle(stage.as_str())
-            && let Ok(Ok(stats)) = tokio::time::timeout(std::time::Duration::from_secs(2), queue.stats()).await
+            && let Ok(Ok(stats)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), queue.stats()).await
         {
             m::record_queue_stats(stage.as_str(), &stats);
         }
@@ -529,7 +592,12 @@ async fn render_metrics(State(state): State<ApiState>) -> Response {
             h.render(),
         )
             .into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "not_found", "metrics are not enabled").into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are not enabled",
+        )
+        .into_response(),
     }
 }
 
@@ -582,17 +650,27 @@ pub async fn run_server(
     metrics: Option<PrometheusHandle>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ServerResult<()> {
-    let pool = crate::db::migrate(&settings).await.map_err(ServerError::Db)?;
+    let pool = crate::db::migrate(&settings)
+        .await
+        .map_err(ServerError::Db)?;
     let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
         .await
         .map_err(ServerError::Queue)?;
-    let embedder = crate::providers::embedder(&settings.embedding).map_err(|e| ServerError::Setup(e.to_string()))?;
-    let pipeline = Pipeline::new(pool, &broker, embedder, settings.clone()).map_err(ServerError::Queue)?;
+    let embedder = crate::providers::embedder(&settings.embedding)
+        .map_err(|e| ServerError::Setup(e.to_string()))?;
+    let pipeline =
+        Pipeline::new(pool, &broker, embedder, settings.clone()).map_err(ServerError::Queue)?;
     let listener = tokio::net::TcpListener::bind(settings.api.listen)
         .await
-        .map_err(|e| ServerError::Setup(format!("cannot listen on {}: {e}", settings.api.listen)))?;
+        .map_err(|e| {
+            ServerError::Setup(format!("cannot listen on {}: {e}", settings.api.listen))
+        })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let identity = format!("producer-{}-{:04x}", std::process::id(), rand::random::<u16>());
+    let identity = format!(
+        "producer-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    );
     let mut rx = stop_rx.clone();
     let reconciler = tokio::spawn(crate::reconciler::run(
         pipeline.clone(),
@@ -603,7 +681,9 @@ pub async fn run_server(
         },
     ));
     if settings.api.jwt_secret.expose() == crate::settings::DEV_JWT_SECRET {
-        tracing::warn!("Using the built-in development JWT secret: set JWT_SECRET before exposing the API");
+        tracing::warn!(
+            "Using the built-in development JWT secret: set JWT_SECRET before exposing the API"
+        );
     }
     tracing::info!(listen = %settings.api.listen, "Producer API serving");
     let state = state(pipeline, broker, metrics);

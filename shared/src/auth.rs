@@ -85,14 +85,16 @@ impl Auth {
 
     /// Signs arbitrary claims (tests and tools that need unusual tokens).
     pub fn sign(&self, claims: &Claims) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding).expect("HS256 signing cannot fail")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 signing cannot fail")
     }
 
     /// Checks a token and returns its user.
     pub fn verify(&self, token: &str) -> Result<(Uuid, Claims), AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let user = Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError::Invalid("sub is not a UUID".into()))?;
+        let user = Uuid::parse_str(&data.claims.sub)
+            .map_err(|_| AuthError::Invalid("sub is not a UUID".into()))?;
         Ok((user, data.claims))
     }
 }
@@ -105,10 +107,13 @@ mod tests {
     fn tokens_round_trip_and_bad_ones_are_refused() {
         let auth = Auth::hs256("a-secret-of-sixteen-chars");
         let user = Uuid::new_v4();
-        let (got, claims) = auth.verify(&auth.issue(user, Duration::from_secs(60), true)).unwrap();
+        let (got, claims) = auth
+            .verify(&auth.issue(user, Duration::from_secs(60), true))
+            .unwrap();
         assert_eq!(got, user);
         assert!(claims.admin);
-        let forged = Auth::hs256("another-secret-entirely").issue(user, Duration::from_secs(60), false);
+        let forged =
+            Auth::hs256("another-secret-entirely").issue(user, Duration::from_secs(60), false);
         assert!(auth.verify(&forged).is_err());
         let expired = Claims {
             sub: user.to_string(),

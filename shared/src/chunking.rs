@@ -13,8 +13,9 @@ use crate::parsing::Section;
 
 /// The tokenizer chunks are measured with (OpenAI's embedding models use it).
 pub fn tokenizer() -> Arc<CoreBPE> {
-    static BPE: LazyLock<Arc<CoreBPE>> =
-        LazyLock::new(|| Arc::new(tiktoken_rs::cl100k_base().expect("the cl100k_base tables are compiled in")));
+    static BPE: LazyLock<Arc<CoreBPE>> = LazyLock::new(|| {
+        Arc::new(tiktoken_rs::cl100k_base().expect("the cl100k_base tables are compiled in"))
+    });
     BPE.clone()
 }
 
@@ -81,8 +82,7 @@ pub fn chunk(
             if content.is_empty() {
                 continue;
             }
-            let mut metadata =
-                serde_json::json!({ "headings": outline.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>() });
+            let mut metadata = serde_json::json!({ "headings": outline.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>() });
             if let Some(page) = section.page {
                 metadata["page"] = page.into();
             }
@@ -133,7 +133,11 @@ fn headings_with_offsets(markdown: &str) -> Vec<(usize, usize, String)> {
         } else if !in_fence {
             let level = trimmed.bytes().take_while(|&b| b == b'#').count();
             if (1..=6).contains(&level) && trimmed[level..].starts_with([' ', '\t']) {
-                let title = trimmed[level..].trim().trim_end_matches('#').trim().to_owned();
+                let title = trimmed[level..]
+                    .trim()
+                    .trim_end_matches('#')
+                    .trim()
+                    .to_owned();
                 if !title.is_empty() {
                     out.push((offset, level, title));
                 }
@@ -157,12 +161,18 @@ mod tests {
 
     #[test]
     fn chunks_stay_within_the_token_limit_and_overlap() {
-        let para = "The tide rises and falls twice a day because the moon pulls on the oceans. ".repeat(40);
+        let para = "The tide rises and falls twice a day because the moon pulls on the oceans. "
+            .repeat(40);
         let md = format!("# Tides\n\n{para}\n\n## Spring tides\n\n{para}");
         let chunks = chunk(&[section(None, &md)], 64, 16, 1000).unwrap();
         assert!(chunks.len() > 4, "{}", chunks.len());
         for c in &chunks {
-            assert!(c.token_count <= 64, "chunk {} has {} tokens", c.index, c.token_count);
+            assert!(
+                c.token_count <= 64,
+                "chunk {} has {} tokens",
+                c.index,
+                c.token_count
+            );
             assert_eq!(c.content_sha256.len(), 64);
         }
         assert_eq!(
@@ -170,7 +180,10 @@ mod tests {
             (0..chunks.len()).collect::<Vec<_>>()
         );
         let last = chunks.last().unwrap();
-        assert_eq!(last.metadata["headings"], serde_json::json!(["Tides", "Spring tides"]));
+        assert_eq!(
+            last.metadata["headings"],
+            serde_json::json!(["Tides", "Spring tides"])
+        );
         assert_eq!(chunks[0].metadata["headings"], serde_json::json!(["Tides"]));
     }
 
@@ -195,21 +208,29 @@ mod tests {
     #[test]
     fn a_chunk_opening_with_several_headings_gets_all_of_them() {
         let chunks = chunk(
-            &[section(None, "# A\n\n## B\n\nText under B.\n\n### C\n\nText under C.")],
+            &[section(
+                None,
+                "# A\n\n## B\n\nText under B.\n\n### C\n\nText under C.",
+            )],
             512,
             0,
             10,
         )
         .unwrap();
         assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0].metadata["headings"], serde_json::json!(["A", "B"]));
+        assert_eq!(
+            chunks[0].metadata["headings"],
+            serde_json::json!(["A", "B"])
+        );
     }
 
     #[test]
     fn headings_in_code_fences_are_not_headings() {
         let h = headings_with_offsets("# A\n```\n# not a heading\n```\n## B\n");
         assert_eq!(
-            h.iter().map(|(_, l, t)| (*l, t.as_str())).collect::<Vec<_>>(),
+            h.iter()
+                .map(|(_, l, t)| (*l, t.as_str()))
+                .collect::<Vec<_>>(),
             vec![(1, "A"), (2, "B")]
         );
     }

@@ -78,7 +78,9 @@ struct ErrorDetail {
 impl Client {
     /// A client of `base_url` (e.g. `http://127.0.0.1:8080`) sending `token`.
     pub fn new(base_url: &str, token: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
@@ -112,10 +114,12 @@ impl Client {
         path: &Path,
         metadata: Option<&serde_json::Value>,
     ) -> Result<Uploaded, ClientError> {
-        let bytes = tokio::fs::read(path).await.map_err(|source| ClientError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| ClientError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

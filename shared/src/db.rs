@@ -40,7 +40,10 @@ impl DbError {
                 )
             }
             Self::Sqlx(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_),
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_),
             ) => true,
             Self::Sqlx(_) | Self::Migrate(_) => false,
         }
@@ -77,12 +80,21 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
     let pool = connect(settings, 4).await?;
     // One migrator at a time across the fleet: the advisory lock serialises concurrent start-ups.
     MIGRATOR.run(&pool).await?;
-    register_model(&pool, &settings.embedding.model, settings.embedding.dimensions).await?;
+    register_model(
+        &pool,
+        &settings.embedding.model,
+        settings.embedding.dimensions,
+    )
+    .await?;
     Ok(pool)
 }
 
 /// Registers an embedding model and creates its HNSW index; returns the index name.
-pub async fn register_model(pool: &PgPool, model: &str, dimensions: u32) -> Result<String, DbError> {
+pub async fn register_model(
+    pool: &PgPool,
+    model: &str,
+    dimensions: u32,
+) -> Result<String, DbError> {
     Ok(
         sqlx::query_scalar("SELECT upload_pipeline.register_embedding_model($1, $2)")
             .bind(model)
@@ -93,7 +105,10 @@ pub async fn register_model(pool: &PgPool, model: &str, dimensions: u32) -> Resu
 }
 
 /// Begins a transaction that sees and changes only `user_id`'s rows.
-pub async fn begin_as(pool: &PgPool, user_id: Uuid) -> Result<Transaction<'static, Postgres>, DbError> {
+pub async fn begin_as(
+    pool: &PgPool,
+    user_id: Uuid,
+) -> Result<Transaction<'static, Postgres>, DbError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL ROLE upload_pipeline_app")
         .execute(&mut *tx)

@@ -63,11 +63,12 @@ pub async fn create(pool: &PgPool, up: &NewUpload) -> Result<UploadOutcome, Uplo
     for _ in 0..2 {
         let mut tx = db::begin_as(pool, up.user_id).await?;
         if let Some(key) = &up.idempotency_key {
-            let seen: Option<(Uuid, String)> =
-                sqlx::query_as("SELECT id, sha256 FROM upload_pipeline.documents WHERE idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let seen: Option<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, sha256 FROM upload_pipeline.documents WHERE idempotency_key = $1",
+            )
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some((id, seen_sha)) = seen {
                 return if seen_sha == sha256 {
                     Ok(UploadOutcome::Replayed(id))
@@ -76,10 +77,11 @@ pub async fn create(pool: &PgPool, up: &NewUpload) -> Result<UploadOutcome, Uplo
                 };
             }
         }
-        let dup: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM upload_pipeline.documents WHERE sha256 = $1")
-            .bind(&sha256)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let dup: Option<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM upload_pipeline.documents WHERE sha256 = $1")
+                .bind(&sha256)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some((id,)) = dup {
             return Ok(UploadOutcome::Duplicate(id));
         }
@@ -263,10 +265,20 @@ pub struct Hit {
 }
 
 /// The `k` chunks of the user's documents nearest to `query` (through `match_chunks`, so on the model's HNSW index).
-pub async fn search(pool: &PgPool, user: Uuid, model: &str, query: &[f32], k: u32) -> Result<Vec<Hit>, DbError> {
+pub async fn search(
+    pool: &PgPool,
+    user: Uuid,
+    model: &str,
+    query: &[f32],
+    k: u32,
+) -> Result<Vec<Hit>, DbError> {
     let literal = format!(
         "[{}]",
-        query.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+        query
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let mut tx = db::begin_as(pool, user).await?;
     let rows: Vec<(Uuid, i32, String, serde_json::Value, f64, String)> = sqlx::query_as(
@@ -282,13 +294,15 @@ pub async fn search(pool: &PgPool, user: Uuid, model: &str, query: &[f32], k: u3
     tx.commit().await?;
     Ok(rows
         .into_iter()
-        .map(|(document_id, chunk_index, content, metadata, score, filename)| Hit {
-            score,
-            document_id,
-            filename,
-            chunk_index,
-            content,
-            metadata,
-        })
+        .map(
+            |(document_id, chunk_index, content, metadata, score, filename)| Hit {
+                score,
+                document_id,
+                filename,
+                chunk_index,
+                content,
+                metadata,
+            },
+        )
         .collect())
 }

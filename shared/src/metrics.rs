@@ -34,7 +34,8 @@ pub const WORKER_RESTARTS: &str = "upload_pipeline_worker_restarts_total";
 /// Seconds since a stage's worker loop last went round, by stage.
 pub const WORKER_HEARTBEAT_AGE: &str = "upload_pipeline_worker_heartbeat_age_seconds";
 /// Upload-to-queryable time of documents that became ready (a bucket boundary at the 90 s target).
-pub const DOCUMENT_UPLOAD_TO_QUERYABLE: &str = "upload_pipeline_documents_upload_to_queryable_seconds";
+pub const DOCUMENT_UPLOAD_TO_QUERYABLE: &str =
+    "upload_pipeline_documents_upload_to_queryable_seconds";
 /// Documents that became ready.
 pub const DOCUMENTS_READY: &str = "upload_pipeline_documents_ready_total";
 /// Documents that failed, by stage.
@@ -52,7 +53,8 @@ pub const BUILD_INFO: &str = "upload_pipeline_build_info";
 
 /// Buckets of job run time and queue wait (seconds): sub-millisecond no-ops up to provider-bound minutes.
 pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0, 90.0, 180.0, 600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 3.0, 5.0, 10.0, 30.0, 60.0,
+    90.0, 180.0, 600.0,
 ];
 
 /// Registers help texts and units with the installed recorder.
@@ -63,7 +65,11 @@ pub fn describe() {
         "Jobs finished, by queue and outcome (success, retried, dead, released)."
     );
     describe_counter!(QUEUE_PUSHED, "Jobs pushed, by queue.");
-    describe_histogram!(QUEUE_JOB_DURATION, Unit::Seconds, "Handler run time, by queue.");
+    describe_histogram!(
+        QUEUE_JOB_DURATION,
+        Unit::Seconds,
+        "Handler run time, by queue."
+    );
     describe_histogram!(
         QUEUE_WAIT,
         Unit::Seconds,
@@ -82,15 +88,24 @@ pub fn describe() {
         "Failed Redis calls of the queue (each retried), by queue and operation."
     );
     describe_gauge!(QUEUE_PENDING, "Jobs waiting for a worker, by queue.");
-    describe_gauge!(QUEUE_IN_FLIGHT, "Jobs delivered and not yet acknowledged, by queue.");
-    describe_gauge!(QUEUE_DELAYED, "Failed attempts waiting for their retry time, by queue.");
+    describe_gauge!(
+        QUEUE_IN_FLIGHT,
+        "Jobs delivered and not yet acknowledged, by queue."
+    );
+    describe_gauge!(
+        QUEUE_DELAYED,
+        "Failed attempts waiting for their retry time, by queue."
+    );
     describe_gauge!(QUEUE_DEAD, "Dead letters, by queue.");
     describe_gauge!(
         QUEUE_OLDEST_AGE,
         Unit::Seconds,
         "Age of the oldest waiting job, by queue."
     );
-    describe_gauge!(WORKER_BUSY, "Job slots busy in this worker process, by stage.");
+    describe_gauge!(
+        WORKER_BUSY,
+        "Job slots busy in this worker process, by stage."
+    );
     describe_gauge!(WORKER_SLOTS, "Job slots of this worker process, by stage.");
     describe_counter!(
         WORKER_RESTARTS,
@@ -132,7 +147,8 @@ pub fn record_queue_stats(queue: &str, stats: &crate::queue::QueueStats) {
     metrics::gauge!(QUEUE_IN_FLIGHT, "queue" => q.clone()).set(stats.in_flight as f64);
     metrics::gauge!(QUEUE_DELAYED, "queue" => q.clone()).set(stats.delayed as f64);
     metrics::gauge!(QUEUE_DEAD, "queue" => q.clone()).set(stats.dead as f64);
-    metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q).set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+    metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => q)
+        .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
 }
 
 /// Records a document that became ready `seconds` after its upload.

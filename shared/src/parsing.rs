@@ -105,9 +105,15 @@ impl DocKind {
 
     /// The kind recorded under a MIME type.
     pub fn from_content_type(content_type: &str) -> Option<Self> {
-        [Self::Text, Self::Markdown, Self::Html, Self::Pdf, Self::Docx]
-            .into_iter()
-            .find(|k| k.content_type() == content_type)
+        [
+            Self::Text,
+            Self::Markdown,
+            Self::Html,
+            Self::Pdf,
+            Self::Docx,
+        ]
+        .into_iter()
+        .find(|k| k.content_type() == content_type)
     }
 }
 
@@ -130,7 +136,9 @@ pub enum ParseError {
     #[error("{0}")]
     TooLarge(String),
     /// The document holds no text (a scanned PDF without a text layer, an empty page).
-    #[error("no text found in the document (a scanned PDF needs OCR, which the local parser does not do)")]
+    #[error(
+        "no text found in the document (a scanned PDF needs OCR, which the local parser does not do)"
+    )]
     NoText,
 }
 
@@ -168,7 +176,10 @@ pub fn parse(kind: DocKind, bytes: &[u8], limits: Limits) -> Result<Vec<Section>
             limits.max_chars
         )));
     }
-    let sections: Vec<Section> = sections.into_iter().filter(|s| !s.markdown.trim().is_empty()).collect();
+    let sections: Vec<Section> = sections
+        .into_iter()
+        .filter(|s| !s.markdown.trim().is_empty())
+        .collect();
     if sections.is_empty() {
         return Err(ParseError::NoText);
     }
@@ -180,7 +191,8 @@ fn normalize(text: &str) -> String {
 }
 
 fn html_to_markdown(bytes: &[u8]) -> Result<String, ParseError> {
-    let html = std::str::from_utf8(bytes).map_err(|_| ParseError::InvalidText("the HTML is not valid UTF-8".into()))?;
+    let html = std::str::from_utf8(bytes)
+        .map_err(|_| ParseError::InvalidText("the HTML is not valid UTF-8".into()))?;
     let converter = htmd::HtmlToMarkdown::builder()
         .skip_tags(vec![
             "script", "style", "head", "noscript", "template", "iframe", "object", "svg",
@@ -192,8 +204,8 @@ fn html_to_markdown(bytes: &[u8]) -> Result<String, ParseError> {
 }
 
 fn pdf(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
-    let doc =
-        lopdf::Document::load_mem(bytes).map_err(|e| ParseError::Corrupt(format!("the PDF could not be read: {e}")))?;
+    let doc = lopdf::Document::load_mem(bytes)
+        .map_err(|e| ParseError::Corrupt(format!("the PDF could not be read: {e}")))?;
     let pages = doc.get_pages();
     if pages.len() > limits.max_pages {
         return Err(ParseError::TooLarge(format!(
@@ -205,9 +217,9 @@ fn pdf(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
     let mut sections = Vec::with_capacity(pages.len());
     let mut chars = 0;
     for &number in pages.keys() {
-        let text = doc
-            .extract_text(&[number])
-            .map_err(|e| ParseError::Corrupt(format!("page {number} of the PDF could not be read: {e}")))?;
+        let text = doc.extract_text(&[number]).map_err(|e| {
+            ParseError::Corrupt(format!("page {number} of the PDF could not be read: {e}"))
+        })?;
         chars += text.len();
         if chars > limits.max_chars {
             return Err(ParseError::TooLarge(format!(
@@ -270,9 +282,9 @@ fn docx(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
                 "tab" => paragraph.push('\t'),
                 "br" | "lastRenderedPageBreak" => {
                     let page_break = e.local_name().into_inner() == "lastRenderedPageBreak"
-                        || e.attributes()
-                            .flatten()
-                            .any(|a| a.key.local_name().into_inner() == "type" && a.value.as_ref() == "page");
+                        || e.attributes().flatten().any(|a| {
+                            a.key.local_name().into_inner() == "type" && a.value.as_ref() == "page"
+                        });
                     if page_break {
                         let next = sections.last().and_then(|s| s.page).unwrap_or(1) + 1;
                         if next as usize > limits.max_pages {
@@ -341,7 +353,12 @@ fn docx(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
     Ok(sections)
 }
 
-fn flush_paragraph(sections: &mut [Section], paragraph: &mut String, heading: Option<usize>, list_item: bool) {
+fn flush_paragraph(
+    sections: &mut [Section],
+    paragraph: &mut String,
+    heading: Option<usize>,
+    list_item: bool,
+) {
     let text = paragraph.trim();
     if !text.is_empty() {
         let out = &mut sections.last_mut().expect("at least one section").markdown;
@@ -366,9 +383,18 @@ mod tests {
     #[test]
     fn kinds_are_detected_and_bad_input_is_refused_before_storage() {
         assert_eq!(DocKind::detect("a.TXT", b"hello").unwrap(), DocKind::Text);
-        assert_eq!(DocKind::detect("notes.md", b"# hi").unwrap(), DocKind::Markdown);
-        assert_eq!(DocKind::detect("page.htm", b"<p>x</p>").unwrap(), DocKind::Html);
-        assert_eq!(DocKind::detect("noext", b"%PDF-1.4 ...").unwrap(), DocKind::Pdf);
+        assert_eq!(
+            DocKind::detect("notes.md", b"# hi").unwrap(),
+            DocKind::Markdown
+        );
+        assert_eq!(
+            DocKind::detect("page.htm", b"<p>x</p>").unwrap(),
+            DocKind::Html
+        );
+        assert_eq!(
+            DocKind::detect("noext", b"%PDF-1.4 ...").unwrap(),
+            DocKind::Pdf
+        );
         assert_eq!(DocKind::detect("empty.txt", b""), Err(ParseError::Empty));
         assert!(matches!(
             DocKind::detect("image.png", b"\x89PNG"),
@@ -409,7 +435,10 @@ mod tests {
 
     #[test]
     fn whitespace_only_documents_have_no_text() {
-        assert_eq!(parse(DocKind::Text, b"  \n\t ", LIMITS), Err(ParseError::NoText));
+        assert_eq!(
+            parse(DocKind::Text, b"  \n\t ", LIMITS),
+            Err(ParseError::NoText)
+        );
     }
 
     #[test]

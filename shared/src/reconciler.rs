@@ -14,8 +14,8 @@ const LEASE: &str = "local v = redis.call('GET', KEYS[1]) \
 /// One pass: pushes every stale stage again and touches it so the next push waits another deadline.
 /// Returns how many jobs were pushed.
 pub async fn reconcile_once(p: &Pipeline) -> Result<usize, crate::jobs::pipeline::StageError> {
-    let before =
-        chrono::Utc::now() - chrono::Duration::from_std(p.settings.pipeline.reconcile_after).unwrap_or_default();
+    let before = chrono::Utc::now()
+        - chrono::Duration::from_std(p.settings.pipeline.reconcile_after).unwrap_or_default();
     let stale: Vec<(Uuid, Uuid, String, String, i32)> =
         sqlx::query_as("SELECT document_id, user_id, stage, state, attempts FROM upload_pipeline.stale_jobs($1, 500)")
             .bind(before)
@@ -50,7 +50,12 @@ pub async fn reconcile_once(p: &Pipeline) -> Result<usize, crate::jobs::pipeline
 }
 
 /// Runs passes every `pipeline.reconcile_interval` while this process holds the lease, until `stop` resolves.
-pub async fn run(p: Pipeline, broker: Broker, identity: String, stop: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    p: Pipeline,
+    broker: Broker,
+    identity: String,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let interval = p.settings.pipeline.reconcile_interval;
     let key = format!("{}:reconciler:leader", p.settings.queue.key_prefix);
     let lease_ms = (interval * 3).max(Duration::from_secs(1)).as_millis() as u64;

@@ -141,7 +141,11 @@ fn process_identity() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".into());
-    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 impl Runtime {
@@ -177,7 +181,12 @@ impl Runtime {
     }
 
     /// Adds a stage: a worker that runs `handler` on jobs of queue `queue`, up to `concurrency` at once.
-    pub fn stage<T, H, Fut>(mut self, queue: &str, concurrency: usize, handler: H) -> Result<Self, RuntimeError>
+    pub fn stage<T, H, Fut>(
+        mut self,
+        queue: &str,
+        concurrency: usize,
+        handler: H,
+    ) -> Result<Self, RuntimeError>
     where
         T: DeserializeOwned + Send + Sync + 'static,
         H: Fn(T, Delivery) -> Fut + Send + Sync + 'static,
@@ -215,7 +224,11 @@ impl Runtime {
     /// Runs every stage until `shutdown` resolves, then drains: no new jobs are fetched, running ones get
     /// `shutdown_grace` to finish, and whatever is unfinished after that is given back to the queue at once.
     /// Serves `/healthz` and `/metrics` (rendered by `metrics`, when given) on `worker.metrics_addr`.
-    pub async fn run<S>(self, metrics: Option<PrometheusHandle>, shutdown: S) -> Result<(), RuntimeError>
+    pub async fn run<S>(
+        self,
+        metrics: Option<PrometheusHandle>,
+        shutdown: S,
+    ) -> Result<(), RuntimeError>
     where
         S: Future<Output = std::io::Result<()>> + Send,
     {
@@ -277,7 +290,9 @@ impl Runtime {
         tracing::info!(released, "Worker stopped");
         match result {
             Ok(()) => Ok(()),
-            Err(apalis_core::monitor::MonitorError::ShutdownSignal(e)) => Err(RuntimeError::Signal(e)),
+            Err(apalis_core::monitor::MonitorError::ShutdownSignal(e)) => {
+                Err(RuntimeError::Signal(e))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "Stage workers ended with errors");
                 Ok(())
@@ -339,7 +354,8 @@ async fn render_metrics(State(http): State<Http>) -> impl IntoResponse {
         metrics::gauge!(m::WORKER_SLOTS, "stage" => name.clone()).set(slots as f64);
         if let Some(c) = current {
             metrics::gauge!(m::WORKER_BUSY, "stage" => name.clone()).set(c.busy() as f64);
-            metrics::gauge!(m::WORKER_HEARTBEAT_AGE, "stage" => name.clone()).set(c.heartbeat_age().as_secs_f64());
+            metrics::gauge!(m::WORKER_HEARTBEAT_AGE, "stage" => name.clone())
+                .set(c.heartbeat_age().as_secs_f64());
         }
         match tokio::time::timeout(Duration::from_secs(2), queue.stats()).await {
             Ok(Ok(stats)) => m::record_queue_stats(&name, &stats),
@@ -356,7 +372,11 @@ async fn render_metrics(State(http): State<Http>) -> impl IntoResponse {
             handle.render(),
         )
             .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled in this process\n").into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process\n",
+        )
+            .into_response(),
     }
 }
 
@@ -388,8 +408,7 @@ where
                 ))
             });
         };
-        let span =
-            tracing::info_span!("job", queue = %delivery.queue, job.id = %delivery.job_id, attempt = delivery.attempt);
+        let span = tracing::info_span!("job", queue = %delivery.queue, job.id = %delivery.job_id, attempt = delivery.attempt);
         let fut = (self.handler)(task.args, delivery);
         Box::pin(fut.instrument(span))
     }

@@ -280,7 +280,10 @@ impl QueueSettings {
     /// `retry_max`, of which a random half is kept ("equal jitter"), so retries of a burst spread out.
     pub fn backoff(&self, failed_attempt: u32) -> Duration {
         let exp = failed_attempt.saturating_sub(1).min(30);
-        let full = self.retry_base.saturating_mul(1u32 << exp).min(self.retry_max);
+        let full = self
+            .retry_base
+            .saturating_mul(1u32 << exp)
+            .min(self.retry_max);
         let half = full / 2;
         half + half.mul_f64(rand::random::<f64>())
     }
@@ -377,12 +380,32 @@ impl Settings {
             fig = fig.merge(Toml::file(file));
         }
         let fig = fig
-            .merge(Env::prefixed("UPLOAD_PIPELINE__").split("__").lowercase(true))
+            .merge(
+                Env::prefixed("UPLOAD_PIPELINE__")
+                    .split("__")
+                    .lowercase(true),
+            )
             .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis_url".into()))
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database_url".into()))
-            .merge(Env::raw().only(&["JWT_SECRET"]).map(|_| "api.jwt_secret".into()))
-            .merge(Env::raw().only(&["OPENAI_API_KEY"]).map(|_| "embedding.api_key".into()))
-            .merge(Env::raw().only(&["LOG_FORMAT"]).map(|_| "log.format".into()))
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database_url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["JWT_SECRET"])
+                    .map(|_| "api.jwt_secret".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["OPENAI_API_KEY"])
+                    .map(|_| "embedding.api_key".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["LOG_FORMAT"])
+                    .map(|_| "log.format".into()),
+            )
             .merge(Env::raw().only(&["RUST_LOG"]).map(|_| "log.filter".into()));
         let settings: Settings = fig.extract().map_err(Box::new)?;
         settings.validate()?;
@@ -410,7 +433,10 @@ impl Settings {
         }
         let db = self.database_url.expose();
         if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
-            return invalid("database_url", "must start with postgres:// or postgresql://");
+            return invalid(
+                "database_url",
+                "must start with postgres:// or postgresql://",
+            );
         }
         if self.api.jwt_secret.expose().len() < 16 {
             return invalid("api.jwt_secret", "must be at least 16 characters");
@@ -445,23 +471,32 @@ impl Settings {
             );
         }
         let q = &self.queue;
-        if q.key_prefix.is_empty() || q.key_prefix.len() > 100 || q.key_prefix.contains(['{', '}', ' ']) {
+        if q.key_prefix.is_empty()
+            || q.key_prefix.len() > 100
+            || q.key_prefix.contains(['{', '}', ' '])
+        {
             return invalid(
                 "queue.key_prefix",
                 "must be 1 to 100 characters without spaces or braces",
             );
         }
-        if q.reclaim_after < Duration::from_millis(200) || q.reclaim_after > Duration::from_secs(24 * 3600) {
+        if q.reclaim_after < Duration::from_millis(200)
+            || q.reclaim_after > Duration::from_secs(24 * 3600)
+        {
             return invalid("queue.reclaim_after", "must be between 200ms and 24h");
         }
         if !(1..=1000).contains(&q.max_deliveries) {
             return invalid("queue.max_deliveries", "must be between 1 and 1000");
         }
-        if q.block_timeout < Duration::from_millis(10) || q.block_timeout > Duration::from_secs(60) {
+        if q.block_timeout < Duration::from_millis(10) || q.block_timeout > Duration::from_secs(60)
+        {
             return invalid("queue.block_timeout", "must be between 10ms and 60s");
         }
         if q.retry_base.is_zero() || q.retry_base > q.retry_max {
-            return invalid("queue.retry_base", "must be above zero and at most queue.retry_max");
+            return invalid(
+                "queue.retry_base",
+                "must be above zero and at most queue.retry_max",
+            );
         }
         if q.dead_letter_max == 0 {
             return invalid("queue.dead_letter_max", "must be at least 1");

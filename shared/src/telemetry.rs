@@ -29,7 +29,9 @@ pub fn init_logging(settings: &LogSettings) -> Result<(), TelemetryError> {
     })?;
     let registry = tracing_subscriber::registry().with(filter);
     let res = match settings.format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .try_init(),
@@ -40,7 +42,10 @@ pub fn init_logging(settings: &LogSettings) -> Result<(), TelemetryError> {
 /// Installs the Prometheus recorder with explicit histogram buckets (never summaries) and describes every metric.
 pub fn init_metrics() -> Result<PrometheusHandle, TelemetryError> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), crate::metrics::DURATION_BUCKETS)
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            crate::metrics::DURATION_BUCKETS,
+        )
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?
         .install_recorder()
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;

@@ -24,7 +24,11 @@ pub fn redis_url() -> String {
 
 /// A key prefix no other test (or earlier run) uses.
 pub fn unique_prefix(test: &str) -> String {
-    format!("test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "test-{test}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Settings for a test: its own key prefix and timings short enough for a test, on `redis_url`.
@@ -86,7 +90,10 @@ pub async fn wait_for_stats(
 /// The log lines synthetic jobs with `record: true` wrote for `queue`.
 pub async fn synthetic_log(settings: &Settings, queue: &str) -> Vec<LogLine> {
     let client = redis::Client::open(settings.redis_url.expose()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
     let lines: Vec<String> = redis::cmd("LRANGE")
         .arg(SyntheticContext::log_key(&settings.queue.key_prefix, queue))
         .arg(0)
@@ -173,7 +180,10 @@ impl RedisServer {
             || async {
                 let client = redis::Client::open(url.as_str()).ok()?;
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
             },
         )
         .await;
@@ -190,7 +200,10 @@ impl RedisServer {
     /// `INFO memory` `used_memory`, in bytes.
     pub async fn used_memory(&self) -> u64 {
         let client = redis::Client::open(self.url()).expect("url");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
         let info: String = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut conn)
@@ -245,8 +258,11 @@ impl WorkerProcess {
     /// Starts `worker --stages <stages>` with `settings` passed through the environment.
     pub fn start(settings: &Settings, stages: &str) -> Self {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let log_path =
-            std::env::temp_dir().join(format!("{}-{}.log", settings.queue.key_prefix, rand::random::<u32>()));
+        let log_path = std::env::temp_dir().join(format!(
+            "{}-{}.log",
+            settings.queue.key_prefix,
+            rand::random::<u32>()
+        ));
         let log = std::fs::File::create(&log_path).expect("worker log file");
         let q = &settings.queue;
         let w = &settings.worker;
@@ -266,8 +282,14 @@ impl WorkerProcess {
             ("UPLOAD_PIPELINE__QUEUE__BLOCK_TIMEOUT", ms(q.block_timeout)),
             ("UPLOAD_PIPELINE__QUEUE__RETRY_BASE", ms(q.retry_base)),
             ("UPLOAD_PIPELINE__QUEUE__RETRY_MAX", ms(q.retry_max)),
-            ("UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES", q.max_deliveries.to_string()),
-            ("UPLOAD_PIPELINE__WORKER__SHUTDOWN_GRACE", ms(w.shutdown_grace)),
+            (
+                "UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES",
+                q.max_deliveries.to_string(),
+            ),
+            (
+                "UPLOAD_PIPELINE__WORKER__SHUTDOWN_GRACE",
+                ms(w.shutdown_grace),
+            ),
             (
                 "UPLOAD_PIPELINE__WORKER__CONCURRENCY__PARSE",
                 w.concurrency.parse.to_string(),
@@ -285,7 +307,10 @@ impl WorkerProcess {
                 w.concurrency.synthetic.to_string(),
             ),
             ("UPLOAD_PIPELINE__EMBEDDING__PROVIDER", provider),
-            ("UPLOAD_PIPELINE__EMBEDDING__MODEL", settings.embedding.model.clone()),
+            (
+                "UPLOAD_PIPELINE__EMBEDDING__MODEL",
+                settings.embedding.model.clone(),
+            ),
             (
                 "UPLOAD_PIPELINE__EMBEDDING__DIMENSIONS",
                 settings.embedding.dimensions.to_string(),
@@ -359,7 +384,9 @@ impl WorkerProcess {
     /// Fetches `path` from its health/metrics server; `None` while it does not answer.
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr).await.ok()?;
+        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr)
+            .await
+            .ok()?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
             self.metrics_addr
@@ -380,7 +407,11 @@ impl WorkerProcess {
         wait_for(
             "the worker's /healthz to answer 200",
             Duration::from_secs(30),
-            || async { self.http_get("/healthz").await.filter(|(code, _)| *code == 200) },
+            || async {
+                self.http_get("/healthz")
+                    .await
+                    .filter(|(code, _)| *code == 200)
+            },
         )
         .await;
     }
@@ -396,7 +427,9 @@ impl WorkerProcess {
 pub fn sum_metric(body: &str, name: &str, filters: &[&str]) -> f64 {
     body.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
         .filter(|l| filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -409,7 +442,11 @@ impl Drop for WorkerProcess {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
-            eprintln!("worker {} logs kept at {}", self.child.id(), self.log_path.display());
+            eprintln!(
+                "worker {} logs kept at {}",
+                self.child.id(),
+                self.log_path.display()
+            );
         }
     }
 }
@@ -442,9 +479,12 @@ impl TestDb {
     pub async fn drop_db(self) {
         self.admin.close().await;
         if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-                .execute(&pool)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&pool)
+            .await;
         }
     }
 }
@@ -527,7 +567,11 @@ pub async fn wait_ready(
         let mut docs = Vec::new();
         for id in ids {
             let doc = client.status(*id).await.ok()?;
-            assert_ne!(doc.status, "failed", "document {id} failed: {:?}", doc.error);
+            assert_ne!(
+                doc.status, "failed",
+                "document {id} failed: {:?}",
+                doc.error
+            );
             docs.push(doc);
         }
         docs.iter().all(|d| d.status == "ready").then_some(docs)
@@ -551,7 +595,8 @@ impl FakeOpenAi {
         use axum::{Json, Router, routing::post};
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = requests.clone();
-        let embedder = upload_pipeline::providers::hashing::HashingEmbedder::new("fake", dimensions);
+        let embedder =
+            upload_pipeline::providers::hashing::HashingEmbedder::new("fake", dimensions);
         let app = Router::new().route(
             "/v1/embeddings",
             post(move |Json(body): Json<serde_json::Value>| {
@@ -574,7 +619,9 @@ impl FakeOpenAi {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let base_url = format!("http://{}/v1", listener.local_addr().expect("addr"));
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

@@ -4,7 +4,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use tests::{
-    Api, FakeOpenAi, RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix, wait_for, wait_ready,
+    Api, FakeOpenAi, RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix,
+    wait_for, wait_ready,
 };
 use upload_pipeline::{client::ClientError, settings::EmbeddingProvider};
 use uuid::Uuid;
@@ -47,13 +48,20 @@ async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
     }
     let docs = wait_ready(&client, &ids, Duration::from_secs(60)).await;
     for doc in &docs {
-        assert_eq!(doc.chunks_total.map(i64::from), Some(doc.chunks_embedded), "{doc:?}");
+        assert_eq!(
+            doc.chunks_total.map(i64::from),
+            Some(doc.chunks_embedded),
+            "{doc:?}"
+        );
         let stages: Vec<(&str, &str)> = doc
             .stages
             .iter()
             .map(|st| (st.stage.as_str(), st.state.as_str()))
             .collect();
-        assert_eq!(stages, [("parse", "done"), ("chunk", "done"), ("embed", "done")]);
+        assert_eq!(
+            stages,
+            [("parse", "done"), ("chunk", "done"), ("embed", "done")]
+        );
         assert!(doc.ready_at.is_some());
     }
 
@@ -89,7 +97,12 @@ async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
             "shiver",
             Some(2),
         ),
-        ("Fresnel lens glass prisms beam", "lighthouses.docx", "Fresnel", Some(1)),
+        (
+            "Fresnel lens glass prisms beam",
+            "lighthouses.docx",
+            "Fresnel",
+            Some(1),
+        ),
         (
             "lighthouse keepers trimmed the wicks",
             "lighthouses.docx",
@@ -110,11 +123,21 @@ async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
         );
         assert!(found.results.windows(2).all(|w| w[0].score >= w[1].score));
     }
-    let headings = client.search("Fresnel lens", 1).await.unwrap().results[0].metadata["headings"].clone();
-    assert_eq!(headings, serde_json::json!(["Lighthouses", "The Fresnel lens"]));
-    let script = client.search("tracking script should not be indexed", 5).await.unwrap();
+    let headings =
+        client.search("Fresnel lens", 1).await.unwrap().results[0].metadata["headings"].clone();
+    assert_eq!(
+        headings,
+        serde_json::json!(["Lighthouses", "The Fresnel lens"])
+    );
+    let script = client
+        .search("tracking script should not be indexed", 5)
+        .await
+        .unwrap();
     assert!(
-        script.results.iter().all(|h| !h.content.contains("tracking script")),
+        script
+            .results
+            .iter()
+            .all(|h| !h.content.contains("tracking script")),
         "HTML scripts are not indexed"
     );
 
@@ -132,8 +155,14 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
 
-    let first = client.upload_file(&corpus("tides.txt"), None).await.unwrap();
-    let again = client.upload_file(&corpus("tides.txt"), None).await.unwrap();
+    let first = client
+        .upload_file(&corpus("tides.txt"), None)
+        .await
+        .unwrap();
+    let again = client
+        .upload_file(&corpus("tides.txt"), None)
+        .await
+        .unwrap();
     assert_eq!(again.document_id, first.document_id);
     assert!(again.duplicate);
 
@@ -141,21 +170,32 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
     let http = reqwest::Client::new();
     let token = api.token(&s, user);
     let post = |bytes: &'static [u8], key: &'static str| {
-        let form =
-            reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(bytes).file_name("note.txt"));
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes).file_name("note.txt"),
+        );
         http.post(format!("{}/v1/documents", api.url))
             .bearer_auth(&token)
             .header("Idempotency-Key", key)
             .multipart(form)
             .send()
     };
-    let r1 = post(b"a note about ferns and mosses", "upload-1").await.unwrap();
+    let r1 = post(b"a note about ferns and mosses", "upload-1")
+        .await
+        .unwrap();
     assert_eq!(r1.status(), 202);
     let id1 = r1.json::<serde_json::Value>().await.unwrap()["document_id"].clone();
-    let r2 = post(b"a note about ferns and mosses", "upload-1").await.unwrap();
+    let r2 = post(b"a note about ferns and mosses", "upload-1")
+        .await
+        .unwrap();
     assert_eq!(r2.status(), 202);
-    assert_eq!(r2.json::<serde_json::Value>().await.unwrap()["document_id"], id1);
-    let r3 = post(b"different bytes under the same key", "upload-1").await.unwrap();
+    assert_eq!(
+        r2.json::<serde_json::Value>().await.unwrap()["document_id"],
+        id1
+    );
+    let r3 = post(b"different bytes under the same key", "upload-1")
+        .await
+        .unwrap();
     assert_eq!(r3.status(), 409);
     assert_eq!(
         r3.json::<serde_json::Value>().await.unwrap()["error"]["code"],
@@ -163,11 +203,13 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
     );
 
     wait_ready(&client, &[first.document_id], Duration::from_secs(60)).await;
-    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM upload_pipeline.document_chunks WHERE document_id = $1")
-        .bind(first.document_id)
-        .fetch_one(&db.admin)
-        .await
-        .unwrap();
+    let chunks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM upload_pipeline.document_chunks WHERE document_id = $1",
+    )
+    .bind(first.document_id)
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
     assert!(chunks > 0);
     let del = http
         .delete(format!("{}/v1/documents/{}", api.url, first.document_id))
@@ -183,7 +225,11 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
         "upload_jobs",
         "document_chunks",
     ] {
-        let col = if table == "documents" { "id" } else { "document_id" };
+        let col = if table == "documents" {
+            "id"
+        } else {
+            "document_id"
+        };
         let left: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM upload_pipeline.{table} WHERE {col} = $1"
         ))
@@ -226,15 +272,24 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
     let text: String = (0..40)
-        .map(|i| format!("Paragraph {i} talks about topic number {i} in some detail with words.\n\n"))
+        .map(|i| {
+            format!("Paragraph {i} talks about topic number {i} in some detail with words.\n\n")
+        })
         .collect();
-    let up = client.upload_bytes("long.txt", text.into_bytes(), None).await.unwrap();
+    let up = client
+        .upload_bytes("long.txt", text.into_bytes(), None)
+        .await
+        .unwrap();
 
     let mut victim = WorkerProcess::start(&s, "parse,chunk,embed");
-    wait_for("some but not all chunks embedded", Duration::from_secs(60), || async {
-        let doc = client.status(up.document_id).await.ok()?;
-        (doc.chunks_embedded > 0).then_some(())
-    })
+    wait_for(
+        "some but not all chunks embedded",
+        Duration::from_secs(60),
+        || async {
+            let doc = client.status(up.document_id).await.ok()?;
+            (doc.chunks_embedded > 0).then_some(())
+        },
+    )
     .await;
     victim.signal("KILL");
     victim.wait_exit(Duration::from_secs(5)).await;
@@ -290,7 +345,12 @@ async fn redis_down_between_commit_and_push_delays_a_document_but_never_loses_it
     redis.restart().await;
     wait_ready(&client, &[up.document_id], Duration::from_secs(60)).await;
     assert_eq!(
-        client.search("Pompeii pyroclastic flow", 1).await.unwrap().results[0].document_id,
+        client
+            .search("Pompeii pyroclastic flow", 1)
+            .await
+            .unwrap()
+            .results[0]
+            .document_id,
         up.document_id
     );
 
@@ -306,13 +366,26 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
     let (a, b) = (api.client(&s, alice), api.client(&s, bob));
-    let tides = a.upload_file(&corpus("tides.txt"), None).await.unwrap().document_id;
-    let bread = b.upload_file(&corpus("sourdough.md"), None).await.unwrap().document_id;
+    let tides = a
+        .upload_file(&corpus("tides.txt"), None)
+        .await
+        .unwrap()
+        .document_id;
+    let bread = b
+        .upload_file(&corpus("sourdough.md"), None)
+        .await
+        .unwrap()
+        .document_id;
     // The same bytes from another user are a new document, not a duplicate.
     let bobs_tides = b.upload_file(&corpus("tides.txt"), None).await.unwrap();
     assert!(!bobs_tides.duplicate);
     wait_ready(&a, &[tides], Duration::from_secs(60)).await;
-    wait_ready(&b, &[bread, bobs_tides.document_id], Duration::from_secs(60)).await;
+    wait_ready(
+        &b,
+        &[bread, bobs_tides.document_id],
+        Duration::from_secs(60),
+    )
+    .await;
 
     assert_eq!(
         api_error(b.status(tides).await.unwrap_err()).0,
@@ -362,19 +435,31 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
         .await
         .unwrap();
     assert_eq!(docs, 2);
-    let q = upload_pipeline::providers::hashing::HashingEmbedder::new("hashing-v1", 384).vector("spring tides moon");
-    let literal = format!("[{}]", q.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
-    let owners: Vec<Uuid> = sqlx::query_scalar("SELECT document_id FROM upload_pipeline.match_chunks($1::vector, 20)")
-        .bind(&literal)
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap();
-    assert!(!owners.is_empty() && owners.iter().all(|d| *d != tides), "{owners:?}");
-    let changed = sqlx::query("UPDATE upload_pipeline.documents SET filename = 'stolen' WHERE id = $1")
-        .bind(tides)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let q = upload_pipeline::providers::hashing::HashingEmbedder::new("hashing-v1", 384)
+        .vector("spring tides moon");
+    let literal = format!(
+        "[{}]",
+        q.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let owners: Vec<Uuid> =
+        sqlx::query_scalar("SELECT document_id FROM upload_pipeline.match_chunks($1::vector, 20)")
+            .bind(&literal)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert!(
+        !owners.is_empty() && owners.iter().all(|d| *d != tides),
+        "{owners:?}"
+    );
+    let changed =
+        sqlx::query("UPDATE upload_pipeline.documents SET filename = 'stolen' WHERE id = $1")
+            .bind(tides)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
     assert_eq!(
         changed.rows_affected(),
         0,
@@ -406,7 +491,10 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         let client = client.clone();
         async move { api_error(client.upload_bytes(name, bytes, None).await.unwrap_err()) }
     };
-    assert_eq!(refused("empty.txt", vec![]).await, (400, "empty_file".into()));
+    assert_eq!(
+        refused("empty.txt", vec![]).await,
+        (400, "empty_file".into())
+    );
     assert_eq!(
         refused("big.txt", vec![b'a'; 100 * 1024]).await,
         (413, "file_too_large".into())
@@ -430,13 +518,21 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
 
     // A PDF that looks right but is corrupt is accepted, then fails with a reason and no retry loop.
     let corrupt = client
-        .upload_bytes("broken.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog".to_vec(), None)
+        .upload_bytes(
+            "broken.pdf",
+            b"%PDF-1.7\n1 0 obj << /Type /Catalog".to_vec(),
+            None,
+        )
         .await
         .unwrap();
-    let failed = wait_for("the corrupt PDF to fail", Duration::from_secs(30), || async {
-        let d = client.status(corrupt.document_id).await.ok()?;
-        (d.status == "failed").then_some(d)
-    })
+    let failed = wait_for(
+        "the corrupt PDF to fail",
+        Duration::from_secs(30),
+        || async {
+            let d = client.status(corrupt.document_id).await.ok()?;
+            (d.status == "failed").then_some(d)
+        },
+    )
     .await;
     assert!(
         failed.error.as_deref().unwrap_or_default().contains("PDF"),
@@ -444,7 +540,10 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         failed.error
     );
     assert_eq!(failed.stages[0].state, "dead");
-    assert_eq!(failed.stages[0].attempts, 1, "a corrupt file is not retried");
+    assert_eq!(
+        failed.stages[0].attempts, 1,
+        "a corrupt file is not retried"
+    );
 
     let http = reqwest::Client::new();
     let search = |token: Option<String>, body: &'static str, ctype: &'static str| {
@@ -459,7 +558,13 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
             let resp = req.send().await.unwrap();
             let status = resp.status().as_u16();
             let body: serde_json::Value = resp.json().await.unwrap();
-            (status, body["error"]["code"].as_str().unwrap_or_default().to_owned())
+            (
+                status,
+                body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
         }
     };
     let token = api.token(&s, user);
@@ -472,8 +577,11 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         search(Some("not-a-jwt".into()), r#"{"query": "tides"}"#, json).await,
         (401, "unauthorized".into())
     );
-    let forged =
-        upload_pipeline::auth::Auth::hs256("someone-elses-secret-key").issue(user, Duration::from_secs(60), false);
+    let forged = upload_pipeline::auth::Auth::hs256("someone-elses-secret-key").issue(
+        user,
+        Duration::from_secs(60),
+        false,
+    );
     assert_eq!(
         search(Some(forged), r#"{"query": "tides"}"#, json).await,
         (401, "unauthorized".into())
@@ -536,7 +644,10 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
 fn jsonwebtoken_expired(s: &upload_pipeline::Settings, user: Uuid) -> String {
     // A token that expired an hour ago, signed with the right secret.
     use std::time::{SystemTime, UNIX_EPOCH};
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let claims = upload_pipeline::auth::Claims {
         sub: user.to_string(),
         exp: now - 3600,
@@ -551,11 +662,13 @@ fn jsonwebtoken_expired(s: &upload_pipeline::Settings, user: Uuid) -> String {
 async fn search_runs_on_the_models_hnsw_index() {
     let mut s = settings(&unique_prefix("explain"), &tests::redis_url());
     let db = TestDb::create(&mut s).await;
-    let index: String = sqlx::query_scalar("SELECT index_name FROM upload_pipeline.embedding_models WHERE model = $1")
-        .bind(&s.embedding.model)
-        .fetch_one(&db.admin)
-        .await
-        .unwrap();
+    let index: String = sqlx::query_scalar(
+        "SELECT index_name FROM upload_pipeline.embedding_models WHERE model = $1",
+    )
+    .bind(&s.embedding.model)
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
     let mut conn = db.admin.acquire().await.unwrap();
     // The table is empty, so the planner would rightly prefer a scan; disabling scans shows the index serves
     // the exact query match_chunks runs.
@@ -573,13 +686,24 @@ async fn search_runs_on_the_models_hnsw_index() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    let zero = format!("[{}]", vec!["0.1"; s.embedding.dimensions as usize].join(","));
-    let plan: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN EXECUTE match_q('{zero}', '{{}}', 5)"))
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-    let plan = plan.into_iter().map(|(l,)| l).collect::<Vec<_>>().join("\n");
-    assert!(plan.contains(&format!("Index Scan using {index}")), "{plan}");
+    let zero = format!(
+        "[{}]",
+        vec!["0.1"; s.embedding.dimensions as usize].join(",")
+    );
+    let plan: Vec<(String,)> =
+        sqlx::query_as(&format!("EXPLAIN EXECUTE match_q('{zero}', '{{}}', 5)"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let plan = plan
+        .into_iter()
+        .map(|(l,)| l)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        plan.contains(&format!("Index Scan using {index}")),
+        "{plan}"
+    );
     drop(conn);
     db.drop_db().await;
 }
@@ -593,15 +717,28 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     let client = api.client(&s, user);
     for i in 0..5 {
         client
-            .upload_bytes(&format!("note-{i}.txt"), format!("note number {i}").into_bytes(), None)
+            .upload_bytes(
+                &format!("note-{i}.txt"),
+                format!("note number {i}").into_bytes(),
+                None,
+            )
             .await
             .unwrap();
     }
     let http = reqwest::Client::new();
     let token = api.token(&s, user);
     let page = |query: String| {
-        let req = http.get(format!("{}/v1/documents{query}", api.url)).bearer_auth(&token);
-        async move { req.send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+        let req = http
+            .get(format!("{}/v1/documents{query}", api.url))
+            .bearer_auth(&token);
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
     };
     let first = page("?limit=2".into()).await;
     let names = |p: &serde_json::Value| {
@@ -616,7 +753,11 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     let cursor = first["next_cursor"].as_str().unwrap().to_owned();
     let second = page(format!("?limit=2&cursor={cursor}")).await;
     assert_eq!(names(&second), ["note-2.txt", "note-1.txt"]);
-    let third = page(format!("?limit=2&cursor={}", second["next_cursor"].as_str().unwrap())).await;
+    let third = page(format!(
+        "?limit=2&cursor={}",
+        second["next_cursor"].as_str().unwrap()
+    ))
+    .await;
     assert_eq!(names(&third), ["note-0.txt"]);
     assert!(third["next_cursor"].is_null());
     assert_eq!(
@@ -649,7 +790,11 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     assert_eq!(bad.status(), 400);
 
     assert_eq!(
-        http.get(format!("{}/healthz", api.url)).send().await.unwrap().status(),
+        http.get(format!("{}/healthz", api.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         200
     );
     let ready: serde_json::Value = http
@@ -664,7 +809,11 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         ready,
         serde_json::json!({"status": "ready", "postgres": "ok", "redis": "ok"})
     );
-    let missing = http.get(format!("{}/v1/nothing", api.url)).send().await.unwrap();
+    let missing = http
+        .get(format!("{}/v1/nothing", api.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
     assert_eq!(
         missing.json::<serde_json::Value>().await.unwrap()["error"]["code"],

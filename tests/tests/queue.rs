@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use tests::{
-    RedisServer, WorkerProcess, broker, cleanup, settings, synthetic_log, unique_prefix, wait_for, wait_for_stats,
+    RedisServer, WorkerProcess, broker, cleanup, settings, synthetic_log, unique_prefix, wait_for,
+    wait_for_stats,
 };
 use upload_pipeline::{
     jobs::synthetic::{FailMode, LogLine, Misbehave, SyntheticJob},
@@ -19,7 +20,12 @@ fn job(seq: u64, work_ms: u64) -> SyntheticJob {
     }
 }
 
-fn failing(seq: u64, mode: FailMode, attempts: Option<u32>, retry_after_ms: Option<u64>) -> SyntheticJob {
+fn failing(
+    seq: u64,
+    mode: FailMode,
+    attempts: Option<u32>,
+    retry_after_ms: Option<u64>,
+) -> SyntheticJob {
     SyntheticJob {
         seq,
         work_ms: 0,
@@ -33,7 +39,9 @@ fn failing(seq: u64, mode: FailMode, attempts: Option<u32>, retry_after_ms: Opti
 }
 
 fn events<'a>(log: &'a [LogLine], seq: u64, event: &str) -> Vec<&'a LogLine> {
-    log.iter().filter(|l| l.seq == seq && l.event == event).collect()
+    log.iter()
+        .filter(|l| l.seq == seq && l.event == event)
+        .collect()
 }
 
 /// a. At-least-once: SIGKILL mid-job; another replica runs the job within `reclaim_after`, nothing is lost.
@@ -48,10 +56,18 @@ async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_re
     let jobs: Vec<SyntheticJob> = (0..4).map(|i| job(i, 3_000)).collect();
     queue.push_many(&jobs).await.unwrap();
     let victim_pid = victim.pid();
-    wait_for("the victim to start all four jobs", Duration::from_secs(10), || async {
-        let log = synthetic_log(&s, "synthetic").await;
-        (log.iter().filter(|l| l.event == "start" && l.pid == victim_pid).count() == 4).then_some(())
-    })
+    wait_for(
+        "the victim to start all four jobs",
+        Duration::from_secs(10),
+        || async {
+            let log = synthetic_log(&s, "synthetic").await;
+            (log.iter()
+                .filter(|l| l.event == "start" && l.pid == victim_pid)
+                .count()
+                == 4)
+                .then_some(())
+        },
+    )
     .await;
     let replica = WorkerProcess::start(&s, "synthetic");
     replica.wait_healthy().await;
@@ -70,8 +86,16 @@ async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_re
     .await;
     for seq in 0..4 {
         let finishes = events(&log, seq, "finish");
-        assert_eq!(finishes.len(), 1, "job {seq} finished exactly once: {log:?}");
-        assert_eq!(finishes[0].pid, replica.pid(), "job {seq} finished on the replica");
+        assert_eq!(
+            finishes.len(),
+            1,
+            "job {seq} finished exactly once: {log:?}"
+        );
+        assert_eq!(
+            finishes[0].pid,
+            replica.pid(),
+            "job {seq} finished on the replica"
+        );
         let restart = events(&log, seq, "start")
             .into_iter()
             .find(|l| l.pid == replica.pid())
@@ -85,7 +109,11 @@ async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_re
         assert_eq!(restart.attempt, 2, "the killed run counts as an attempt");
     }
     let stats = queue.stats().await.unwrap();
-    assert_eq!((stats.pending, stats.in_flight, stats.dead), (0, 0, 0), "{stats:?}");
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.dead),
+        (0, 0, 0),
+        "{stats:?}"
+    );
     cleanup(&s).await;
 }
 
@@ -111,19 +139,47 @@ async fn b_jobs_lasting_ten_times_reclaim_after_never_run_twice_while_their_work
 
     let jobs: Vec<SyntheticJob> = (0..6).map(|i| job(i, 15_000)).collect();
     queue.push_many(&jobs).await.unwrap();
-    let log = wait_for("all six long jobs to finish", Duration::from_secs(60), || async {
-        let log = synthetic_log(&s, "synthetic").await;
-        (log.iter().filter(|l| l.event == "finish").count() >= 6).then_some(log)
-    })
+    let log = wait_for(
+        "all six long jobs to finish",
+        Duration::from_secs(60),
+        || async {
+            let log = synthetic_log(&s, "synthetic").await;
+            (log.iter().filter(|l| l.event == "finish").count() >= 6).then_some(log)
+        },
+    )
     .await;
     for seq in 0..6 {
-        assert_eq!(events(&log, seq, "start").len(), 1, "job {seq} started once: {log:?}");
-        assert_eq!(events(&log, seq, "finish").len(), 1, "job {seq} finished once");
+        assert_eq!(
+            events(&log, seq, "start").len(),
+            1,
+            "job {seq} started once: {log:?}"
+        );
+        assert_eq!(
+            events(&log, seq, "finish").len(),
+            1,
+            "job {seq} finished once"
+        );
     }
-    assert_eq!(a.metric("upload_pipeline_queue_claims_lost_total", &[]).await, 0.0);
-    assert_eq!(b.metric("upload_pipeline_queue_claims_lost_total", &[]).await, 0.0);
-    assert_eq!(a.metric("upload_pipeline_queue_reclaimed_jobs_total", &[]).await, 0.0);
-    assert_eq!(b.metric("upload_pipeline_queue_reclaimed_jobs_total", &[]).await, 0.0);
+    assert_eq!(
+        a.metric("upload_pipeline_queue_claims_lost_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        b.metric("upload_pipeline_queue_claims_lost_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        a.metric("upload_pipeline_queue_reclaimed_jobs_total", &[])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        b.metric("upload_pipeline_queue_reclaimed_jobs_total", &[])
+            .await,
+        0.0
+    );
     cleanup(&s).await;
 }
 
@@ -138,9 +194,17 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     let queue: Queue<SyntheticJob> = b.queue("synthetic").unwrap();
     let raw: Queue<serde_json::Value> = b.queue("synthetic").unwrap();
 
-    queue.push(&failing(1, FailMode::Panic, None, None)).await.unwrap();
-    raw.push(&serde_json::json!({"not": "a synthetic job"})).await.unwrap();
-    queue.push(&failing(3, FailMode::Crash, None, None)).await.unwrap();
+    queue
+        .push(&failing(1, FailMode::Panic, None, None))
+        .await
+        .unwrap();
+    raw.push(&serde_json::json!({"not": "a synthetic job"}))
+        .await
+        .unwrap();
+    queue
+        .push(&failing(3, FailMode::Crash, None, None))
+        .await
+        .unwrap();
     queue.push(&job(4, 0)).await.unwrap();
 
     // A supervisor (as Kubernetes would) restarts the worker each time the crashing job takes it down.
@@ -156,7 +220,10 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
                 restarts += 1;
                 break;
             }
-            assert!(Instant::now() < deadline, "no three dead letters after 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "no three dead letters after 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -173,14 +240,19 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     );
     assert_eq!(panicked.attempts, 3);
     let undecodable = by_kind("a synthetic job").expect("the undecodable job is dead");
-    assert!(undecodable.error.contains("does not decode"), "{undecodable:?}");
+    assert!(
+        undecodable.error.contains("does not decode"),
+        "{undecodable:?}"
+    );
     assert_eq!(
         undecodable.attempts, 1,
         "decoding cannot succeed later, so it is not retried"
     );
     let crashing = by_kind("\"crash\"").expect("the crashing job is dead");
     assert!(
-        crashing.error.contains("delivered 3 times without finishing"),
+        crashing
+            .error
+            .contains("delivered 3 times without finishing"),
         "{crashing:?}"
     );
     assert_eq!(crashing.attempts, 3);
@@ -203,7 +275,11 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
         "dead-lettering is logged"
     );
     let stats = queue.stats().await.unwrap();
-    assert_eq!((stats.pending, stats.in_flight, stats.delayed), (0, 0, 0), "{stats:?}");
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.delayed),
+        (0, 0, 0),
+        "{stats:?}"
+    );
     cleanup(&s).await;
 }
 
@@ -218,15 +294,24 @@ async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not
     let worker = WorkerProcess::start(&s, "synthetic");
     worker.wait_healthy().await;
 
-    queue.push(&failing(1, FailMode::Error, Some(2), None)).await.unwrap();
+    queue
+        .push(&failing(1, FailMode::Error, Some(2), None))
+        .await
+        .unwrap();
     queue
         .push(&failing(2, FailMode::Error, Some(1), Some(1500)))
         .await
         .unwrap();
-    queue.push(&failing(3, FailMode::Permanent, None, None)).await.unwrap();
-    wait_for_stats(&queue, "two finished and one dead", Duration::from_secs(20), |st| {
-        st.dead == 1 && st.pending + st.in_flight + st.delayed == 0
-    })
+    queue
+        .push(&failing(3, FailMode::Permanent, None, None))
+        .await
+        .unwrap();
+    wait_for_stats(
+        &queue,
+        "two finished and one dead",
+        Duration::from_secs(20),
+        |st| st.dead == 1 && st.pending + st.in_flight + st.delayed == 0,
+    )
     .await;
     let log = synthetic_log(&s, "synthetic").await;
 
@@ -239,8 +324,14 @@ async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not
     let gap1 = starts[1].at_ms - starts[0].at_ms;
     let gap2 = starts[2].at_ms - starts[1].at_ms;
     // Equal jitter: attempt n waits between half and all of retry_base * 2^(n-1).
-    assert!(gap1 >= 150, "first backoff {gap1} ms is at least half of 300 ms");
-    assert!(gap2 >= 300, "second backoff {gap2} ms is at least half of 600 ms");
+    assert!(
+        gap1 >= 150,
+        "first backoff {gap1} ms is at least half of 300 ms"
+    );
+    assert!(
+        gap2 >= 300,
+        "second backoff {gap2} ms is at least half of 600 ms"
+    );
     assert_eq!(events(&log, 1, "finish").len(), 1);
 
     let starts: Vec<&LogLine> = events(&log, 2, "start");
@@ -251,7 +342,11 @@ async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not
         "the handler asked for 1500 ms and the retry came after {gap} ms"
     );
 
-    assert_eq!(events(&log, 3, "start").len(), 1, "a permanent error is not retried");
+    assert_eq!(
+        events(&log, 3, "start").len(),
+        1,
+        "a permanent error is not retried"
+    );
     let dead = queue.dead_letters(5).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 1);
@@ -323,16 +418,22 @@ async fn h_a_redis_restart_or_dropped_connection_does_not_end_the_worker() {
     redis.restart().await;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     queue.push(&job(3, 0)).await.unwrap();
-    wait_for("a job after the Redis restart", Duration::from_secs(30), || async {
-        synthetic_log(&s, "synthetic")
-            .await
-            .iter()
-            .any(|l| l.seq == 3 && l.event == "finish")
-            .then_some(())
-    })
+    wait_for(
+        "a job after the Redis restart",
+        Duration::from_secs(30),
+        || async {
+            synthetic_log(&s, "synthetic")
+                .await
+                .iter()
+                .any(|l| l.seq == 3 && l.event == "finish")
+                .then_some(())
+        },
+    )
     .await;
     assert!(worker.is_running());
-    let errors = worker.metric("upload_pipeline_queue_redis_errors_total", &[]).await;
+    let errors = worker
+        .metric("upload_pipeline_queue_redis_errors_total", &[])
+        .await;
     assert!(errors >= 1.0, "Redis failures are counted ({errors})");
     assert!(
         worker.logs().contains("Redis call failed; retrying"),
@@ -404,7 +505,10 @@ async fn i_sigterm_drains_running_jobs_gives_back_unfinished_ones_and_exits_zero
         stats.in_flight, 0,
         "nothing stays claimed by the stopped worker: {stats:?}"
     );
-    assert!(stats.pending >= 1, "the unfinished job is claimable at once: {stats:?}");
+    assert!(
+        stats.pending >= 1,
+        "the unfinished job is claimable at once: {stats:?}"
+    );
     let next = WorkerProcess::start(&s, "synthetic");
     wait_for(
         "another worker to start the given-back job",
@@ -432,8 +536,14 @@ async fn queue_state_counts_pending_in_flight_delayed_and_dead_jobs() {
     let empty = queue.stats().await.unwrap();
     assert_eq!(empty, Default::default(), "a queue nobody used is empty");
 
-    queue.push_many(&[job(1, 20_000), job(2, 0), job(3, 0)]).await.unwrap();
-    queue.push_delayed(&job(4, 0), Duration::from_secs(3600)).await.unwrap();
+    queue
+        .push_many(&[job(1, 20_000), job(2, 0), job(3, 0)])
+        .await
+        .unwrap();
+    queue
+        .push_delayed(&job(4, 0), Duration::from_secs(3600))
+        .await
+        .unwrap();
     let stats = queue.stats().await.unwrap();
     assert_eq!(
         (stats.pending, stats.in_flight, stats.delayed, stats.dead),
@@ -447,7 +557,11 @@ async fn queue_state_counts_pending_in_flight_delayed_and_dead_jobs() {
         st.in_flight == 1
     })
     .await;
-    assert_eq!((stats.pending, stats.delayed, stats.consumers), (2, 1, 1), "{stats:?}");
+    assert_eq!(
+        (stats.pending, stats.delayed, stats.consumers),
+        (2, 1, 1),
+        "{stats:?}"
+    );
     cleanup(&s).await;
 }
 
@@ -459,11 +573,17 @@ async fn dead_letters_can_be_listed_replayed_with_fresh_attempts_and_purged() {
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     let mut worker = WorkerProcess::start(&s, "synthetic");
     for seq in 0..3 {
-        queue.push(&failing(seq, FailMode::Error, None, None)).await.unwrap();
+        queue
+            .push(&failing(seq, FailMode::Error, None, None))
+            .await
+            .unwrap();
     }
-    wait_for_stats(&queue, "three dead letters", Duration::from_secs(20), |st| {
-        st.dead == 3 && st.delayed == 0
-    })
+    wait_for_stats(
+        &queue,
+        "three dead letters",
+        Duration::from_secs(20),
+        |st| st.dead == 3 && st.delayed == 0,
+    )
     .await;
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(10)).await.success());
@@ -490,22 +610,33 @@ async fn dead_letters_can_be_listed_replayed_with_fresh_attempts_and_purged() {
     );
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.pending, stats.dead), (1, 2), "{stats:?}");
-    let seq: u64 = serde_json::from_str::<SyntheticJob>(&replayed.payload).unwrap().seq;
+    let seq: u64 = serde_json::from_str::<SyntheticJob>(&replayed.payload)
+        .unwrap()
+        .seq;
     let before = events(&synthetic_log(&s, "synthetic").await, seq, "start").len();
     let _worker = WorkerProcess::start(&s, "synthetic");
-    wait_for_stats(&queue, "the replayed job to die again", Duration::from_secs(20), |st| {
-        st.dead == 3 && st.pending + st.in_flight + st.delayed == 0
-    })
+    wait_for_stats(
+        &queue,
+        "the replayed job to die again",
+        Duration::from_secs(20),
+        |st| st.dead == 3 && st.pending + st.in_flight + st.delayed == 0,
+    )
     .await;
     let runs = events(&synthetic_log(&s, "synthetic").await, seq, "start")
         .iter()
         .map(|l| l.attempt)
         .collect::<Vec<_>>();
-    assert_eq!(runs[before..], [1, 2, 3], "a replayed job gets a fresh set of attempts");
+    assert_eq!(
+        runs[before..],
+        [1, 2, 3],
+        "a replayed job gets a fresh set of attempts"
+    );
 
     assert_eq!(
         queue
-            .purge_dead(std::slice::from_ref(&queue.dead_letters(1).await.unwrap()[0].entry_id))
+            .purge_dead(std::slice::from_ref(
+                &queue.dead_letters(1).await.unwrap()[0].entry_id
+            ))
             .await
             .unwrap(),
         1

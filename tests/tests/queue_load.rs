@@ -37,9 +37,12 @@ async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() 
     }
     queue.push_many(&no_ops()).await.unwrap();
 
-    let stats = wait_for_stats(&queue, "the burst to drain", Duration::from_secs(300), |st| {
-        st.pending + st.in_flight + st.delayed == 0
-    })
+    let stats = wait_for_stats(
+        &queue,
+        "the burst to drain",
+        Duration::from_secs(300),
+        |st| st.pending + st.in_flight + st.delayed == 0,
+    )
     .await;
     assert_eq!(stats.dead, 0, "{stats:?}");
     let mut done = 0.0;
@@ -54,7 +57,11 @@ async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() 
                 .await,
             0.0
         );
-        assert_eq!(w.metric("upload_pipeline_queue_redis_errors_total", &[]).await, 0.0);
+        assert_eq!(
+            w.metric("upload_pipeline_queue_redis_errors_total", &[])
+                .await,
+            0.0
+        );
         let logs = w.logs();
         assert!(
             !logs.contains("ERROR") && !logs.contains("WorkerError"),
@@ -79,9 +86,12 @@ async fn e_redis_memory_returns_to_its_baseline_after_100k_completed_jobs() {
 
     queue.push_many(&no_ops()).await.unwrap();
     let peak = redis.used_memory().await;
-    wait_for_stats(&queue, "the jobs to complete", Duration::from_secs(300), |st| {
-        st.pending + st.in_flight + st.delayed == 0
-    })
+    wait_for_stats(
+        &queue,
+        "the jobs to complete",
+        Duration::from_secs(300),
+        |st| st.pending + st.in_flight + st.delayed == 0,
+    )
     .await;
     assert_eq!(
         worker

@@ -63,7 +63,10 @@ async fn f_a_job_pushed_to_an_idle_queue_starts_within_50_ms_p99() {
         p99,
         lat[lat.len() - 1]
     );
-    assert!(p99 < Duration::from_millis(50), "pickup p99 {p99:?} is not under 50 ms");
+    assert!(
+        p99 < Duration::from_millis(50),
+        "pickup p99 {p99:?} is not under 50 ms"
+    );
     stop_tx.send(()).unwrap();
     fleet.await.unwrap().unwrap();
     tests::cleanup(&s).await;

@@ -45,11 +45,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("Failed to connect to Redis")?;
     let pipeline = if jobs::needs_pipeline(&stages) {
-        let slots: usize = stages.iter().map(|s| s.concurrency(&settings.worker.concurrency)).sum();
+        let slots: usize = stages
+            .iter()
+            .map(|s| s.concurrency(&settings.worker.concurrency))
+            .sum();
         let pool = db::connect(&settings, slots.clamp(2, 64) as u32)
             .await
             .context("Failed to connect to PostgreSQL")?;
-        let embedder = providers::embedder(&settings.embedding).context("Failed to set up the embedder")?;
+        let embedder =
+            providers::embedder(&settings.embedding).context("Failed to set up the embedder")?;
         Some(
             Pipeline::new(pool, runtime.broker(), embedder, settings.clone())
                 .context("Failed to open the stage queues")?,
@@ -57,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let runtime = jobs::register(runtime, &stages, pipeline.as_ref()).context("Failed to register the stages")?;
+    let runtime = jobs::register(runtime, &stages, pipeline.as_ref())
+        .context("Failed to register the stages")?;
     runtime
         .run(Some(metrics), shutdown::signal())
         .await

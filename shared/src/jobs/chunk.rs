@@ -18,7 +18,11 @@ pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), J
     }
 }
 
-async fn unembedded(p: &Pipeline, user: uuid::Uuid, doc: uuid::Uuid) -> Result<Vec<u32>, StageError> {
+async fn unembedded(
+    p: &Pipeline,
+    user: uuid::Uuid,
+    doc: uuid::Uuid,
+) -> Result<Vec<u32>, StageError> {
     let mut tx = db::begin_as(&p.pool, user).await?;
     let rows: Vec<(i32,)> = sqlx::query_as(
         "SELECT chunk_index FROM upload_pipeline.document_chunks \
@@ -45,11 +49,12 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     start(&p.pool, user, doc, "chunk", "chunking", delivery.attempt).await?;
 
     let mut tx = db::begin_as(&p.pool, user).await?;
-    let sections: Option<(sqlx::types::Json<Vec<Section>>,)> =
-        sqlx::query_as("SELECT sections FROM upload_pipeline.document_parsed WHERE document_id = $1")
-            .bind(doc)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let sections: Option<(sqlx::types::Json<Vec<Section>>,)> = sqlx::query_as(
+        "SELECT sections FROM upload_pipeline.document_parsed WHERE document_id = $1",
+    )
+    .bind(doc)
+    .fetch_optional(&mut *tx)
+    .await?;
     tx.commit().await?;
     let Some((sqlx::types::Json(sections),)) = sections else {
         return Err(StageError::Retryable {
@@ -59,13 +64,20 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     };
     let cfg = p.settings.chunking.clone();
     let chunks = tokio::task::spawn_blocking(move || {
-        chunking::chunk(&sections, cfg.max_tokens, cfg.overlap_tokens, cfg.max_chunks)
+        chunking::chunk(
+            &sections,
+            cfg.max_tokens,
+            cfg.overlap_tokens,
+            cfg.max_chunks,
+        )
     })
     .await
     .map_err(|e| StageError::Permanent(format!("the chunker crashed on this document: {e}")))?
     .map_err(|e: ChunkError| StageError::Permanent(e.to_string()))?;
     if chunks.is_empty() {
-        return Err(StageError::Permanent("the document has no text to index".into()));
+        return Err(StageError::Permanent(
+            "the document has no text to index".into(),
+        ));
     }
 
     let mut tx = db::begin_as(&p.pool, user).await?;
@@ -100,11 +112,13 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     .bind(&metadata)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM upload_pipeline.document_chunks WHERE document_id = $1 AND chunk_index >= $2")
-        .bind(doc)
-        .bind(chunks.len() as i32)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM upload_pipeline.document_chunks WHERE document_id = $1 AND chunk_index >= $2",
+    )
+    .bind(doc)
+    .bind(chunks.len() as i32)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("UPDATE upload_pipeline.documents SET chunks_total = $2 WHERE id = $1")
         .bind(doc)
         .bind(chunks.len() as i32)
@@ -121,6 +135,10 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
 }
 
 /// Indices of the chunks of a document still without a vector of the current model (for the reconciler).
-pub async fn missing_embeddings(p: &Pipeline, user: uuid::Uuid, doc: uuid::Uuid) -> Result<Vec<u32>, StageError> {
+pub async fn missing_embeddings(
+    p: &Pipeline,
+    user: uuid::Uuid,
+    doc: uuid::Uuid,
+) -> Result<Vec<u32>, StageError> {
     unembedded(p, user, doc).await
 }

@@ -107,9 +107,15 @@ pub fn register(
             .cloned()
             .ok_or(crate::runtime::RuntimeError::MissingPipeline(queue))?;
         rt = match stage {
-            Stage::Parse => rt.stage(queue, concurrency, move |job, d| parse::run(p.clone(), job, d))?,
-            Stage::Chunk => rt.stage(queue, concurrency, move |job, d| chunk::run(p.clone(), job, d))?,
-            Stage::Embed => rt.stage(queue, concurrency, move |job, d| embed::run(p.clone(), job, d))?,
+            Stage::Parse => rt.stage(queue, concurrency, move |job, d| {
+                parse::run(p.clone(), job, d)
+            })?,
+            Stage::Chunk => rt.stage(queue, concurrency, move |job, d| {
+                chunk::run(p.clone(), job, d)
+            })?,
+            Stage::Embed => rt.stage(queue, concurrency, move |job, d| {
+                embed::run(p.clone(), job, d)
+            })?,
             Stage::Synthetic => unreachable!("handled above"),
         };
     }
@@ -126,6 +132,9 @@ mod tests {
             assert_eq!(stage.as_str().parse::<Stage>().unwrap(), stage);
         }
         let err = "ocr".parse::<Stage>().unwrap_err().to_string();
-        assert!(err.contains("ocr") && err.contains("parse, chunk or embed"), "{err}");
+        assert!(
+            err.contains("ocr") && err.contains("parse, chunk or embed"),
+            "{err}"
+        );
     }
 }

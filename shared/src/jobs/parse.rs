@@ -42,8 +42,9 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     let Some((filename, content_type, bytes)) = row else {
         return Ok(());
     };
-    let kind = DocKind::from_content_type(&content_type)
-        .ok_or_else(|| StageError::Permanent(format!("no parser for content type {content_type}")))?;
+    let kind = DocKind::from_content_type(&content_type).ok_or_else(|| {
+        StageError::Permanent(format!("no parser for content type {content_type}"))
+    })?;
     let limits = Limits {
         max_pages: p.settings.pipeline.max_pages,
         max_chars: p.settings.pipeline.max_chars,

@@ -95,7 +95,9 @@ impl Pipeline {
             user_id,
             v: JOB_VERSION,
         };
-        self.parse.push_with_id(&format!("{document_id}:parse"), &job).await
+        self.parse
+            .push_with_id(&format!("{document_id}:parse"), &job)
+            .await
     }
 
     /// Pushes the chunk job of a document.
@@ -105,12 +107,19 @@ impl Pipeline {
             user_id,
             v: JOB_VERSION,
         };
-        self.chunk.push_with_id(&format!("{document_id}:chunk"), &job).await
+        self.chunk
+            .push_with_id(&format!("{document_id}:chunk"), &job)
+            .await
     }
 
     /// Pushes embed jobs covering the given chunk indices, in batches of `embedding.batch_size`; with no index,
     /// one job that only checks whether the document is complete.
-    pub async fn push_embed(&self, document_id: Uuid, user_id: Uuid, indices: &[u32]) -> Result<(), QueueError> {
+    pub async fn push_embed(
+        &self,
+        document_id: Uuid,
+        user_id: Uuid,
+        indices: &[u32],
+    ) -> Result<(), QueueError> {
         let size = self.settings.embedding.batch_size.max(1);
         let mut jobs: Vec<(String, EmbedJob)> = indices
             .chunks(size)
@@ -195,7 +204,12 @@ pub(crate) struct Current {
 }
 
 /// Reads the document's status and the stage's state; `None` when the document was deleted.
-pub(crate) async fn current(pool: &PgPool, user: Uuid, doc: Uuid, stage: &str) -> Result<Option<Current>, DbError> {
+pub(crate) async fn current(
+    pool: &PgPool,
+    user: Uuid,
+    doc: Uuid,
+    stage: &str,
+) -> Result<Option<Current>, DbError> {
     let mut tx = db::begin_as(pool, user).await?;
     let row: Option<(String, Option<String>)> = sqlx::query_as(
         "SELECT d.status, j.state FROM upload_pipeline.documents d \
@@ -355,10 +369,12 @@ pub(crate) async fn advance<'c>(
     .bind(user)
     .execute(&mut **tx)
     .await?;
-    sqlx::query("UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1")
-        .bind(doc)
-        .bind(next_status)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1",
+    )
+    .bind(doc)
+    .bind(next_status)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

@@ -100,7 +100,12 @@ impl SyntheticContext {
         format!("{prefix}:synthetic:{queue}:log")
     }
 
-    async fn log(&self, job: &SyntheticJob, delivery: &Delivery, event: &str) -> Result<(), JobError> {
+    async fn log(
+        &self,
+        job: &SyntheticJob,
+        delivery: &Delivery,
+        event: &str,
+    ) -> Result<(), JobError> {
         let line = LogLine {
             seq: job.seq,
             job: delivery.job_id.clone(),
@@ -121,7 +126,11 @@ impl SyntheticContext {
 }
 
 /// Runs one synthetic job.
-pub async fn run(ctx: SyntheticContext, job: SyntheticJob, delivery: Delivery) -> Result<(), JobError> {
+pub async fn run(
+    ctx: SyntheticContext,
+    job: SyntheticJob,
+    delivery: Delivery,
+) -> Result<(), JobError> {
     if job.record {
         ctx.log(&job, &delivery, "start").await?;
     }
@@ -130,7 +139,8 @@ pub async fn run(ctx: SyntheticContext, job: SyntheticJob, delivery: Delivery) -
         .as_ref()
         .filter(|f| f.attempts.is_none_or(|n| delivery.attempt <= n));
     if let Some(Misbehave {
-        mode: FailMode::Crash, ..
+        mode: FailMode::Crash,
+        ..
     }) = misbehave
     {
         tracing::error!(job.id = %delivery.job_id, attempt = delivery.attempt, "Synthetic job crashes its worker process as asked");
@@ -151,17 +161,20 @@ pub async fn run(ctx: SyntheticContext, job: SyntheticJob, delivery: Delivery) -
             ));
         }
         Some(Misbehave {
-            mode: FailMode::Error, ..
+            mode: FailMode::Error,
+            ..
         }) => return Err(JobError::retryable("synthetic failure")),
         Some(Misbehave {
             mode: FailMode::Permanent,
             ..
         }) => return Err(JobError::permanent("synthetic permanent failure")),
         Some(Misbehave {
-            mode: FailMode::Panic, ..
+            mode: FailMode::Panic,
+            ..
         }) => panic!("synthetic panic in job {}", job.seq),
         Some(Misbehave {
-            mode: FailMode::Crash, ..
+            mode: FailMode::Crash,
+            ..
         })
         | None => {}
     }

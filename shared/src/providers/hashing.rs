@@ -12,9 +12,9 @@ pub struct HashingEmbedder {
 }
 
 const STOPWORDS: &[&str] = &[
-    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "in", "is", "it", "its", "of", "on",
-    "or", "that", "the", "this", "to", "was", "were", "what", "when", "which", "who", "with", "how", "why", "does",
-    "do", "did",
+    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "in", "is",
+    "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what", "when",
+    "which", "who", "with", "how", "why", "does", "do", "did",
 ];
 
 /// FNV-1a, 64-bit: stable across platforms and releases, unlike `std`'s hasher.
@@ -60,7 +60,12 @@ impl HashingEmbedder {
             }
         }
         for pair in words.windows(2) {
-            self.add(&mut v, format!("{} {}", pair[0], pair[1]).as_bytes(), 3, 0.5);
+            self.add(
+                &mut v,
+                format!("{} {}", pair[0], pair[1]).as_bytes(),
+                3,
+                0.5,
+            );
         }
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         if norm > 0.0 {

@@ -8,7 +8,8 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 use crate::settings::{EmbeddingProvider, EmbeddingSettings};
 
 /// A future an embedder returns.
-pub type EmbedFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send + 'a>>;
+pub type EmbedFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send + 'a>>;
 
 /// Turns texts into vectors of [`Embedder::dimensions`], one per text, in order.
 pub trait Embedder: Send + Sync {

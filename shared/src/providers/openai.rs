@@ -58,7 +58,8 @@ impl OpenAiEmbedder {
     }
 
     async fn request(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let mut body = serde_json::json!({ "model": self.model, "input": texts, "encoding_format": "float" });
+        let mut body =
+            serde_json::json!({ "model": self.model, "input": texts, "encoding_format": "float" });
         if self.model.starts_with("text-embedding-3") {
             body["dimensions"] = self.dimensions.into();
         }
@@ -122,7 +123,12 @@ impl OpenAiEmbedder {
 fn error_fields(body: &str) -> (String, String) {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     let e = v.get("error").filter(|e| e.is_object()).unwrap_or(&v);
-    let text = |k: &str| e.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_owned();
+    let text = |k: &str| {
+        e.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
     let message = match text("message") {
         m if m.is_empty() => body.chars().take(300).collect(),
         m => m,
@@ -150,7 +156,10 @@ fn retry_after(headers: &HeaderMap, message: &str) -> Option<Duration> {
     }
     let lower = message.to_ascii_lowercase();
     let rest = &lower[lower.find("try again in ")? + "try again in ".len()..];
-    let num: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let num: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let value: f64 = num.parse().ok()?;
     Some(if rest[num.len()..].starts_with("ms") {
         Duration::from_secs_f64(value / 1000.0)
@@ -203,9 +212,13 @@ mod tests {
         let e = classify(StatusCode::TOO_MANY_REQUESTS, &h, rate);
         assert_eq!(e.retry_after(), Some(Duration::from_millis(2812)));
         assert!(e.is_retryable());
-        let flat = r#"{"object":"error","message":"bad input","type":"BadRequestError","code":400}"#;
+        let flat =
+            r#"{"object":"error","message":"bad input","type":"BadRequestError","code":400}"#;
         let e = classify(StatusCode::BAD_REQUEST, &h, flat);
-        assert_eq!(e, EmbedError::Permanent("HTTP 400 Bad Request: bad input".into()));
+        assert_eq!(
+            e,
+            EmbedError::Permanent("HTTP 400 Bad Request: bad input".into())
+        );
         assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &h, "unhealthy").is_retryable());
         let mut h = HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());

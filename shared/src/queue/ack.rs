@@ -155,7 +155,9 @@ where
                 }
                 Ok(Err(err)) => {
                     let err: BoxDynError = err.into();
-                    shared.fail(&delivery, &payload, Failure::classify(&err)).await;
+                    shared
+                        .fail(&delivery, &payload, Failure::classify(&err))
+                        .await;
                     Err(err)
                 }
                 Err(panic) => {

@@ -31,8 +31,8 @@ use tokio::{
 };
 
 use super::{
-    BATCH, Delivery, Envelope, GROUP, QueueError, QueueHandle, ack::AckLayer, entry_time_ms, error::Failure, now_ms,
-    scripts,
+    BATCH, Delivery, Envelope, GROUP, QueueError, QueueHandle, ack::AckLayer, entry_time_ms,
+    error::Failure, now_ms, scripts,
 };
 use crate::metrics as m;
 
@@ -254,9 +254,10 @@ impl Shared {
         let max = self.settings().max_deliveries;
         let dead_reason = match &failure {
             Failure::Permanent { error } => Some(error.clone()),
-            Failure::Retry { error, .. } if delivery.attempt >= max => {
-                Some(format!("{error} (gave up after {} attempts)", delivery.attempt))
-            }
+            Failure::Retry { error, .. } if delivery.attempt >= max => Some(format!(
+                "{error} (gave up after {} attempts)",
+                delivery.attempt
+            )),
             Failure::Retry { .. } => None,
         };
         let outcome = if let Some(reason) = dead_reason {
@@ -272,7 +273,9 @@ impl Shared {
                 .map(|owned| (owned, "dead"))
         } else {
             let after = match &failure {
-                Failure::Retry { after: Some(after), .. } => *after,
+                Failure::Retry {
+                    after: Some(after), ..
+                } => *after,
                 _ => self.settings().backoff(delivery.attempt),
             };
             let env = Envelope {
@@ -332,7 +335,12 @@ impl Shared {
         }
     }
 
-    async fn retry(&self, entry_id: &str, env: &Envelope, after: Duration) -> Result<bool, QueueError> {
+    async fn retry(
+        &self,
+        entry_id: &str,
+        env: &Envelope,
+        after: Duration,
+    ) -> Result<bool, QueueError> {
         let member = serde_json::to_string(env).map_err(QueueError::Encode)?;
         let keys = self.queue.keys().clone();
         let (consumer, entry_id) = (self.name.clone(), entry_id.to_owned());
@@ -380,7 +388,10 @@ impl Shared {
 
     /// Turns fetched entries into tasks; entries that must not run (out of attempts, undecodable, malformed)
     /// go to the dead letters here.
-    async fn accept<T: DeserializeOwned + Send + Sync + 'static>(&self, entries: Vec<RawEntry>) -> Vec<Task<T>> {
+    async fn accept<T: DeserializeOwned + Send + Sync + 'static>(
+        &self,
+        entries: Vec<RawEntry>,
+    ) -> Vec<Task<T>> {
         let max = self.settings().max_deliveries;
         let now = now_ms();
         let mut tasks = Vec::with_capacity(entries.len());
@@ -443,7 +454,8 @@ impl Shared {
                 }
             };
             let ready_at_ms = entry_time_ms(&entry.id);
-            metrics::histogram!(m::QUEUE_WAIT, &self.labels()).record(now.saturating_sub(ready_at_ms) as f64 / 1000.0);
+            metrics::histogram!(m::QUEUE_WAIT, &self.labels())
+                .record(now.saturating_sub(ready_at_ms) as f64 / 1000.0);
             let delivery = Delivery {
                 queue: self.queue.shared_name(),
                 entry_id: entry.id,
@@ -471,7 +483,10 @@ impl Shared {
 
     /// Fetches up to `count` jobs: claims stale entries of dead consumers first (when due), then blocks on the
     /// stream. Redis failures are logged, counted and retried with backoff; they never end the worker.
-    async fn fetch<T: DeserializeOwned + Send + Sync + 'static>(self: Arc<Self>, count: usize) -> Vec<Task<T>> {
+    async fn fetch<T: DeserializeOwned + Send + Sync + 'static>(
+        self: Arc<Self>,
+        count: usize,
+    ) -> Vec<Task<T>> {
         let mut reader = self.reader.lock().await;
         let mut backoff = Backoff::new();
         let interval = self.refresh_interval();
@@ -487,11 +502,14 @@ impl Shared {
             }
             self.beat();
             let now = now_ms();
-            if now.saturating_sub(self.last_reclaim_ms.load(Ordering::Relaxed)) >= interval.as_millis() as u64 {
+            if now.saturating_sub(self.last_reclaim_ms.load(Ordering::Relaxed))
+                >= interval.as_millis() as u64
+            {
                 self.last_reclaim_ms.store(now, Ordering::Relaxed);
                 match self.reclaim(count).await {
                     Ok(entries) if !entries.is_empty() => {
-                        metrics::counter!(m::QUEUE_RECLAIMED, &self.labels()).increment(entries.len() as u64);
+                        metrics::counter!(m::QUEUE_RECLAIMED, &self.labels())
+                            .increment(entries.len() as u64);
                         tracing::info!(queue = self.queue.name(), consumer = %self.name, count = entries.len(), "Took over stale jobs of a consumer that stopped answering");
                         let tasks = self.accept(entries).await;
                         if !tasks.is_empty() {
@@ -531,7 +549,9 @@ impl Shared {
                             fields: id
                                 .map
                                 .iter()
-                                .filter_map(|(k, v)| String::from_redis_value_ref(v).ok().map(|v| (k.clone(), v)))
+                                .filter_map(|(k, v)| {
+                                    String::from_redis_value_ref(v).ok().map(|v| (k.clone(), v))
+                                })
                                 .collect(),
                             id: id.id,
                             deliveries: 1,
@@ -592,7 +612,11 @@ impl Shared {
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     fields.insert(k, v);
                 }
-                RawEntry { id, fields, deliveries }
+                RawEntry {
+                    id,
+                    fields,
+                    deliveries,
+                }
             })
             .collect())
     }
@@ -661,7 +685,10 @@ struct Reader {
 }
 
 impl Reader {
-    async fn connection(&mut self, id: &AtomicI64) -> redis::RedisResult<&mut MultiplexedConnection> {
+    async fn connection(
+        &mut self,
+        id: &AtomicI64,
+    ) -> redis::RedisResult<&mut MultiplexedConnection> {
         if self.conn.is_none() {
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -671,7 +698,10 @@ impl Reader {
                 .client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
-            let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+            let client_id: i64 = redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async(&mut conn)
+                .await?;
             id.store(client_id, Ordering::Release);
             self.conn = Some(conn);
         }
@@ -763,7 +793,13 @@ async fn run_refresher(shared: std::sync::Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let interval = s.refresh_interval();
-        let ids: Vec<String> = s.owned.lock().expect("owned lock").iter().cloned().collect();
+        let ids: Vec<String> = s
+            .owned
+            .lock()
+            .expect("owned lock")
+            .iter()
+            .cloned()
+            .collect();
         let mut conn = s.queue.broker().connection();
         for chunk in ids.chunks(BATCH) {
             let res: redis::RedisResult<Vec<String>> = scripts::REFRESH
@@ -805,9 +841,8 @@ async fn run_promoter(shared: std::sync::Weak<Shared>) {
             .await;
         let pause = match res {
             Ok((moved, _)) if moved as usize >= BATCH => Duration::ZERO,
-            Ok((_, wait_ms)) if wait_ms >= 0 => {
-                Duration::from_millis(wait_ms as u64).clamp(Duration::from_millis(5), Duration::from_secs(1))
-            }
+            Ok((_, wait_ms)) if wait_ms >= 0 => Duration::from_millis(wait_ms as u64)
+                .clamp(Duration::from_millis(5), Duration::from_secs(1)),
             Ok(_) => Duration::from_secs(1),
             Err(e) => {
                 s.redis_error("promote", &e);
@@ -841,14 +876,21 @@ fn is_suspect<T>(task: &Task<T>) -> bool {
 }
 
 fn entry_id_of<T>(task: &Task<T>) -> Option<String> {
-    task.ctx().data().get::<Delivery>().map(|d| d.entry_id.clone())
+    task.ctx()
+        .data()
+        .get::<Delivery>()
+        .map(|d| d.entry_id.clone())
 }
 
 impl<T: DeserializeOwned + Send + Sync + 'static> Backend for StreamBackend<T> {
     type Task = Task<T>;
     type Error = QueueError;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), QueueError>> {
+    fn poll_ready(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), QueueError>> {
         Poll::Ready(Ok(()))
     }
 
@@ -903,7 +945,11 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Backend for StreamBackend<T> {
         }
     }
 
-    fn poll_close(&mut self, cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), QueueError>> {
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), QueueError>> {
         let closing = self.closing.get_or_insert_with(|| {
             let shared = self.shared.clone();
             let fetch = self.fetch.take();

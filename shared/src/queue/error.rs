@@ -78,7 +78,9 @@ impl JobError {
 
     /// A failure no retry can fix.
     pub fn permanent(source: impl Into<BoxDynError>) -> Self {
-        Self::Permanent { source: source.into() }
+        Self::Permanent {
+            source: source.into(),
+        }
     }
 }
 
@@ -86,7 +88,10 @@ impl JobError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
     /// Try again, after the given delay or the backoff.
-    Retry { error: String, after: Option<Duration> },
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
     /// Dead-letter now.
     Permanent { error: String },
 }
@@ -106,7 +111,9 @@ impl Failure {
             };
         }
         if let Some(e) = err.downcast_ref::<AbortError>() {
-            return Self::Permanent { error: e.to_string() };
+            return Self::Permanent {
+                error: e.to_string(),
+            };
         }
         if let Some(e) = err.downcast_ref::<RetryAfterError>() {
             return Self::Retry {
@@ -148,8 +155,12 @@ mod tests {
             }
         );
         let abort: BoxDynError = Box::new(AbortError::new("no"));
-        assert!(matches!(Failure::classify(&abort), Failure::Permanent { .. }));
-        let later: BoxDynError = Box::new(RetryAfterError::new("busy", Duration::from_millis(1500)));
+        assert!(matches!(
+            Failure::classify(&abort),
+            Failure::Permanent { .. }
+        ));
+        let later: BoxDynError =
+            Box::new(RetryAfterError::new("busy", Duration::from_millis(1500)));
         assert_eq!(Failure::classify(&later).message(), "RetryError: busy");
         assert!(
             matches!(Failure::classify(&later), Failure::Retry { after: Some(d), .. } if d == Duration::from_millis(1500))

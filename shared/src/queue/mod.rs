@@ -308,7 +308,8 @@ impl QueueHandle {
         for chunk in envelopes.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for env in chunk {
-                pipe.xadd(&self.inner.keys.stream, "*", &env.fields()).ignore();
+                pipe.xadd(&self.inner.keys.stream, "*", &env.fields())
+                    .ignore();
             }
             pipe.query_async::<()>(&mut conn).await?;
         }
@@ -404,12 +405,20 @@ impl QueueHandle {
         let mut conn = self.conn();
         let dead = &self.inner.keys.dead;
         if ids.is_empty() {
-            let (n, _): (u64, ()) = redis::pipe().xlen(dead).del(dead).query_async(&mut conn).await?;
+            let (n, _): (u64, ()) = redis::pipe()
+                .xlen(dead)
+                .del(dead)
+                .query_async(&mut conn)
+                .await?;
             return Ok(n);
         }
         let mut removed = 0;
         for chunk in ids.chunks(BATCH) {
-            let n: u64 = redis::cmd("XDEL").arg(dead).arg(chunk).query_async(&mut conn).await?;
+            let n: u64 = redis::cmd("XDEL")
+                .arg(dead)
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await?;
             removed += n;
         }
         Ok(removed)
@@ -449,7 +458,9 @@ impl<T> Clone for Queue<T> {
 
 impl<T> std::fmt::Debug for Queue<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").field("name", &self.handle.name()).finish()
+        f.debug_struct("Queue")
+            .field("name", &self.handle.name())
+            .finish()
     }
 }
 
@@ -470,7 +481,10 @@ impl<T: Serialize> Queue<T> {
 
     /// Pushes one job under a job id of the caller's (for example a document id and stage).
     pub async fn push_with_id(&self, id: &str, job: &T) -> Result<(), QueueError> {
-        let env = Envelope::new(id.to_owned(), serde_json::to_string(job).map_err(QueueError::Encode)?);
+        let env = Envelope::new(
+            id.to_owned(),
+            serde_json::to_string(job).map_err(QueueError::Encode)?,
+        );
         self.handle.push_envelopes(std::slice::from_ref(&env)).await
     }
 
@@ -514,7 +528,10 @@ impl<T: Serialize> Queue<T> {
     /// Pushes a job that becomes runnable after `delay`.
     pub async fn push_delayed(&self, job: &T, delay: Duration) -> Result<String, QueueError> {
         let id = new_job_id();
-        let env = Envelope::new(id.clone(), serde_json::to_string(job).map_err(QueueError::Encode)?);
+        let env = Envelope::new(
+            id.clone(),
+            serde_json::to_string(job).map_err(QueueError::Encode)?,
+        );
         let member = serde_json::to_string(&env).map_err(QueueError::Encode)?;
         let _: () = redis::cmd("EVAL")
             .arg(
@@ -553,5 +570,8 @@ pub(crate) fn now_ms() -> u64 {
 
 /// The time part of a stream entry id (`<ms>-<seq>`).
 pub(crate) fn entry_time_ms(id: &str) -> u64 {
-    id.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+    id.split('-')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0)
 }

@@ -81,7 +81,8 @@ struct Job {
 
 /// CLOCK_MONOTONIC in ms: system-wide on Linux, so the producer and the worker process read the same clock.
 fn now_ms() -> f64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     ts.tv_sec() as f64 * 1000.0 + ts.tv_nsec() as f64 / 1e6
 }
 
@@ -95,8 +96,15 @@ fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(path) else {
         return f64::NAN;
     };
-    let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 2)..].split(' ').collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 2)..]
+        .split(' ')
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -147,7 +155,9 @@ fn window(a: Snap, b: Snap) -> serde_json::Value {
     })
 }
 
-async fn redis_info(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<(f64, f64, f64)> {
+async fn redis_info(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<(f64, f64, f64)> {
     let info: String = redis::cmd("INFO").query_async(conn).await?;
     let get = |k: &str| {
         info.lines()
@@ -274,8 +284,16 @@ async fn worker_main(args: Args) -> anyhow::Result<()> {
     run.await??;
     handle.finish().await?;
 
-    let (first_start, s0) = first.lock().expect("first").take().unwrap_or((t0, snap(redis_pid)));
-    let (last_done, s1) = last.lock().expect("last").take().unwrap_or((now_ms(), snap(redis_pid)));
+    let (first_start, s0) = first
+        .lock()
+        .expect("first")
+        .take()
+        .unwrap_or((t0, snap(redis_pid)));
+    let (last_done, s1) = last
+        .lock()
+        .expect("last")
+        .take()
+        .unwrap_or((now_ms(), snap(redis_pid)));
     let mut lat = std::mem::take(&mut *latencies.lock().expect("latencies"));
     lat.sort_by(f64::total_cmp);
     let result = WorkerResult {
@@ -297,9 +315,21 @@ struct WorkerProc {
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
-fn start_worker(args: &Args, mode: &str, expect: u64, redis_pid: u32) -> anyhow::Result<WorkerProc> {
+fn start_worker(
+    args: &Args,
+    mode: &str,
+    expect: u64,
+    redis_pid: u32,
+) -> anyhow::Result<WorkerProc> {
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["--role", "worker", "--mode", mode, "--expect", &expect.to_string()])
+        .args([
+            "--role",
+            "worker",
+            "--mode",
+            mode,
+            "--expect",
+            &expect.to_string(),
+        ])
         .args([
             "--concurrency",
             &args.concurrency.to_string(),
@@ -321,7 +351,10 @@ fn start_worker(args: &Args, mode: &str, expect: u64, redis_pid: u32) -> anyhow:
 
 impl WorkerProc {
     fn result(mut self) -> anyhow::Result<WorkerResult> {
-        let line = self.lines.next().context("the worker printed no result")??;
+        let line = self
+            .lines
+            .next()
+            .context("the worker printed no result")??;
         let status = self.child.wait()?;
         if !status.success() {
             bail!("the worker exited with {status}");
@@ -336,15 +369,20 @@ async fn main_role(args: Args) -> anyhow::Result<()> {
         bail!("refusing to FLUSHDB Redis DB 0: pass --redis with a dedicated DB index");
     }
     let mut admin = client.get_multiplexed_async_connection().await?;
-    let server: String = redis::cmd("INFO").arg("server").query_async(&mut admin).await?;
+    let server: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut admin)
+        .await?;
     let redis_pid: u32 = server
         .lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    let flush =
-        |mut c: redis::aio::MultiplexedConnection| async move { redis::cmd("FLUSHDB").query_async::<()>(&mut c).await };
-    let mut out = serde_json::json!({ "peer": "ours", "n": args.n, "concurrency": args.concurrency });
+    let flush = |mut c: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("FLUSHDB").query_async::<()>(&mut c).await
+    };
+    let mut out =
+        serde_json::json!({ "peer": "ours", "n": args.n, "concurrency": args.concurrency });
 
     // -- enqueue
     flush(admin.clone()).await?;
@@ -429,8 +467,8 @@ async fn main_role(args: Args) -> anyhow::Result<()> {
         let (r1, s1) = (redis_info(&mut admin).await?, snap(redis_pid));
         out["latency_p50_ms"] = serde_json::json!(res.p50.map(round3));
         out["latency_p99_ms"] = serde_json::json!(res.p99.map(round3));
-        let completion_rate =
-            (res.last_done > tc0).then(|| (res.done as f64 / ((res.last_done - tc0) / 1000.0)).round());
+        let completion_rate = (res.last_done > tc0)
+            .then(|| (res.done as f64 / ((res.last_done - tc0) / 1000.0)).round());
         let secs = (s1.t - s0.t) / 1000.0;
         out["latency_diag"] = serde_json::json!({
             "jobs": m, "completed": res.done, "rate_target": args.rate,
@@ -446,7 +484,8 @@ async fn main_role(args: Args) -> anyhow::Result<()> {
     }
     flush(admin.clone()).await?;
     out["config"] = serde_json::json!({ "fetch": "XREADGROUP BLOCK, COUNT = free slots", "ack": "batched XACK+XDEL after the handler", "build": if cfg!(debug_assertions) { "debug" } else { "release" } });
-    out["versions"] = serde_json::json!({ "upload-pipeline": env!("CARGO_PKG_VERSION"), "apalis-core": "1.0.0" });
+    out["versions"] =
+        serde_json::json!({ "upload-pipeline": env!("CARGO_PKG_VERSION"), "apalis-core": "1.0.0" });
     println!("{out}");
     Ok(())
 }
