@@ -384,14 +384,25 @@ async fn upload(
     Ok((code, Json(body)).into_response())
 }
 
+/// A document id from the path; one that is not a UUID is as unknown as any other (404).
+pub struct DocumentId(pub Uuid);
+
+impl FromRequestParts<ApiState> for DocumentId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let Path(id) = Path::<Uuid>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found())?;
+        Ok(Self(id))
+    }
+}
+
 async fn status(
     State(state): State<ApiState>,
     Caller(user): Caller,
-    id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
+    DocumentId(id): DocumentId,
 ) -> Result<Response, ApiError> {
-    let Ok(Path(id)) = id else {
-        return Err(ApiError::not_found());
-    };
     let doc = documents::get(&state.pipeline.pool, user, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
@@ -401,11 +412,8 @@ async fn status(
 async fn remove(
     State(state): State<ApiState>,
     Caller(user): Caller,
-    id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
+    DocumentId(id): DocumentId,
 ) -> Result<Response, ApiError> {
-    let Ok(Path(id)) = id else {
-        return Err(ApiError::not_found());
-    };
     if documents::delete(&state.pipeline.pool, user, id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

@@ -1,7 +1,9 @@
 //! The chunk stage: parsed sections to chunks (upserted by document and index), then embed jobs in batches so a
 //! long document spreads over every embed replica.
 
-use super::pipeline::{Pipeline, StageError, StageJob, advance, current, settle_failure, start};
+use super::pipeline::{
+    Pipeline, StageError, StageJob, advance, current, lock_document, settle_failure, start,
+};
 use crate::{
     chunking::{self, ChunkError},
     db,
@@ -81,12 +83,7 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     }
 
     let mut tx = db::begin_as(&p.pool, user).await?;
-    let exists: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
-            .bind(doc)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if exists.is_none() {
+    if !lock_document(&mut tx, doc).await? {
         return Ok(());
     }
     let indices: Vec<i32> = chunks.iter().map(|c| c.index as i32).collect();

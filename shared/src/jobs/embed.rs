@@ -1,7 +1,9 @@
 //! The embed stage: one batch of chunks to vectors; the batch that completes a document makes it `ready`
 //! (decided in SQL under the document's row lock) and records its upload-to-queryable time.
 
-use super::pipeline::{EmbedJob, Pipeline, StageError, current, settle_failure, start};
+use super::pipeline::{
+    EmbedJob, Pipeline, StageError, current, lock_document, settle_failure, start,
+};
 use crate::{
     db,
     providers::EmbedError,
@@ -87,12 +89,7 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
         .await?;
     }
     // The last batch to land flips the document to ready; the row lock orders concurrent batches.
-    let locked: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
-            .bind(doc)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if locked.is_none() {
+    if !lock_document(&mut tx, doc).await? {
         return Ok(());
     }
     let ready: Option<(f64,)> = sqlx::query_as(

@@ -133,7 +133,7 @@ mod tests {
         }
         let err = "ocr".parse::<Stage>().unwrap_err().to_string();
         assert!(
-            err.contains("ocr") && err.contains("parse, chunk or embed"),
+            err.contains("ocr") && err.contains("parse, chunk, embed or synthetic"),
             "{err}"
         );
     }

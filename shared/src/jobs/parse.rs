@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use super::pipeline::{Pipeline, StageError, StageJob, advance, current, settle_failure, start};
+use super::pipeline::{
+    Pipeline, StageError, StageJob, advance, current, lock_document, settle_failure, start,
+};
 use crate::{
     db,
     parsing::{self, DocKind, Limits, ParseError},
@@ -79,12 +81,7 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
             .unwrap_or_default()
     );
     let mut tx = db::begin_as(&p.pool, user).await?;
-    let exists: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
-            .bind(doc)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if exists.is_none() {
+    if !lock_document(&mut tx, doc).await? {
         return Ok(());
     }
     sqlx::query(

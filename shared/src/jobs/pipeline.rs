@@ -378,3 +378,17 @@ pub(crate) async fn advance<'c>(
     .await?;
     Ok(())
 }
+
+/// Locks the document's row for the rest of the transaction; `false` when it was deleted meanwhile (its jobs then
+/// finish as no-ops).
+pub(crate) async fn lock_document(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    doc: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let row: Option<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
+            .bind(doc)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(row.is_some())
+}
