@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services build demo run test lint fmt bench-queue clean
+.PHONY: help services build demo run test lint fmt openapi contract bench-queue clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,13 +20,21 @@ demo: services build ## Upload the sample corpus through the fleet on the embedd
 run: services build ## Run the fleet (producer API + a worker for every stage) in the foreground
 	@bash deploy/local/run.sh
 
-test: services lint ## Format check, clippy, and every unit and integration test against the real Redis
+test: services lint ## Format check, clippy, every unit and integration test, and the API contract fuzzing
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	@bash tests/contract/schemathesis.sh
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+openapi: ## Regenerate docs/openapi.json from the API's handlers and types
+	$(CARGO) run --quiet -p producer -- openapi > docs/openapi.json
+
+contract: services ## Fuzz the running API against docs/openapi.json with schemathesis
+	$(CARGO) build --workspace --bins
+	@bash tests/contract/schemathesis.sh
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -76,6 +76,8 @@ enum Command {
     },
     /// Creates the database if missing, applies the migrations and registers the embedding model's index.
     Migrate,
+    /// Prints the API's OpenAPI 3.1 document (the one served at /openapi.json).
+    Openapi,
     /// Prints a bearer token for a user, signed with the configured JWT secret.
     Token {
         /// The user's UUID.
@@ -213,6 +215,10 @@ async fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Command::Openapi => {
+            print!("{}", upload_pipeline::api::openapi_json());
+            return Ok(());
+        }
         Command::Token { user, ttl, admin } => {
             println!(
                 "{}",
@@ -271,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
         .context("Failed to connect to Redis")?;
     match args.command {
         Command::Serve { .. }
+        | Command::Openapi
         | Command::Migrate
         | Command::Token { .. }
         | Command::Upload { .. }

@@ -31,13 +31,14 @@ use axum::{
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::{
     auth::Auth,
     db::DbError,
-    documents::{self, NewUpload, UploadError, UploadOutcome},
+    documents::{self, Document, Hit, NewUpload, StageStatus, UploadError, UploadOutcome},
     jobs::{Pipeline, Stage},
     metrics as m,
     parsing::{DocKind, ParseError},
@@ -57,16 +58,68 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
 }
 
+/// The stable codes of API errors (the `code` of `{"error": {"code", "message"}}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: a malformed request (parameters, headers, multipart body).
+    InvalidRequest,
+    /// 400: the body is not valid JSON.
+    InvalidJson,
+    /// 400: the uploaded file has no bytes.
+    EmptyFile,
+    /// 400: `metadata` is not a JSON object (or holds a NUL character).
+    InvalidMetadata,
+    /// 401: missing, malformed, forged or expired bearer token.
+    Unauthorized,
+    /// 404: no such document (also another user's) or route.
+    NotFound,
+    /// 409: the `Idempotency-Key` was used for a different file.
+    IdempotencyConflict,
+    /// 413: the upload is over `api.max_upload_bytes`.
+    FileTooLarge,
+    /// 415: a file type the parsers do not read, or a body that is not JSON.
+    UnsupportedMediaType,
+    /// 422: a PDF or DOCX that is not one.
+    InvalidDocument,
+    /// 422: binary data or invalid UTF-8 in a text file.
+    InvalidText,
+    /// 422: an empty or too long search query.
+    InvalidQuery,
+    /// 422: `k` out of range.
+    InvalidK,
+    /// 503: Postgres, Redis or the embedding provider is unavailable; try again.
+    Unavailable,
+    /// 500: a bug; the details are in the server's logs.
+    Internal,
+}
+
+/// An error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error inside an [`ErrorBody`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code to act on.
+    pub code: ErrorCode,
+    /// A sentence for people.
+    pub message: String,
+}
+
 /// An API error: status, stable code, and a message for people.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -75,7 +128,11 @@ impl ApiError {
     }
 
     fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such document")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such document",
+        )
     }
 }
 
@@ -95,14 +152,14 @@ impl From<DbError> for ApiError {
             tracing::warn!(error = %e, "Database unavailable");
             Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable,
                 "the database is unavailable; try again",
             )
         } else {
             tracing::error!(error = %e, "Database error");
             Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+                ErrorCode::Internal,
                 "internal error",
             )
         }
@@ -114,15 +171,19 @@ impl From<JsonRejection> for ApiError {
         match e {
             JsonRejection::MissingJsonContentType(_) => Self::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "send Content-Type: application/json",
             ),
             JsonRejection::JsonDataError(e) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 e.body_text(),
             ),
-            other => Self::new(StatusCode::BAD_REQUEST, "invalid_json", other.body_text()),
+            other => Self::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidJson,
+                other.body_text(),
+            ),
         }
     }
 }
@@ -145,7 +206,7 @@ impl FromRequestParts<ApiState> for Caller {
         else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "send Authorization: Bearer <token>",
             ));
         };
@@ -155,7 +216,7 @@ impl FromRequestParts<ApiState> for Caller {
                 tracing::debug!(error = %e, "Token refused");
                 Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    "unauthorized",
+                    ErrorCode::Unauthorized,
                     "the token is invalid or expired",
                 ))
             }
@@ -170,13 +231,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/documents", post(upload).get(list))
         .route("/v1/documents/{id}", get(status).delete(remove))
         .route("/v1/search", post(search))
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(count_responses))
         .with_state(state)
@@ -212,18 +273,60 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: u64) -> A
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "file_too_large",
+            ErrorCode::FileTooLarge,
             format!("uploads are limited to {limit} bytes"),
         )
     } else {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("unreadable multipart body: {}", e.body_text()),
         )
     }
 }
 
+/// The multipart body of an upload.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct UploadForm {
+    /// The document: .txt, .md, .html, .pdf or .docx (its name decides how it is read).
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    file: Vec<u8>,
+    /// Free-form metadata, a JSON object (at most 64 KiB).
+    metadata: Option<String>,
+}
+
+/// The answer to an upload.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UploadResponse {
+    /// The document.
+    pub document_id: Uuid,
+    /// Its status now.
+    pub status: String,
+    /// Present and true when the same user uploaded the same bytes before (answered with 200).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// Uploads a document. It is durable before the answer: the document, its bytes and its parse stage are committed
+/// in one transaction, then the parse job is pushed.
+#[utoipa::path(
+    post, path = "/v1/documents", tag = "documents",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries of one upload safe: the same key answers with the document it created")),
+    responses(
+        (status = 202, description = "Accepted: a new document (or a retry with a known Idempotency-Key)", body = UploadResponse),
+        (status = 200, description = "The same bytes were uploaded before by this user: that document", body = UploadResponse),
+        (status = 400, description = "`invalid_request`, `empty_file`, `invalid_metadata`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
+        (status = 413, description = "`file_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_document`, `invalid_text`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn upload(
     State(state): State<ApiState>,
     Caller(user): Caller,
@@ -234,7 +337,7 @@ async fn upload(
     let mut multipart = multipart.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "send multipart/form-data with a `file` field: {}",
                 e.body_text()
@@ -253,7 +356,7 @@ async fn upload(
                 key.ok_or_else(|| {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
-                        "invalid_request",
+                        ErrorCode::InvalidRequest,
                         "Idempotency-Key must be 1 to 255 visible characters",
                     )
                 })?
@@ -278,7 +381,7 @@ async fn upload(
                     if (bytes.len() + chunk.len()) as u64 > limit {
                         return Err(ApiError::new(
                             StatusCode::PAYLOAD_TOO_LARGE,
-                            "file_too_large",
+                            ErrorCode::FileTooLarge,
                             format!("uploads are limited to {limit} bytes"),
                         ));
                     }
@@ -295,18 +398,18 @@ async fn upload(
                     if raw.len() > 64 * 1024 {
                         return Err(ApiError::new(
                             StatusCode::BAD_REQUEST,
-                            "invalid_metadata",
+                            ErrorCode::InvalidMetadata,
                             "metadata is limited to 64 KiB",
                         ));
                     }
                 }
                 metadata = serde_json::from_slice::<serde_json::Value>(&raw)
                     .ok()
-                    .filter(|v| v.is_object())
+                    .filter(|v| v.is_object() && !v.to_string().contains("\\u0000"))
                     .ok_or_else(|| {
                         ApiError::new(
                             StatusCode::BAD_REQUEST,
-                            "invalid_metadata",
+                            ErrorCode::InvalidMetadata,
                             "metadata must be a JSON object",
                         )
                     })?;
@@ -324,25 +427,27 @@ async fn upload(
     let (filename, bytes) = file.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "the multipart body has no `file` field",
         )
     })?;
     let kind = DocKind::detect(&filename, &bytes).map_err(|e| match e {
-        ParseError::Empty => {
-            ApiError::new(StatusCode::BAD_REQUEST, "empty_file", "the file is empty")
-        }
+        ParseError::Empty => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::EmptyFile,
+            "the file is empty",
+        ),
         ParseError::Unsupported(m) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             m,
         ),
         ParseError::InvalidText(m) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_text", m)
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidText, m)
         }
         other => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_document",
+            ErrorCode::InvalidDocument,
             other.to_string(),
         ),
     })?;
@@ -357,9 +462,11 @@ async fn upload(
     let outcome = documents::create(&state.pipeline.pool, &up)
         .await
         .map_err(|e| match e {
-            UploadError::IdempotencyConflict => {
-                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", e.to_string())
-            }
+            UploadError::IdempotencyConflict => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::IdempotencyConflict,
+                e.to_string(),
+            ),
             UploadError::Db(e) => e.into(),
         })?;
     let (id, code, label) = match outcome {
@@ -377,10 +484,11 @@ async fn upload(
     let doc = documents::get(&state.pipeline.pool, user, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    let mut body = serde_json::json!({ "document_id": id, "status": doc.status });
-    if label == "duplicate" {
-        body["duplicate"] = true.into();
-    }
+    let body = UploadResponse {
+        document_id: id,
+        status: doc.status,
+        duplicate: label == "duplicate",
+    };
     Ok((code, Json(body)).into_response())
 }
 
@@ -398,6 +506,18 @@ impl FromRequestParts<ApiState> for DocumentId {
     }
 }
 
+/// A document's status, error, chunk counts, per-stage progress and timestamps.
+#[utoipa::path(
+    get, path = "/v1/documents/{id}", tag = "documents",
+    params(("id" = Uuid, Path, description = "The document")),
+    responses(
+        (status = 200, description = "The document", body = Document),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found` (also for another user's document)", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn status(
     State(state): State<ApiState>,
     Caller(user): Caller,
@@ -409,6 +529,18 @@ async fn status(
     Ok(Json(doc).into_response())
 }
 
+/// Deletes a document with its bytes, jobs and chunks, in one transaction.
+#[utoipa::path(
+    delete, path = "/v1/documents/{id}", tag = "documents",
+    params(("id" = Uuid, Path, description = "The document")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn remove(
     State(state): State<ApiState>,
     Caller(user): Caller,
@@ -421,11 +553,58 @@ async fn remove(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Filters and paging of a listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
-    status: Option<String>,
+    /// Only documents in this status.
+    #[param(inline)]
+    status: Option<DocumentStatus>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 100, default = 20)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+}
+
+/// A document's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DocumentStatus {
+    /// Waiting for the parse stage.
+    Queued,
+    /// Being parsed.
+    Parsing,
+    /// Being chunked.
+    Chunking,
+    /// Being embedded.
+    Embedding,
+    /// Searchable.
+    Ready,
+    /// Failed; see `error`.
+    Failed,
+}
+
+impl DocumentStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Parsing => "parsing",
+            Self::Chunking => "chunking",
+            Self::Embedding => "embedding",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A page of documents.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DocumentPage {
+    /// Newest first.
+    pub documents: Vec<Document>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }
 
 fn encode_cursor(c: (DateTime<Utc>, Uuid)) -> String {
@@ -443,70 +622,105 @@ fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
     ))
 }
 
+/// The caller's documents, newest first.
+#[utoipa::path(
+    get, path = "/v1/documents", tag = "documents",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of documents", body = DocumentPage),
+        (status = 400, description = "`invalid_request` (status, limit or cursor)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn list(
     State(state): State<ApiState>,
     Caller(user): Caller,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
-    const STATUSES: [&str; 6] = [
-        "queued",
-        "parsing",
-        "chunking",
-        "embedding",
-        "ready",
-        "failed",
-    ];
-    if let Some(s) = &params.status
-        && !STATUSES.contains(&s.as_str())
-    {
-        return Err(ApiError::new(
+    let Query(params) = params.map_err(|e| {
+        ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("status must be one of {}", STATUSES.join(", ")),
-        ));
-    }
+            ErrorCode::InvalidRequest,
+            e.body_text(),
+        )
+    })?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "limit must be between 1 and 100",
         ));
     }
     let cursor = match &params.cursor {
         None => None,
         Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "invalid cursor")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                "invalid cursor",
+            )
         })?),
     };
     let (docs, next) = documents::list(
         &state.pipeline.pool,
         user,
-        params.status.as_deref(),
+        params.status.map(DocumentStatus::as_str),
         limit,
         cursor,
     )
     .await?;
-    Ok(
-        Json(serde_json::json!({ "documents": docs, "next_cursor": next.map(encode_cursor) }))
-            .into_response(),
-    )
+    Ok(Json(DocumentPage {
+        documents: docs,
+        next_cursor: next.map(encode_cursor),
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// A search.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SearchRequest {
-    query: String,
+pub struct SearchRequest {
+    /// What to look for, in natural language.
+    #[schema(min_length = 1, max_length = 4000)]
+    pub query: String,
+    /// How many chunks to return (at most `api.max_search_k`, 50 by default).
     #[serde(default = "default_k")]
-    k: i64,
+    #[schema(minimum = 1, maximum = 50, default = 5)]
+    pub k: i64,
+}
+
+/// Search results.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SearchResponse {
+    /// Best first.
+    pub results: Vec<Hit>,
+    /// Time taken in the server, query embedding included.
+    pub took_ms: f64,
+    /// The model the query and the chunks were embedded with.
+    pub embedding_model: String,
 }
 
 fn default_k() -> i64 {
     5
 }
 
+/// The `k` chunks of the caller's documents nearest to the query (cosine similarity on the model's HNSW index).
+#[utoipa::path(
+    post, path = "/v1/search", tag = "search",
+    request_body = SearchRequest,
+    responses(
+        (status = 200, description = "Results, best first", body = SearchResponse),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type` (send application/json)", body = ErrorBody),
+        (status = 422, description = "`invalid_query`, `invalid_k`, `invalid_request`", body = ErrorBody),
+        (status = 503, description = "`unavailable` (database or embedding provider)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn search(
     State(state): State<ApiState>,
     Caller(user): Caller,
@@ -519,14 +733,14 @@ async fn search(
     if query.is_empty() || query.chars().count() > 4000 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_query",
+            ErrorCode::InvalidQuery,
             "query must be 1 to 4000 characters",
         ));
     }
     if req.k < 1 || req.k > max_k as i64 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_k",
+            ErrorCode::InvalidK,
             format!("k must be between 1 and {max_k}"),
         ));
     }
@@ -535,7 +749,7 @@ async fn search(
         tracing::warn!(error = %e, "Embedding the query failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCode::Unavailable,
             format!("the embedding provider is unavailable: {e}"),
         )
     })?;
@@ -549,14 +763,48 @@ async fn search(
     .await?;
     let took = started.elapsed();
     metrics::histogram!(m::SEARCH_DURATION).record(took.as_secs_f64());
-    Ok(Json(serde_json::json!({
-        "results": hits,
-        "took_ms": (took.as_secs_f64() * 1e5).round() / 100.0,
-        "embedding_model": embedder.model(),
-    }))
+    Ok(Json(SearchResponse {
+        results: hits,
+        took_ms: (took.as_secs_f64() * 1e5).round() / 100.0,
+        embedding_model: embedder.model().to_owned(),
+    })
     .into_response())
 }
 
+/// Liveness.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+}
+
+/// The process answers (it does not look at its dependencies).
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: whether the dependencies answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    pub status: String,
+    /// `ok` or the error.
+    pub postgres: String,
+    /// `ok` or the error.
+    pub redis: String,
+}
+
+/// Ready when Postgres and Redis answer.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "A dependency is down", body = Readiness),
+    )
+)]
 async fn readyz(State(state): State<ApiState>) -> Response {
     let db = sqlx::query("SELECT 1")
         .execute(&state.pipeline.pool)
@@ -570,9 +818,11 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         .err()
         .map(|e| e.to_string());
     let ok = db.is_none() && redis.is_none();
-    let body = Json(
-        serde_json::json!({ "status": if ok { "ready" } else { "unavailable" }, "postgres": db.unwrap_or_else(|| "ok".into()), "redis": redis.unwrap_or_else(|| "ok".into()) }),
-    );
+    let body = Json(Readiness {
+        status: if ok { "ready" } else { "unavailable" }.into(),
+        postgres: db.unwrap_or_else(|| "ok".into()),
+        redis: redis.unwrap_or_else(|| "ok".into()),
+    });
     (
         if ok {
             StatusCode::OK
@@ -584,6 +834,11 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
+/// Prometheus metrics of this producer, with the stage queues' state read at scrape time.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"))
+)]
 async fn render_metrics(State(state): State<ApiState>) -> Response {
     for stage in Stage::PIPELINE {
         if let Ok(queue) = state.broker.handle(stage.as_str())
@@ -602,11 +857,57 @@ async fn render_metrics(State(state): State<ApiState>) -> Response {
             .into_response(),
         None => ApiError::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             "metrics are not enabled",
         )
         .into_response(),
     }
+}
+
+/// The OpenAPI 3.1 document of the API (served at `/openapi.json`, committed as `docs/openapi.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "upload-pipeline producer API",
+        description = "Upload documents on behalf of users and search their chunks by meaning. Every /v1 call needs \
+                       `Authorization: Bearer <JWT>` (HS256, `sub` = the user's UUID). Errors are \
+                       `{\"error\": {\"code\", \"message\"}}` with the codes of `ErrorCode`."
+    ),
+    paths(upload, list, status, remove, search, healthz, readyz, render_metrics),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, SearchRequest, SearchResponse, Hit, Health, Readiness)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "documents", description = "Upload, follow, list and delete documents"),
+        (name = "search", description = "Search the caller's documents"),
+        (name = "operations", description = "Health, readiness and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document as pretty JSON with a final newline (the form committed as `docs/openapi.json`).
+pub fn openapi_json() -> String {
+    let mut doc =
+        serde_json::to_string_pretty(&ApiDoc::openapi()).expect("the OpenAPI document serialises");
+    doc.push('\n');
+    doc
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -641,6 +942,25 @@ mod tests {
         assert_eq!(sanitize_filename("a\u{0}b\nc.txt"), "abc.txt");
         assert_eq!(sanitize_filename("..."), "upload");
         assert_eq!(sanitize_filename(&"é".repeat(300)).len(), 254);
+    }
+
+    #[test]
+    fn the_committed_openapi_document_matches_the_code() {
+        let committed = include_str!("../../docs/openapi.json");
+        assert!(
+            openapi_json() == committed,
+            "docs/openapi.json is out of date: run `make openapi` and commit it"
+        );
+    }
+
+    #[test]
+    fn every_error_code_is_in_the_document() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let codes = doc["components"]["schemas"]["ErrorCode"]["enum"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(codes, 15);
     }
 
     #[test]

@@ -1,26 +1,54 @@
-//! A typed client of the producer's HTTP API, used by the `producer` CLI.
+//! A typed Rust client of the producer's HTTP API, for services that push uploads and for the `producer` CLI.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), upload_pipeline::client::ClientError> {
+//! use std::time::Duration;
+//! use upload_pipeline::client::Client;
+//!
+//! let client = Client::new("http://127.0.0.1:8080", "<bearer token>")?;
+//! let uploaded = client.upload_file("report.pdf".as_ref(), None).await?;
+//! let doc = client.wait_until_ready(uploaded.document_id, Duration::from_secs(120)).await?;
+//! let hits = client.search("incident timeline", 5).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Calls answered 429 or 503 are retried (three times, honouring `Retry-After`), except streamed uploads, whose
+//! body cannot be sent twice.
 
 use std::{path::Path, time::Duration};
 
-use serde::Deserialize;
+use bytes::Bytes;
+use futures::Stream;
 use uuid::Uuid;
 
-use crate::documents::{Document, Hit};
+pub use crate::api::{
+    DocumentPage, DocumentStatus, ErrorCode, SearchResponse as SearchResults,
+    UploadResponse as Uploaded,
+};
+use crate::{api::ErrorBody, documents::Document};
 
 /// A failed call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The API answered with an error.
-    #[error("{status} {code}: {message}")]
+    #[error("{status} {code:?}: {message}")]
     Api {
         /// HTTP status.
         status: u16,
         /// The API's error code.
-        code: String,
+        code: ErrorCode,
         /// Its message.
         message: String,
     },
-    /// The API could not be reached or answered nonsense.
+    /// The API answered something that is not its documented error shape.
+    #[error("unexpected answer {status}: {body}")]
+    Unexpected {
+        /// HTTP status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// The API could not be reached, or its answer could not be read.
     #[error("request failed: {0}")]
     Http(#[from] reqwest::Error),
     /// A local file could not be read.
@@ -31,29 +59,45 @@ pub enum ClientError {
         /// Why.
         source: std::io::Error,
     },
+    /// The document failed while being processed.
+    #[error("document {id} failed: {error}")]
+    DocumentFailed {
+        /// The document.
+        id: Uuid,
+        /// Its error.
+        error: String,
+    },
+    /// The document was not ready in time.
+    #[error("document {id} is still {status} after {waited:?}")]
+    Timeout {
+        /// The document.
+        id: Uuid,
+        /// Its last status.
+        status: String,
+        /// How long we waited.
+        waited: Duration,
+    },
 }
 
-/// The answer to an upload.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct Uploaded {
-    /// The document.
-    pub document_id: Uuid,
-    /// Its status.
-    pub status: String,
-    /// The same bytes were uploaded before.
-    #[serde(default)]
-    pub duplicate: bool,
+impl ClientError {
+    /// The API's error code, when the API answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
 }
 
-/// The answer to a search.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct SearchResults {
-    /// Best first.
-    pub results: Vec<Hit>,
-    /// Server-side time.
-    pub took_ms: f64,
-    /// The model the query was embedded with.
-    pub embedding_model: String,
+/// Filters of [`Client::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only documents in this status.
+    pub status: Option<DocumentStatus>,
+    /// Page size, 1 to 100.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// A client bound to one API and one token.
@@ -62,17 +106,18 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    retries: u32,
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
+/// How long to wait before retrying an answer: its `Retry-After` (seconds, at most a minute), else backoff.
+fn retry_delay(resp: &reqwest::Response, attempt: u32) -> Duration {
+    resp.headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s >= 0.0 && *s <= 60.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or_else(|| Duration::from_millis(500 << attempt.min(4)))
 }
 
 impl Client {
@@ -85,30 +130,67 @@ impl Client {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
+            retries: 3,
         })
     }
 
-    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
-        if resp.status().is_success() {
-            return Ok(resp);
+    /// Sets how often 429 and 503 answers are retried (default 3).
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends the request `build` makes, retrying 429 and 503; returns a successful answer or the API's error.
+    async fn send(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        retry: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let resp = build().bearer_auth(&self.token).send().await?;
+            let status = resp.status().as_u16();
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            if retry && (status == 429 || status == 503) && attempt < self.retries {
+                tokio::time::sleep(retry_delay(&resp, attempt)).await;
+                attempt += 1;
+                continue;
+            }
+            let text = resp.text().await.unwrap_or_default();
+            return Err(match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(b) => ClientError::Api {
+                    status,
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Unexpected {
+                    status,
+                    body: text.chars().take(500).collect(),
+                },
+            });
         }
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => ClientError::Api {
-                status,
-                code: b.error.code,
-                message: b.error.message,
-            },
-            Err(_) => ClientError::Api {
-                status,
-                code: "unknown".into(),
-                message: text,
-            },
-        })
     }
 
-    /// Uploads a file.
+    fn form(
+        filename: &str,
+        part: reqwest::multipart::Part,
+        metadata: Option<&serde_json::Value>,
+    ) -> reqwest::multipart::Form {
+        let mut form =
+            reqwest::multipart::Form::new().part("file", part.file_name(filename.to_owned()));
+        if let Some(m) = metadata {
+            form = form.text("metadata", m.to_string());
+        }
+        form
+    }
+
+    /// Uploads a file; its name decides how it is read.
     pub async fn upload_file(
         &self,
         path: &Path,
@@ -131,46 +213,146 @@ impl Client {
     pub async fn upload_bytes(
         &self,
         filename: &str,
-        bytes: Vec<u8>,
+        bytes: impl Into<Bytes>,
         metadata: Option<&serde_json::Value>,
     ) -> Result<Uploaded, ClientError> {
-        let mut form = reqwest::multipart::Form::new().part(
-            "file",
-            reqwest::multipart::Part::bytes(bytes).file_name(filename.to_owned()),
-        );
-        if let Some(m) = metadata {
-            form = form.text("metadata", m.to_string());
-        }
+        let bytes: Bytes = bytes.into();
         let resp = self
-            .http
-            .post(format!("{}/v1/documents", self.base))
-            .bearer_auth(&self.token)
-            .multipart(form)
-            .send()
+            .send(
+                || {
+                    self.http
+                        .post(self.url("/v1/documents"))
+                        .multipart(Self::form(
+                            filename,
+                            reqwest::multipart::Part::stream(bytes.clone()),
+                            metadata,
+                        ))
+                },
+                true,
+            )
             .await?;
-        Ok(Self::check(resp).await?.json().await?)
+        Ok(resp.json().await?)
+    }
+
+    /// Uploads a stream of bytes (not retried: a stream cannot be sent twice).
+    pub async fn upload_stream<S>(
+        &self,
+        filename: &str,
+        stream: S,
+        metadata: Option<&serde_json::Value>,
+    ) -> Result<Uploaded, ClientError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(stream)));
+        let resp = self
+            .send(
+                || {
+                    let part = reqwest::multipart::Part::stream(
+                        body.lock()
+                            .expect("body")
+                            .take()
+                            .unwrap_or_else(|| reqwest::Body::from(Vec::new())),
+                    );
+                    self.http
+                        .post(self.url("/v1/documents"))
+                        .multipart(Self::form(filename, part, metadata))
+                },
+                false,
+            )
+            .await?;
+        Ok(resp.json().await?)
     }
 
     /// A document's status.
     pub async fn status(&self, id: Uuid) -> Result<Document, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/documents/{id}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        Ok(Self::check(resp).await?.json().await?)
+        Ok(self
+            .send(
+                || self.http.get(self.url(&format!("/v1/documents/{id}"))),
+                true,
+            )
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Waits until the document is ready, polling its status; fails when it failed or `timeout` passed.
+    pub async fn wait_until_ready(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> Result<Document, ClientError> {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let doc = self.status(id).await?;
+            match doc.status.as_str() {
+                "ready" => return Ok(doc),
+                "failed" => {
+                    return Err(ClientError::DocumentFailed {
+                        id,
+                        error: doc.error.unwrap_or_default(),
+                    });
+                }
+                _ if started.elapsed() >= timeout => {
+                    return Err(ClientError::Timeout {
+                        id,
+                        status: doc.status,
+                        waited: started.elapsed(),
+                    });
+                }
+                _ => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// A page of the caller's documents, newest first.
+    pub async fn list(&self, query: &ListQuery) -> Result<DocumentPage, ClientError> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(s) = query.status {
+            params.push((
+                "status",
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            ));
+        }
+        if let Some(l) = query.limit {
+            params.push(("limit", l.to_string()));
+        }
+        if let Some(c) = &query.cursor {
+            params.push(("cursor", c.clone()));
+        }
+        Ok(self
+            .send(
+                || self.http.get(self.url("/v1/documents")).query(&params),
+                true,
+            )
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Deletes a document with its chunks.
+    pub async fn delete(&self, id: Uuid) -> Result<(), ClientError> {
+        self.send(
+            || self.http.delete(self.url(&format!("/v1/documents/{id}"))),
+            true,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Searches the caller's documents.
     pub async fn search(&self, query: &str, k: u32) -> Result<SearchResults, ClientError> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/search", self.base))
-            .bearer_auth(&self.token)
-            .json(&serde_json::json!({ "query": query, "k": k }))
-            .send()
-            .await?;
-        Ok(Self::check(resp).await?.json().await?)
+        let body = serde_json::json!({ "query": query, "k": k });
+        Ok(self
+            .send(|| self.http.post(self.url("/v1/search")).json(&body), true)
+            .await?
+            .json()
+            .await?)
     }
 }

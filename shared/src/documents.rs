@@ -125,7 +125,7 @@ pub async fn create(pool: &PgPool, up: &NewUpload) -> Result<UploadOutcome, Uplo
 }
 
 /// The progress of one stage.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StageStatus {
     /// `parse`, `chunk` or `embed`.
     pub stage: String,
@@ -144,7 +144,7 @@ pub struct StageStatus {
 }
 
 /// A document with its progress.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Document {
     /// Its id.
     pub id: Uuid,
@@ -161,6 +161,7 @@ pub struct Document {
     /// Why it failed.
     pub error: Option<String>,
     /// The caller's metadata.
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     /// Chunks made (once chunked).
     pub chunks_total: Option<i32>,
@@ -248,7 +249,7 @@ pub async fn delete(pool: &PgPool, user: Uuid, id: Uuid) -> Result<bool, DbError
 }
 
 /// A search hit.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Hit {
     /// Cosine similarity, 1 = same direction.
     pub score: f64,
@@ -260,7 +261,8 @@ pub struct Hit {
     pub chunk_index: i32,
     /// The chunk's text.
     pub content: String,
-    /// Page and heading path.
+    /// Page (when the format has pages) and heading path.
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
 }
 

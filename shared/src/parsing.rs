@@ -3,7 +3,7 @@
 //!
 //! | kind | detected by | becomes |
 //! |---|---|---|
-//! | plain text | `.txt`, `.text`, `.log`, `.csv` | the text |
+//! | plain text | `.txt`, `.text`, `.log`, `.csv`, or no extension and UTF-8 content | the text |
 //! | Markdown | `.md`, `.markdown` | the text |
 //! | HTML | `.html`, `.htm` | Markdown (scripts, styles and head dropped) |
 //! | PDF | `%PDF-` magic | the text layer, one section per page |
@@ -67,7 +67,10 @@ impl DocKind {
             "html" | "htm" => Self::Html,
             "pdf" => Self::Pdf,
             "docx" => Self::Docx,
-            _ if bytes.starts_with(b"%PDF-") => Self::Pdf,
+            // No extension (README, notes): the content decides.
+            "" if bytes.starts_with(b"%PDF-") => Self::Pdf,
+            "" if bytes.starts_with(b"PK\x03\x04") => Self::Docx,
+            "" if std::str::from_utf8(bytes).is_ok_and(|t| !t.contains('\0')) => Self::Text,
             _ => {
                 return Err(ParseError::Unsupported(format!(
                     "cannot read {filename:?}: supported are .txt, .md, .html, .pdf and .docx"
@@ -186,8 +189,11 @@ pub fn parse(kind: DocKind, bytes: &[u8], limits: Limits) -> Result<Vec<Section>
     Ok(sections)
 }
 
+/// Unix line ends, and no NUL characters (PostgreSQL text cannot hold them; some PDF text layers yield them).
 fn normalize(text: &str) -> String {
-    text.replace("\r\n", "\n").replace('\r', "\n")
+    text.replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .replace('\0', "")
 }
 
 fn html_to_markdown(bytes: &[u8]) -> Result<String, ParseError> {
@@ -398,6 +404,15 @@ mod tests {
         assert_eq!(DocKind::detect("empty.txt", b""), Err(ParseError::Empty));
         assert!(matches!(
             DocKind::detect("image.png", b"\x89PNG"),
+            Err(ParseError::Unsupported(_))
+        ));
+        assert_eq!(
+            DocKind::detect("README", b"plain words").unwrap(),
+            DocKind::Text
+        );
+        assert_eq!(DocKind::detect("scan", b"%PDF-1.7").unwrap(), DocKind::Pdf);
+        assert!(matches!(
+            DocKind::detect("blob", b"\xff\xfe\x00"),
             Err(ParseError::Unsupported(_))
         ));
         assert!(matches!(

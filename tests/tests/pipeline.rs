@@ -18,7 +18,14 @@ fn corpus(name: &str) -> PathBuf {
 
 fn api_error(e: ClientError) -> (u16, String) {
     match e {
-        ClientError::Api { status, code, .. } => (status, code),
+        ClientError::Api { status, code, .. } => (
+            status,
+            serde_json::to_value(code)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        ),
         other => panic!("expected an API error, got {other}"),
     }
 }
@@ -545,6 +552,23 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         "a corrupt file is not retried"
     );
 
+    // Regression: PostgreSQL jsonb cannot hold \u0000, and such metadata used to end in a 500.
+    let nul = client
+        .upload_bytes(
+            "meta.txt",
+            b"some words".to_vec(),
+            Some(&serde_json::json!({"k": "a\u{0}b"})),
+        )
+        .await;
+    assert_eq!(
+        api_error(nul.unwrap_err()),
+        (400, "invalid_metadata".into())
+    );
+    assert_eq!(
+        refused("blob", vec![0xff, 0xfe, 0x00]).await,
+        (415, "unsupported_media_type".into())
+    );
+
     let http = reqwest::Client::new();
     let search = |token: Option<String>, body: &'static str, ctype: &'static str| {
         let mut req = http
@@ -797,6 +821,21 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         ready,
         serde_json::json!({"status": "ready", "postgres": "ok", "redis": "ok"})
     );
+    let served: serde_json::Value = http
+        .get(format!("{}/openapi.json", api.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let committed: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/openapi.json"))
+            .expect("docs/openapi.json parses");
+    assert_eq!(
+        served, committed,
+        "the served OpenAPI document differs from docs/openapi.json: run `make openapi`"
+    );
     let missing = http
         .get(format!("{}/v1/nothing", api.url))
         .send()
@@ -811,4 +850,150 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     api.stop().await;
     cleanup(&s).await;
     db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typed_client_streams_waits_lists_deletes_and_reports_typed_errors() {
+    use upload_pipeline::client::{DocumentStatus, ErrorCode, ListQuery};
+    let mut s = settings(&unique_prefix("client"), &tests::redis_url());
+    let db = TestDb::create(&mut s).await;
+    let api = Api::start(&s).await;
+    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let client = api.client(&s, Uuid::new_v4());
+
+    let chunks = [
+        "Glaciers carve valleys ",
+        "as they flow downhill, ",
+        "grinding rock into fine flour.",
+    ];
+    let stream =
+        futures::stream::iter(chunks.map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))));
+    let up = client
+        .upload_stream(
+            "glaciers.txt",
+            stream,
+            Some(&serde_json::json!({"source": "stream"})),
+        )
+        .await
+        .unwrap();
+    let doc = client
+        .wait_until_ready(up.document_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(doc.size_bytes, chunks.concat().len() as i64);
+    assert_eq!(doc.metadata, serde_json::json!({"source": "stream"}));
+    let page = client
+        .list(&ListQuery {
+            status: Some(DocumentStatus::Ready),
+            limit: Some(10),
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page.documents.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [up.document_id]
+    );
+    assert!(
+        client
+            .search("glaciers carve valleys", 1)
+            .await
+            .unwrap()
+            .results[0]
+            .content
+            .contains("Glaciers")
+    );
+    client.delete(up.document_id).await.unwrap();
+    let gone = client.status(up.document_id).await.unwrap_err();
+    assert_eq!(gone.code(), Some(ErrorCode::NotFound));
+    let bad = client
+        .upload_bytes("photo.png", b"\x89PNG".to_vec(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Some(ErrorCode::UnsupportedMediaType));
+    let corrupt = client
+        .upload_bytes("broken.pdf", b"%PDF-1.4 garbage".to_vec(), None)
+        .await
+        .unwrap();
+    let failed = client
+        .wait_until_ready(corrupt.document_id, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            failed,
+            upload_pipeline::client::ClientError::DocumentFailed { .. }
+        ),
+        "{failed}"
+    );
+
+    api.stop().await;
+    cleanup(&s).await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_typed_client_retries_429_and_503_honouring_retry_after() {
+    use axum::{Router, http::StatusCode, routing::get};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let app = Router::new().route(
+        "/v1/documents",
+        get(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let busy = |code: StatusCode| {
+                    let body = r#"{"error":{"code":"unavailable","message":"slow down"}}"#;
+                    (
+                        code,
+                        [("retry-after", "1"), ("content-type", "application/json")],
+                        body.to_owned(),
+                    )
+                };
+                match n {
+                    0 => busy(StatusCode::TOO_MANY_REQUESTS),
+                    1 => busy(StatusCode::SERVICE_UNAVAILABLE),
+                    _ => (
+                        StatusCode::OK,
+                        [("retry-after", "0"), ("content-type", "application/json")],
+                        r#"{"documents":[],"next_cursor":null}"#.to_owned(),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = upload_pipeline::client::Client::new(&url, "token").unwrap();
+    let started = std::time::Instant::now();
+    let page = client.list(&Default::default()).await.unwrap();
+    assert!(page.documents.is_empty());
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "429 and 503 were retried");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "Retry-After (1 s) was honoured twice: {:?}",
+        started.elapsed()
+    );
+
+    calls.store(0, Ordering::SeqCst);
+    let err = client
+        .with_retries(0)
+        .list(&Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(upload_pipeline::client::ErrorCode::Unavailable)
+    );
+    assert!(matches!(
+        err,
+        upload_pipeline::client::ClientError::Api { status: 429, .. }
+    ));
+    server.abort();
 }

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The API contract, fuzzed: schemathesis (PyPI) generates requests for every operation of the producer's
+# /openapi.json, sends them to a running producer with a valid token, and checks that no answer is a server error
+# and that every status code, content type and body conforms to the document. Run by `make test`.
+#
+# Uses a database and a Redis key prefix of its own; MAX_EXAMPLES (default 30) bounds the examples per operation.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${BIN_DIR:-$root/target/debug}
+venv=$root/target/schemathesis-venv
+version=4.32.5
+if [ "$("$venv/bin/st" --version 2>/dev/null | awk '{print $3}')" != "$version" ]; then
+  echo "installing schemathesis $version into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "schemathesis==$version"
+fi
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+db=up_contract_$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
+export DATABASE_URL=${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432}/$db
+export UPLOAD_PIPELINE__QUEUE__KEY_PREFIX=contract-$db
+export RUST_LOG=${RUST_LOG:-warn}
+export PGOPTIONS="-c client_min_messages=warning"
+log=$root/target/contract-producer.log
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -f "${config:-}"
+  redis-cli -h 127.0.0.1 --scan --pattern "$UPLOAD_PIPELINE__QUEUE__KEY_PREFIX:*" | xargs -r redis-cli -h 127.0.0.1 del >/dev/null || true
+}
+trap cleanup EXIT
+
+"$bin/producer" serve --listen "127.0.0.1:$port" >"$log" 2>&1 &
+pid=$!
+for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs "http://127.0.0.1:$port/healthz" >/dev/null || { echo "the producer did not start; see $log" >&2; exit 1; }
+token=$("$bin/producer" token --user 5c4a1c1e-0000-4000-8000-00000000c0de)
+
+# A real document, so the {id} operations reach past 404 too.
+doc=$(curl -fsS -H "Authorization: Bearer $token" -F "file=@$root/tests/fixtures/corpus/tides.txt" \
+  "http://127.0.0.1:$port/v1/documents" | python3 -c 'import json, sys; print(json.load(sys.stdin)["document_id"])')
+config=$(mktemp)
+printf '[parameters]\n"path.id" = "%s"\n' "$doc" >"$config"
+
+"$venv/bin/st" --config-file "$config" run "http://127.0.0.1:$port/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+  --max-examples "${MAX_EXAMPLES:-30}" \
+  --header "Authorization: Bearer $token" \
+  --no-color
