@@ -22,7 +22,18 @@ pub async fn reconcile_once(p: &Pipeline) -> Result<usize, crate::jobs::pipeline
             .fetch_all(&p.pool)
             .await?;
     let mut pushed = 0;
-    for (doc, user, stage, state, _) in stale {
+    let max = p.settings.queue.max_deliveries as i32;
+    for (doc, user, stage, state, attempts) in stale {
+        if state == "running" && attempts >= max {
+            // Every attempt started and none finished: the job kept crashing (or hanging) its workers, and the
+            // queue dead-lettered it without running it again. Pushing it once more would only crash more workers.
+            let reason = format!(
+                "the {stage} stage stopped its worker {attempts} times without finishing (crash or hang)"
+            );
+            tracing::warn!(document_id = %doc, stage, attempts, "Failing a document whose stage keeps crashing its workers");
+            crate::jobs::pipeline::fail_document(&p.pool, user, doc, &stage, &reason).await?;
+            continue;
+        }
         let push = match stage.as_str() {
             "parse" => p.push_parse(doc, user).await,
             "chunk" => p.push_chunk(doc, user).await,

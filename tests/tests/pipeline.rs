@@ -997,3 +997,83 @@ async fn the_typed_client_retries_429_and_503_honouring_retry_after() {
     ));
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_pushes_lost_stages_again_but_fails_ones_that_keep_crashing_workers() {
+    use upload_pipeline::{
+        documents::{self, NewUpload, UploadOutcome},
+        jobs::Pipeline,
+        parsing::DocKind,
+        providers,
+    };
+    let mut s = settings(&unique_prefix("reconcile"), &tests::redis_url());
+    s.pipeline.reconcile_after = Duration::from_secs(1);
+    let db = TestDb::create(&mut s).await;
+    let broker = tests::broker(&s).await;
+    let embedder = providers::embedder(&s.embedding).unwrap();
+    let settings_arc = std::sync::Arc::new(s.clone());
+    let pipeline = Pipeline::new(db.admin.clone(), &broker, embedder, settings_arc).unwrap();
+    let user = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for text in ["a lost job", "a job that crashes every worker"] {
+        let up = NewUpload {
+            user_id: user,
+            filename: "x.txt".into(),
+            kind: DocKind::Text,
+            bytes: text.as_bytes().to_vec(),
+            metadata: serde_json::json!({}),
+            idempotency_key: None,
+        };
+        let UploadOutcome::Created(id) = documents::create(&db.admin, &up).await.unwrap() else {
+            panic!("created")
+        };
+        ids.push(id);
+    }
+    // One stage was running once when its job was lost; the other used every attempt (3) and never finished.
+    for (id, attempts) in [(ids[0], 1), (ids[1], s.queue.max_deliveries as i32)] {
+        sqlx::query(
+            "UPDATE upload_pipeline.upload_jobs SET state = 'running', attempts = $2, updated_at = now() - interval '1 hour' \
+             WHERE document_id = $1",
+        )
+        .bind(id)
+        .bind(attempts)
+        .execute(&db.admin)
+        .await
+        .unwrap();
+    }
+    let pushed = upload_pipeline::reconciler::reconcile_once(&pipeline)
+        .await
+        .unwrap();
+    assert_eq!(pushed, 1);
+    assert_eq!(
+        pipeline.parse.stats().await.unwrap().pending,
+        1,
+        "the lost stage was pushed again"
+    );
+    let status = |id: Uuid| {
+        let pool = db.admin.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<String>)>(
+                "SELECT status, error FROM upload_pipeline.documents WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(status(ids[0]).await.0, "queued");
+    let (st, error) = status(ids[1]).await;
+    assert_eq!(st, "failed");
+    assert!(error.unwrap().contains("stopped its worker 3 times"));
+    assert_eq!(
+        upload_pipeline::reconciler::reconcile_once(&pipeline)
+            .await
+            .unwrap(),
+        0,
+        "nothing is due again yet"
+    );
+
+    cleanup(&s).await;
+    db.drop_db().await;
+}
