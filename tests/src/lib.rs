@@ -639,3 +639,17 @@ impl Drop for FakeOpenAi {
         self.task.abort();
     }
 }
+
+/// A fresh database (which `settings` then points at) and the API serving it, with its reconciler.
+pub async fn start_api(settings: &mut Settings) -> (TestDb, Api) {
+    let db = TestDb::create(settings).await;
+    let api = Api::start(settings).await;
+    (db, api)
+}
+
+/// Stops the API, deletes the test's Redis keys and drops its database.
+pub async fn teardown(api: Api, settings: &Settings, db: TestDb) {
+    api.stop().await;
+    cleanup(settings).await;
+    db.drop_db().await;
+}

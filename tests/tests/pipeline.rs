@@ -4,8 +4,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use tests::{
-    Api, FakeOpenAi, RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix,
-    wait_for, wait_ready,
+    FakeOpenAi, RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix, wait_for,
+    wait_ready,
 };
 use upload_pipeline::{client::ClientError, settings::EmbeddingProvider};
 use uuid::Uuid;
@@ -33,8 +33,7 @@ fn api_error(e: ClientError) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
     let mut s = settings(&unique_prefix("types"), &tests::redis_url());
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
@@ -148,16 +147,13 @@ async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
         "HTML scripts are not indexed"
     );
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_idempotent_retries_and_deletes_behave() {
     let mut s = settings(&unique_prefix("dedupe"), &tests::redis_url());
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
@@ -258,9 +254,7 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
         .unwrap();
     assert_eq!(del.status(), 404);
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,8 +268,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
     s.chunking.max_tokens = 48;
     s.chunking.overlap_tokens = 8;
     s.worker.concurrency.embed = 1;
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
     let text: String = (0..40)
@@ -326,9 +319,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
     );
     assert!(fake.requests.load(std::sync::atomic::Ordering::SeqCst) as i64 >= total / 2);
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,8 +328,7 @@ async fn redis_down_between_commit_and_push_delays_a_document_but_never_loses_it
     let mut s = settings(&unique_prefix("redis-down"), &redis.url());
     s.pipeline.reconcile_after = Duration::from_secs(1);
     s.pipeline.reconcile_interval = Duration::from_millis(300);
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
@@ -361,15 +351,13 @@ async fn redis_down_between_commit_and_push_delays_a_document_but_never_loses_it
         up.document_id
     );
 
-    api.stop().await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_can_neither_see_nor_search_each_others_documents() {
     let mut s = settings(&unique_prefix("isolation"), &tests::redis_url());
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
     let (a, b) = (api.client(&s, alice), api.client(&s, bob));
@@ -474,17 +462,14 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
     );
     tx.rollback().await.unwrap();
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
     let mut s = settings(&unique_prefix("bad-input"), &tests::redis_url());
     s.api.max_upload_bytes = 64 * 1024;
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
@@ -660,9 +645,7 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         "only the good file and the corrupt PDF were accepted"
     );
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 fn jsonwebtoken_expired(s: &upload_pipeline::Settings, user: Uuid) -> String {
@@ -735,8 +718,7 @@ async fn search_runs_on_the_models_hnsw_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     let mut s = settings(&unique_prefix("listing"), &tests::redis_url());
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
     for i in 0..5 {
@@ -847,17 +829,14 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         "not_found"
     );
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_typed_client_streams_waits_lists_deletes_and_reports_typed_errors() {
     use upload_pipeline::client::{DocumentStatus, ErrorCode, ListQuery};
     let mut s = settings(&unique_prefix("client"), &tests::redis_url());
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let (db, api) = tests::start_api(&mut s).await;
     let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
     let client = api.client(&s, Uuid::new_v4());
 
@@ -927,9 +906,7 @@ async fn the_typed_client_streams_waits_lists_deletes_and_reports_typed_errors()
         "{failed}"
     );
 
-    api.stop().await;
-    cleanup(&s).await;
-    db.drop_db().await;
+    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test]
