@@ -199,6 +199,14 @@ fn normalize(text: &str) -> String {
 fn html_to_markdown(bytes: &[u8]) -> Result<String, ParseError> {
     let html = std::str::from_utf8(bytes)
         .map_err(|_| ParseError::InvalidText("the HTML is not valid UTF-8".into()))?;
+    // The HTML-to-Markdown conversion recurses per element: a file of 100,000 nested <div>s overflowed the stack and
+    // aborted the worker. Refuse such nesting before parsing.
+    let depth = html_nesting_depth(html);
+    if depth > MAX_HTML_DEPTH {
+        return Err(ParseError::TooLarge(format!(
+            "the HTML nests elements {depth} deep, above the limit of {MAX_HTML_DEPTH}"
+        )));
+    }
     let converter = htmd::HtmlToMarkdown::builder()
         .skip_tags(vec![
             "script", "style", "head", "noscript", "template", "iframe", "object", "svg",
@@ -207,6 +215,54 @@ fn html_to_markdown(bytes: &[u8]) -> Result<String, ParseError> {
     converter
         .convert(html)
         .map_err(|e| ParseError::Corrupt(format!("the HTML could not be read: {e}")))
+}
+
+/// Deepest element nesting the HTML parser accepts (real pages stay far below 100).
+const MAX_HTML_DEPTH: usize = 512;
+
+/// An upper estimate of how deep elements nest: open tags minus close tags, ignoring void elements,
+/// self-closing tags, comments, doctypes and the raw text of scripts and styles.
+fn html_nesting_depth(html: &str) -> usize {
+    const VOID: &[&str] = &[
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+        "source", "track", "wbr",
+    ];
+    let bytes = html.as_bytes();
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while let Some(off) = html[i..].find('<') {
+        i += off + 1;
+        let rest = &html[i..];
+        if rest.starts_with("!--") {
+            i += rest.find("-->").map_or(rest.len(), |e| e + 3);
+            continue;
+        }
+        let closing = rest.starts_with('/');
+        let name: String = rest
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let end = rest.find('>').map_or(rest.len(), |e| e);
+        let self_closing = end > 0 && bytes.get(i + end - 1) == Some(&b'/');
+        if name.is_empty() || VOID.contains(&name.as_str()) || self_closing {
+            i += end;
+            continue;
+        }
+        if closing {
+            depth = depth.saturating_sub(1);
+        } else {
+            depth += 1;
+            max = max.max(depth);
+            if name == "script" || name == "style" {
+                let close = format!("</{name}");
+                i += rest.to_ascii_lowercase().find(&close).unwrap_or(rest.len());
+                continue;
+            }
+        }
+        i += end;
+    }
+    max
 }
 
 fn pdf(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
@@ -440,6 +496,20 @@ mod tests {
         let md = &sections[0].markdown;
         assert!(md.contains("# Tides") && md.contains("**moon**"), "{md}");
         assert!(!md.contains("alert") && !md.contains("p{}"), "{md}");
+    }
+
+    #[test]
+    fn deeply_nested_html_is_refused_instead_of_overflowing_the_stack() {
+        // Regression: 100,000 nested <div>s (1 MB) aborted the worker with a stack overflow.
+        let html = format!("{}x{}", "<div>".repeat(100_000), "</div>".repeat(100_000));
+        let err = parse(DocKind::Html, html.as_bytes(), LIMITS).unwrap_err();
+        assert!(
+            matches!(err, ParseError::TooLarge(ref m) if m.contains("100000 deep")),
+            "{err:?}"
+        );
+        let fine = "<html><body><div><p>a<br>b<img src=x /></p><script>if (a < b) {}</script></div></body></html>";
+        assert_eq!(html_nesting_depth(fine), 4);
+        assert!(parse(DocKind::Html, fine.as_bytes(), LIMITS).is_ok());
     }
 
     #[test]

@@ -201,7 +201,7 @@ pub struct PipelineSettings {
     pub max_pages: usize,
     /// Most characters of text a document may yield.
     pub max_chars: usize,
-    /// Longest time one parse may take.
+    /// Longest time one parse (and one chunking) of a document may take.
     #[serde(with = "humantime_serde")]
     pub parse_timeout: Duration,
 }

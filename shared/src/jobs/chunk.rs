@@ -65,17 +65,24 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
         });
     };
     let cfg = p.settings.chunking.clone();
-    let chunks = tokio::task::spawn_blocking(move || {
+    // Bounded like parsing: some deeply nested Markdown (1,500 nested list levels in 2 MB) keeps the splitter busy
+    // for many minutes; the document fails instead of holding this job slot.
+    let limit = p.settings.pipeline.parse_timeout;
+    let splitting = tokio::task::spawn_blocking(move || {
         chunking::chunk(
             &sections,
             cfg.max_tokens,
             cfg.overlap_tokens,
             cfg.max_chunks,
         )
-    })
-    .await
-    .map_err(|e| StageError::Permanent(format!("the chunker crashed on this document: {e}")))?
-    .map_err(|e: ChunkError| StageError::Permanent(e.to_string()))?;
+    });
+    let chunks = tokio::time::timeout(limit, splitting)
+        .await
+        .map_err(|_| {
+            StageError::Permanent(format!("chunking took longer than {} s", limit.as_secs()))
+        })?
+        .map_err(|e| StageError::Permanent(format!("the chunker crashed on this document: {e}")))?
+        .map_err(|e: ChunkError| StageError::Permanent(e.to_string()))?;
     if chunks.is_empty() {
         return Err(StageError::Permanent(
             "the document has no text to index".into(),
