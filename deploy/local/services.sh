@@ -49,6 +49,9 @@ if docker info >/dev/null 2>&1; then
   exit 0
 fi
 
+# The demo and contract scripts talk to the services with curl.
+command -v curl >/dev/null || apt_install curl ca-certificates
+
 # ---- Redis --------------------------------------------------------------------------------------------------
 if ! redis_up; then
   command -v redis-server >/dev/null || apt_install redis-server redis-tools
