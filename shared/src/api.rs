@@ -841,11 +841,8 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 )]
 async fn render_metrics(State(state): State<ApiState>) -> Response {
     for stage in Stage::PIPELINE {
-        if let Ok(queue) = state.broker.handle(stage.as_str())
-            && let Ok(Ok(stats)) =
-                tokio::time::timeout(std::time::Duration::from_secs(2), queue.stats()).await
-        {
-            m::record_queue_stats(stage.as_str(), &stats);
+        if let Ok(queue) = state.broker.handle(stage.as_str()) {
+            m::refresh_queue_gauges(&queue).await;
         }
     }
     match &state.metrics {

@@ -140,8 +140,20 @@ pub fn describe() {
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
 
-/// Sets the queue gauges from freshly read stats.
-pub fn record_queue_stats(queue: &str, stats: &crate::queue::QueueStats) {
+/// Reads a queue's state from Redis (at scrape time, within 2 s) and sets its gauges; a failure is logged and
+/// leaves the previous values.
+pub async fn refresh_queue_gauges(queue: &crate::queue::QueueHandle) {
+    let name = queue.name();
+    match tokio::time::timeout(std::time::Duration::from_secs(2), queue.stats()).await {
+        Ok(Ok(stats)) => record_queue_stats(name, &stats),
+        Ok(Err(e)) => {
+            tracing::warn!(queue = name, error = %e, "Could not read queue state for /metrics")
+        }
+        Err(_) => tracing::warn!(queue = name, "Reading queue state for /metrics timed out"),
+    }
+}
+
+fn record_queue_stats(queue: &str, stats: &crate::queue::QueueStats) {
     let q = queue.to_owned();
     metrics::gauge!(QUEUE_PENDING, "queue" => q.clone()).set(stats.pending as f64);
     metrics::gauge!(QUEUE_IN_FLIGHT, "queue" => q.clone()).set(stats.in_flight as f64);

@@ -357,13 +357,7 @@ async fn render_metrics(State(http): State<Http>) -> impl IntoResponse {
             metrics::gauge!(m::WORKER_HEARTBEAT_AGE, "stage" => name.clone())
                 .set(c.heartbeat_age().as_secs_f64());
         }
-        match tokio::time::timeout(Duration::from_secs(2), queue.stats()).await {
-            Ok(Ok(stats)) => m::record_queue_stats(&name, &stats),
-            Ok(Err(e)) => {
-                tracing::warn!(queue = %name, error = %e, "Could not read queue state for /metrics")
-            }
-            Err(_) => tracing::warn!(queue = %name, "Reading queue state for /metrics timed out"),
-        }
+        m::refresh_queue_gauges(&queue).await;
     }
     match http.metrics {
         Some(handle) => (

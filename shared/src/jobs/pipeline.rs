@@ -90,25 +90,28 @@ impl Pipeline {
 
     /// Pushes the parse job of a document (after its upload committed).
     pub async fn push_parse(&self, document_id: Uuid, user_id: Uuid) -> Result<(), QueueError> {
-        let job = StageJob {
-            document_id,
-            user_id,
-            v: JOB_VERSION,
-        };
-        self.parse
-            .push_with_id(&format!("{document_id}:parse"), &job)
-            .await
+        Self::push_stage(&self.parse, "parse", document_id, user_id).await
     }
 
     /// Pushes the chunk job of a document.
     pub async fn push_chunk(&self, document_id: Uuid, user_id: Uuid) -> Result<(), QueueError> {
+        Self::push_stage(&self.chunk, "chunk", document_id, user_id).await
+    }
+
+    /// Pushes a document's job on a stage queue under the stable id `<document>:<stage>`.
+    async fn push_stage(
+        queue: &Queue<StageJob>,
+        stage: &str,
+        document_id: Uuid,
+        user_id: Uuid,
+    ) -> Result<(), QueueError> {
         let job = StageJob {
             document_id,
             user_id,
             v: JOB_VERSION,
         };
-        self.chunk
-            .push_with_id(&format!("{document_id}:chunk"), &job)
+        queue
+            .push_with_id(&format!("{document_id}:{stage}"), &job)
             .await
     }
 
