@@ -969,8 +969,24 @@ mod tests {
     }
 }
 
-/// `producer serve`: migrates, then serves the API on `api.listen` and runs the reconciler until `shutdown`.
+/// `producer serve`: listens on `api.listen`, then runs [`run_server_on`].
 pub async fn run_server(
+    settings: std::sync::Arc<crate::Settings>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ServerResult<()> {
+    let listener = tokio::net::TcpListener::bind(settings.api.listen)
+        .await
+        .map_err(|e| {
+            ServerError::Setup(format!("cannot listen on {}: {e}", settings.api.listen))
+        })?;
+    run_server_on(listener, settings, metrics, shutdown).await
+}
+
+/// Migrates, then serves the API on `listener` (bound by the caller, as with socket activation or a test's
+/// port 0) and runs the reconciler until `shutdown`.
+pub async fn run_server_on(
+    listener: tokio::net::TcpListener,
     settings: std::sync::Arc<crate::Settings>,
     metrics: Option<PrometheusHandle>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -985,11 +1001,6 @@ pub async fn run_server(
         .map_err(|e| ServerError::Setup(e.to_string()))?;
     let pipeline =
         Pipeline::new(pool, &broker, embedder, settings.clone()).map_err(ServerError::Queue)?;
-    let listener = tokio::net::TcpListener::bind(settings.api.listen)
-        .await
-        .map_err(|e| {
-            ServerError::Setup(format!("cannot listen on {}: {e}", settings.api.listen))
-        })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let identity = format!(
         "producer-{}-{:04x}",
@@ -1010,7 +1021,10 @@ pub async fn run_server(
             "Using the built-in development JWT secret: set JWT_SECRET before exposing the API"
         );
     }
-    tracing::info!(listen = %settings.api.listen, "Producer API serving");
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServerError::Setup(format!("listener has no address: {e}")))?;
+    tracing::info!(listen = %local, "Producer API serving");
     let state = state(pipeline, broker, metrics);
     let served = serve(listener, state, async move {
         shutdown.await;

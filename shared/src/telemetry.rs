@@ -1,5 +1,7 @@
 //! Logging (tracing) and the Prometheus recorder.
 
+use std::io::IsTerminal;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -22,6 +24,7 @@ pub enum TelemetryError {
 }
 
 /// Installs the global tracing subscriber: text or JSON lines on stderr, filtered by `settings.filter`.
+/// Text is coloured only when stderr is a terminal, so log files stay plain.
 pub fn init_logging(settings: &LogSettings) -> Result<(), TelemetryError> {
     let filter = EnvFilter::try_new(&settings.filter).map_err(|source| TelemetryError::Filter {
         filter: settings.filter.clone(),
@@ -30,7 +33,11 @@ pub fn init_logging(settings: &LogSettings) -> Result<(), TelemetryError> {
     let registry = tracing_subscriber::registry().with(filter);
     let res = match settings.format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(std::io::stderr))

@@ -140,14 +140,19 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts `redis-server` without persistence on a free port and waits until it answers.
+    /// Starts `redis-server` without persistence on a free port and waits until it answers. A port taken by
+    /// another test between picking and binding makes our server exit; then another port is tried.
     pub async fn start() -> Self {
-        let mut server = Self {
-            port: free_port(),
-            child: None,
-        };
-        server.restart().await;
-        server
+        for _ in 0..5 {
+            let mut server = Self {
+                port: free_port(),
+                child: None,
+            };
+            if server.try_start().await {
+                return server;
+            }
+        }
+        panic!("could not start a private redis-server on any of 5 free ports");
     }
 
     /// Its URL.
@@ -157,7 +162,16 @@ impl RedisServer {
 
     /// Starts it again on the same port (after [`RedisServer::stop`]); the data is gone, as after a crash.
     pub async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        assert!(
+            self.try_start().await,
+            "redis-server could not listen on port {} again",
+            self.port
+        );
+    }
+
+    /// Starts redis-server on `self.port`; true once this very process answers, false if it exits first.
+    async fn try_start(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -172,21 +186,42 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (is it installed? `make services` installs it)");
-        self.child = Some(child);
+        let pid = child.id();
         let url = self.url();
-        wait_for(
-            "the private redis-server to answer",
+        let ours = wait_for(
+            "the private redis-server to answer or exit",
             Duration::from_secs(10),
-            || async {
-                let client = redis::Client::open(url.as_str()).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
+            || {
+                let exited = child.try_wait().expect("try_wait").is_some();
+                let url = url.clone();
+                async move {
+                    if exited {
+                        return Some(false);
+                    }
+                    let client = redis::Client::open(url.as_str()).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    let info: String = redis::cmd("INFO")
+                        .arg("server")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    // Whoever answers must be the process started here, not another test's server.
+                    let answered = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("process_id:"))
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                    answered.map(|p| p == pid)
+                }
             },
         )
         .await;
+        if ours {
+            self.child = Some(child);
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        ours
     }
 
     /// Kills it (SIGKILL) and waits until it is gone.
@@ -248,8 +283,8 @@ pub fn worker_bin() -> PathBuf {
 /// A `worker` process of the test's.
 pub struct WorkerProcess {
     child: Child,
-    /// Where /healthz and /metrics are served.
-    pub metrics_addr: String,
+    /// Where /healthz and /metrics are served, once the worker has logged it.
+    metrics_addr: std::sync::OnceLock<String>,
     /// The file its logs go to.
     pub log_path: PathBuf,
 }
@@ -257,7 +292,6 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `worker --stages <stages>` with `settings` passed through the environment.
     pub fn start(settings: &Settings, stages: &str) -> Self {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let log_path = std::env::temp_dir().join(format!(
             "{}-{}.log",
             settings.queue.key_prefix,
@@ -333,7 +367,9 @@ impl WorkerProcess {
             ),
         ];
         let child = Command::new(worker_bin())
-            .args(["--stages", stages, "--metrics-addr", &metrics_addr])
+            // Port 0: the worker binds a port of its own and logs it. A port picked here and bound later could
+            // be taken by another test's worker in between, and /healthz would then be answered by the wrong one.
+            .args(["--stages", stages, "--metrics-addr", "127.0.0.1:0"])
             .env_clear()
             .envs(env)
             .stdout(Stdio::null())
@@ -342,9 +378,26 @@ impl WorkerProcess {
             .expect("start the worker binary");
         Self {
             child,
-            metrics_addr,
+            metrics_addr: std::sync::OnceLock::new(),
             log_path,
         }
+    }
+
+    /// The address its /healthz and /metrics listen on, read from its start-up log line; `None` before that line.
+    pub fn metrics_addr(&self) -> Option<String> {
+        if let Some(addr) = self.metrics_addr.get() {
+            return Some(addr.clone());
+        }
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains("Worker started"))?;
+        let addr = line
+            .split("local=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_owned();
+        Some(self.metrics_addr.get_or_init(|| addr).clone())
     }
 
     /// Its process id.
@@ -384,13 +437,9 @@ impl WorkerProcess {
     /// Fetches `path` from its health/metrics server; `None` while it does not answer.
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr)
-            .await
-            .ok()?;
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics_addr
-        );
+        let addr = self.metrics_addr()?;
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(req.as_bytes()).await.ok()?;
         let mut buf = String::new();
         stream.read_to_string(&mut buf).await.ok()?;
@@ -402,23 +451,37 @@ impl WorkerProcess {
         Some((code, body))
     }
 
-    /// Waits until its /healthz answers 200.
-    pub async fn wait_healthy(&self) {
-        wait_for(
-            "the worker's /healthz to answer 200",
-            Duration::from_secs(30),
-            || async {
-                self.http_get("/healthz")
-                    .await
-                    .filter(|(code, _)| *code == 200)
-            },
-        )
-        .await;
+    /// Waits until its /healthz answers 200; fails at once, with its logs, if the process ends first.
+    pub async fn wait_healthy(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "the worker exited ({status}) before it was healthy:\n{}",
+                    self.logs()
+                );
+            }
+            if let Some((200, _)) = self.http_get("/healthz").await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker's /healthz did not answer 200 within 30 s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The sum of a metric's samples whose labels contain every `label="value"` in `filters`.
     pub async fn metric(&self, name: &str, filters: &[&str]) -> f64 {
-        let (_, body) = self.http_get("/metrics").await.expect("/metrics answers");
+        let Some((_, body)) = self.http_get("/metrics").await else {
+            panic!(
+                "/metrics of worker {} does not answer:\n{}",
+                self.pid(),
+                self.logs()
+            );
+        };
         sum_metric(&body, name, filters)
     }
 }
@@ -501,14 +564,18 @@ impl Api {
     /// Serves the API with `settings` on a free port and waits until it answers.
     pub async fn start(settings: &Settings) -> Self {
         let mut s = settings.clone();
-        s.api.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        // Bound here and handed over, so no other test's server can take the port in between.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        s.api.listen = listener.local_addr().expect("addr");
         let url = format!("http://{}", s.api.listen);
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = rx.await;
             };
-            upload_pipeline::api::run_server(std::sync::Arc::new(s), None, shutdown)
+            upload_pipeline::api::run_server_on(listener, std::sync::Arc::new(s), None, shutdown)
                 .await
                 .expect("the API runs");
         });

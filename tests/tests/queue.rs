@@ -69,7 +69,7 @@ async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_re
         },
     )
     .await;
-    let replica = WorkerProcess::start(&s, "synthetic");
+    let mut replica = WorkerProcess::start(&s, "synthetic");
     replica.wait_healthy().await;
     victim.signal("KILL");
     let killed_at = upload_pipeline_now_ms();
@@ -132,8 +132,8 @@ async fn b_jobs_lasting_ten_times_reclaim_after_never_run_twice_while_their_work
     s.queue.reclaim_after = Duration::from_millis(1500);
     s.worker.concurrency.synthetic = 4;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
-    let a = WorkerProcess::start(&s, "synthetic");
-    let b = WorkerProcess::start(&s, "synthetic");
+    let mut a = WorkerProcess::start(&s, "synthetic");
+    let mut b = WorkerProcess::start(&s, "synthetic");
     a.wait_healthy().await;
     b.wait_healthy().await;
 
@@ -291,7 +291,7 @@ async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not
     s.queue.max_deliveries = 5;
     s.queue.retry_base = Duration::from_millis(300);
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
-    let worker = WorkerProcess::start(&s, "synthetic");
+    let mut worker = WorkerProcess::start(&s, "synthetic");
     worker.wait_healthy().await;
 
     queue

@@ -28,11 +28,11 @@ async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() 
     let mut s = settings(&unique_prefix("burst"), &tests::redis_url());
     s.worker.concurrency.synthetic = 50;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
-    let workers = [
+    let mut workers = [
         WorkerProcess::start(&s, "synthetic"),
         WorkerProcess::start(&s, "synthetic"),
     ];
-    for w in &workers {
+    for w in &mut workers {
         w.wait_healthy().await;
     }
     queue.push_many(&no_ops()).await.unwrap();
@@ -80,7 +80,7 @@ async fn e_redis_memory_returns_to_its_baseline_after_100k_completed_jobs() {
     let mut s = settings(&unique_prefix("memory"), &redis.url());
     s.worker.concurrency.synthetic = 50;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
-    let worker = WorkerProcess::start(&s, "synthetic");
+    let mut worker = WorkerProcess::start(&s, "synthetic");
     worker.wait_healthy().await;
     let baseline = redis.used_memory().await;
 
