@@ -78,6 +78,18 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
         }
     }
     let pool = connect(settings, 4).await?;
+    // The role belongs to the whole cluster, while the migrator's advisory lock only serialises migrations of one
+    // database: two databases migrating at once (a fresh machine, parallel tests) would both try to create it.
+    sqlx::raw_sql(
+        "DO $$ BEGIN \
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'upload_pipeline_app') THEN \
+             CREATE ROLE upload_pipeline_app NOLOGIN NOSUPERUSER NOBYPASSRLS; \
+           END IF; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; \
+         END $$",
+    )
+    .execute(&pool)
+    .await?;
     // One migrator at a time across the fleet: the advisory lock serialises concurrent start-ups.
     MIGRATOR.run(&pool).await?;
     register_model(

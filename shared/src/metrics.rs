@@ -50,6 +50,18 @@ pub const RECONCILER_REQUEUED: &str = "upload_pipeline_reconciler_requeued_jobs_
 pub const API_RESPONSES: &str = "upload_pipeline_api_responses_total";
 /// Build information (`version`), always 1.
 pub const BUILD_INFO: &str = "upload_pipeline_build_info";
+/// Requests to external providers, by provider, operation and outcome (ok, rate_limited, quota, transient, permanent).
+pub const PROVIDER_REQUESTS: &str = "upload_pipeline_provider_requests_total";
+/// Duration of one provider request (a LlamaParse job: upload to result), by provider and operation.
+pub const PROVIDER_DURATION: &str = "upload_pipeline_provider_request_duration_seconds";
+/// Inputs sent for embedding, by provider.
+pub const PROVIDER_EMBEDDED_INPUTS: &str = "upload_pipeline_provider_embedded_inputs_total";
+/// Inputs cut to the provider's token limit, by provider.
+pub const PROVIDER_TRUNCATED_INPUTS: &str = "upload_pipeline_provider_truncated_inputs_total";
+/// Cache lookups that found a result, by cache (parse, embedding).
+pub const CACHE_HITS: &str = "upload_pipeline_cache_hits_total";
+/// Cache lookups that found nothing, by cache (parse, embedding).
+pub const CACHE_MISSES: &str = "upload_pipeline_cache_misses_total";
 
 /// Buckets of job run time and queue wait (seconds): sub-millisecond no-ops up to provider-bound minutes.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -138,6 +150,25 @@ pub fn describe() {
     );
     describe_counter!(API_RESPONSES, "API responses, by route and status class.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_counter!(
+        PROVIDER_REQUESTS,
+        "Requests to external providers, by provider, operation and outcome."
+    );
+    describe_histogram!(
+        PROVIDER_DURATION,
+        Unit::Seconds,
+        "Provider request time (a LlamaParse job from upload to result), by provider and operation."
+    );
+    describe_counter!(
+        PROVIDER_EMBEDDED_INPUTS,
+        "Texts sent for embedding, by provider."
+    );
+    describe_counter!(
+        PROVIDER_TRUNCATED_INPUTS,
+        "Texts cut to the provider's token limit before embedding, by provider."
+    );
+    describe_counter!(CACHE_HITS, "Cache lookups that found a result, by cache.");
+    describe_counter!(CACHE_MISSES, "Cache lookups that found nothing, by cache.");
 }
 
 /// Reads a queue's state from Redis (at scrape time, within 2 s) and sets its gauges; a failure is logged and
@@ -172,4 +203,23 @@ pub fn document_ready(seconds: f64) {
 /// Records a document that failed at `stage`.
 pub fn document_failed(stage: &str) {
     metrics::counter!(DOCUMENTS_FAILED, "stage" => stage.to_owned()).increment(1);
+}
+
+/// Records one provider request and how it ended.
+pub fn provider_request(
+    provider: &'static str,
+    operation: &'static str,
+    outcome: &'static str,
+    seconds: f64,
+) {
+    metrics::counter!(PROVIDER_REQUESTS, "provider" => provider, "operation" => operation, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(PROVIDER_DURATION, "provider" => provider, "operation" => operation)
+        .record(seconds);
+}
+
+/// Records `hits` and `misses` of `cache`.
+pub fn cache_lookups(cache: &'static str, hits: u64, misses: u64) {
+    metrics::counter!(CACHE_HITS, "cache" => cache).increment(hits);
+    metrics::counter!(CACHE_MISSES, "cache" => cache).increment(misses);
 }

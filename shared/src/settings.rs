@@ -40,7 +40,9 @@ pub struct Settings {
     pub queue: QueueSettings,
     /// The producer's HTTP API.
     pub api: ApiSettings,
-    /// The embedding provider.
+    /// How uploads become Markdown: the local parsers or LlamaParse.
+    pub parsing: ParsingSettings,
+    /// How chunks and queries become vectors: the local model, an OpenAI-compatible API, or hashing.
     pub embedding: EmbeddingSettings,
     /// How parsed documents are cut into chunks.
     pub chunking: ChunkingSettings,
@@ -59,6 +61,7 @@ impl Default for Settings {
             database_url: RedisUrl("postgres://postgres@127.0.0.1:5432/upload_pipeline".into()),
             queue: QueueSettings::default(),
             api: ApiSettings::default(),
+            parsing: ParsingSettings::default(),
             embedding: EmbeddingSettings::default(),
             chunking: ChunkingSettings::default(),
             pipeline: PipelineSettings::default(),
@@ -122,44 +125,239 @@ impl Default for ApiSettings {
 /// Which embedder turns chunks and queries into vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum EmbeddingProvider {
+pub enum EmbedderKind {
     /// A deterministic lexical embedder with no model: offline, instant, for tests and smoke runs.
     Hashing,
-    /// An OpenAI-compatible `/embeddings` endpoint (OpenAI, Azure OpenAI v1, vLLM, text-embeddings-inference, Ollama).
+    /// An OpenAI-compatible `/embeddings` endpoint (OpenAI, Azure OpenAI, vLLM, text-embeddings-inference, Ollama).
     Openai,
+    /// all-MiniLM-L6-v2 (or another BERT sentence encoder) run in-process on the CPU with candle.
+    Local,
 }
 
-/// Settings of the embedding provider.
+/// Settings of the embedder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddingSettings {
-    /// `hashing` or `openai`.
-    pub provider: EmbeddingProvider,
-    /// The model name stored with every vector; a new name gets its own index.
+    /// `hashing`, `openai` or `local`.
+    #[serde(alias = "provider")]
+    pub embedder: EmbedderKind,
+    /// The model name sent to the provider and stored with every vector; a new name gets its own index.
     pub model: String,
-    /// Vector dimensions (sent as `dimensions` to OpenAI text-embedding-3 models).
+    /// Vector dimensions (sent as `dimensions` to OpenAI text-embedding-3 models; checked against a local model).
     pub dimensions: u32,
-    /// Base URL of the OpenAI-compatible API (ends before `/embeddings`).
-    pub base_url: String,
-    /// API key (`OPENAI_API_KEY`); empty for servers without auth.
-    pub api_key: Secret,
-    /// Chunks per embed job and per request.
+    /// Chunks per embed job (each job is one or more provider requests within the provider's limits).
     pub batch_size: usize,
-    /// Timeout of one embeddings request.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
+    /// The OpenAI-compatible client.
+    pub openai: OpenAiSettings,
+    /// The local model.
+    pub local: LocalModelSettings,
 }
 
 impl Default for EmbeddingSettings {
     fn default() -> Self {
         Self {
-            provider: EmbeddingProvider::Hashing,
+            embedder: EmbedderKind::Hashing,
             model: "hashing-v1".into(),
             dimensions: 384,
+            batch_size: 64,
+            openai: OpenAiSettings::default(),
+            local: LocalModelSettings::default(),
+        }
+    }
+}
+
+/// How requests are addressed: OpenAI's `{base_url}/embeddings` with a bearer key, or an Azure OpenAI deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiStyle {
+    /// `POST {base_url}/embeddings`, `Authorization: Bearer` (OpenAI, vLLM, TEI, Ollama, Azure's `/openai/v1`).
+    Openai,
+    /// `POST {base_url}/openai/deployments/{azure_deployment}/embeddings?api-version=...`, header `api-key`.
+    Azure,
+}
+
+/// How vectors travel in answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    /// Little-endian f32 bytes in base64: exact and a quarter of the size (what the official clients ask for).
+    Base64,
+    /// JSON numbers (for servers without base64 support).
+    Float,
+}
+
+/// The OpenAI-compatible embeddings client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiSettings {
+    /// `openai` or `azure`.
+    pub api_style: ApiStyle,
+    /// Base URL: up to `/v1` for OpenAI-style servers (`https://api.openai.com/v1`), the resource for Azure
+    /// (`https://{resource}.openai.azure.com`).
+    pub base_url: String,
+    /// The key (`OPENAI_API_KEY`, or `AZURE_OPENAI_API_KEY` for Azure); empty for servers without auth.
+    pub api_key: Secret,
+    /// Azure only: the deployment name.
+    pub azure_deployment: String,
+    /// Azure only: the `api-version` query parameter.
+    pub azure_api_version: String,
+    /// `base64` or `float`.
+    pub encoding_format: EncodingFormat,
+    /// Most inputs per request (OpenAI: 2,048); smaller limits are learnt from 413/422 answers.
+    pub max_inputs: usize,
+    /// Most tokens per request (OpenAI: 300,000).
+    pub max_request_tokens: usize,
+    /// Most tokens per input (OpenAI: 8,192); longer inputs are truncated with a warning.
+    pub max_input_tokens: usize,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for OpenAiSettings {
+    fn default() -> Self {
+        Self {
+            api_style: ApiStyle::Openai,
             base_url: "https://api.openai.com/v1".into(),
             api_key: Secret(String::new()),
-            batch_size: 64,
+            azure_deployment: String::new(),
+            azure_api_version: "2024-10-21".into(),
+            encoding_format: EncodingFormat::Base64,
+            max_inputs: 2048,
+            max_request_tokens: 300_000,
+            max_input_tokens: 8192,
             timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The in-process model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalModelSettings {
+    /// A folder in the Hugging Face layout: `config.json`, `tokenizer.json`, `model.safetensors` (`make model`).
+    pub model_dir: std::path::PathBuf,
+    /// Longest input in tokens; longer inputs are truncated (all-MiniLM-L6-v2 was trained on 256).
+    pub max_tokens: usize,
+    /// Inputs per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for LocalModelSettings {
+    fn default() -> Self {
+        Self {
+            model_dir: "models/all-MiniLM-L6-v2".into(),
+            max_tokens: 256,
+            batch_size: 16,
+        }
+    }
+}
+
+/// Which parser turns uploads into Markdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParserKind {
+    /// The built-in parsers (text, Markdown, HTML, PDF text layer, DOCX), in-process.
+    Local,
+    /// LlamaParse (LlamaCloud) for PDF, DOCX and HTML; text and Markdown stay local, being Markdown already.
+    Llamaparse,
+}
+
+/// Settings of the parse stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParsingSettings {
+    /// `local` or `llamaparse`.
+    pub parser: ParserKind,
+    /// The LlamaParse client.
+    pub llamaparse: LlamaParseSettings,
+}
+
+impl Default for ParsingSettings {
+    fn default() -> Self {
+        Self {
+            parser: ParserKind::Local,
+            llamaparse: LlamaParseSettings::default(),
+        }
+    }
+}
+
+/// LlamaParse API generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlamaParseApi {
+    /// `/api/v2/parse` (current).
+    V2,
+    /// `/api/v1/parsing` (older, still served).
+    V1,
+}
+
+/// LlamaCloud region; keys work only in their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Region {
+    /// `https://api.cloud.llamaindex.ai`.
+    Na,
+    /// `https://api.cloud.eu.llamaindex.ai`.
+    Eu,
+}
+
+/// The LlamaParse client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlamaParseSettings {
+    /// `v2` or `v1`.
+    pub api_version: LlamaParseApi,
+    /// `na` or `eu`: picks the base URL when `base_url` is empty.
+    pub region: Region,
+    /// Overrides the region's base URL (a proxy, or the fake server in tests).
+    pub base_url: String,
+    /// `llx-...` key (`LLAMA_CLOUD_API_KEY`).
+    pub api_key: Secret,
+    /// v2 tier: `fast`, `cost_effective`, `agentic` or `agentic_plus` (v1 maps it to a parse mode).
+    pub tier: String,
+    /// v2 `version`: `latest` or a date.
+    pub version: String,
+    /// Timeout of one HTTP request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// First wait before polling a job; each further wait grows by this much.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest wait between two polls.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval_max: Duration,
+    /// Longest a parse job may take at LlamaParse before the attempt is given up (and retried).
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+}
+
+impl Default for LlamaParseSettings {
+    fn default() -> Self {
+        Self {
+            api_version: LlamaParseApi::V2,
+            region: Region::Na,
+            base_url: String::new(),
+            api_key: Secret(String::new()),
+            tier: "cost_effective".into(),
+            version: "latest".into(),
+            request_timeout: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            poll_interval_max: Duration::from_secs(5),
+            job_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+impl LlamaParseSettings {
+    /// The base URL in use: `base_url`, or the region's.
+    pub fn url(&self) -> &str {
+        if !self.base_url.is_empty() {
+            return self.base_url.trim_end_matches('/');
+        }
+        match self.region {
+            Region::Na => "https://api.cloud.llamaindex.ai",
+            Region::Eu => "https://api.cloud.eu.llamaindex.ai",
         }
     }
 }
@@ -398,8 +596,13 @@ impl Settings {
             )
             .merge(
                 Env::raw()
-                    .only(&["OPENAI_API_KEY"])
-                    .map(|_| "embedding.api_key".into()),
+                    .only(&["OPENAI_API_KEY", "AZURE_OPENAI_API_KEY"])
+                    .map(|_| "embedding.openai.api_key".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["LLAMA_CLOUD_API_KEY"])
+                    .map(|_| "parsing.llamaparse.api_key".into()),
             )
             .merge(
                 Env::raw()
@@ -462,6 +665,62 @@ impl Settings {
         }
         if !(1..=2048).contains(&e.batch_size) {
             return invalid("embedding.batch_size", "must be between 1 and 2048");
+        }
+        let o = &e.openai;
+        if !(o.base_url.starts_with("http://") || o.base_url.starts_with("https://")) {
+            return invalid("embedding.openai.base_url", "must be an http(s) URL");
+        }
+        if o.api_style == ApiStyle::Azure && o.azure_deployment.is_empty() {
+            return invalid(
+                "embedding.openai.azure_deployment",
+                "name the deployment when api_style is azure",
+            );
+        }
+        if !(1..=2048).contains(&o.max_inputs)
+            || o.max_input_tokens == 0
+            || o.max_request_tokens < o.max_input_tokens
+        {
+            return invalid(
+                "embedding.openai",
+                "max_inputs must be 1 to 2048, max_input_tokens above 0 and at most max_request_tokens",
+            );
+        }
+        if o.timeout.is_zero() {
+            return invalid("embedding.openai.timeout", "must be above zero");
+        }
+        if e.local.max_tokens < 8 || !(1..=1024).contains(&e.local.batch_size) {
+            return invalid(
+                "embedding.local",
+                "max_tokens must be at least 8 and batch_size between 1 and 1024",
+            );
+        }
+        let l = &self.parsing.llamaparse;
+        if !l.base_url.is_empty()
+            && !(l.base_url.starts_with("http://") || l.base_url.starts_with("https://"))
+        {
+            return invalid("parsing.llamaparse.base_url", "must be an http(s) URL");
+        }
+        if !["fast", "cost_effective", "agentic", "agentic_plus"].contains(&l.tier.as_str()) {
+            return invalid(
+                "parsing.llamaparse.tier",
+                "must be fast, cost_effective, agentic or agentic_plus",
+            );
+        }
+        if l.poll_interval.is_zero()
+            || l.poll_interval > l.poll_interval_max
+            || l.job_timeout < l.poll_interval_max
+            || l.request_timeout.is_zero()
+        {
+            return invalid(
+                "parsing.llamaparse",
+                "poll_interval must be above zero and at most poll_interval_max, which is at most job_timeout; request_timeout above zero",
+            );
+        }
+        if self.parsing.parser == ParserKind::Llamaparse && l.api_key.expose().is_empty() {
+            return invalid(
+                "parsing.llamaparse.api_key",
+                "set LLAMA_CLOUD_API_KEY when parsing.parser is llamaparse",
+            );
         }
         let c = &self.chunking;
         if c.max_tokens < 16 || c.overlap_tokens >= c.max_tokens || c.max_chunks == 0 {

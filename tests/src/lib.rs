@@ -2,6 +2,8 @@
 //! Redis servers for tests that restart Redis or measure its memory, worker processes to kill, and waits on
 //! conditions with deadlines (never fixed sleeps).
 
+pub mod fake;
+
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -298,72 +300,19 @@ impl WorkerProcess {
             rand::random::<u32>()
         ));
         let log = std::fs::File::create(&log_path).expect("worker log file");
-        let q = &settings.queue;
-        let w = &settings.worker;
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let provider = serde_json::to_value(settings.embedding.provider)
-            .expect("provider")
-            .as_str()
-            .unwrap_or("hashing")
-            .to_owned();
+        // Every setting travels in a TOML file, so a worker runs exactly what the test configured.
+        let config_path = log_path.with_extension("toml");
+        std::fs::write(
+            &config_path,
+            toml::to_string(settings).expect("settings serialise to TOML"),
+        )
+        .expect("worker config file");
         let env: Vec<(&str, String)> = vec![
             ("PATH", std::env::var("PATH").unwrap_or_default()),
-            ("REDIS_URL", settings.redis_url.expose().to_owned()),
-            ("DATABASE_URL", settings.database_url.expose().to_owned()),
             ("RUST_LOG", "info".to_owned()),
-            ("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", q.key_prefix.clone()),
-            ("UPLOAD_PIPELINE__QUEUE__RECLAIM_AFTER", ms(q.reclaim_after)),
-            ("UPLOAD_PIPELINE__QUEUE__BLOCK_TIMEOUT", ms(q.block_timeout)),
-            ("UPLOAD_PIPELINE__QUEUE__RETRY_BASE", ms(q.retry_base)),
-            ("UPLOAD_PIPELINE__QUEUE__RETRY_MAX", ms(q.retry_max)),
             (
-                "UPLOAD_PIPELINE__QUEUE__MAX_DELIVERIES",
-                q.max_deliveries.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__WORKER__SHUTDOWN_GRACE",
-                ms(w.shutdown_grace),
-            ),
-            (
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__PARSE",
-                w.concurrency.parse.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__CHUNK",
-                w.concurrency.chunk.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__EMBED",
-                w.concurrency.embed.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__WORKER__CONCURRENCY__SYNTHETIC",
-                w.concurrency.synthetic.to_string(),
-            ),
-            ("UPLOAD_PIPELINE__EMBEDDING__PROVIDER", provider),
-            (
-                "UPLOAD_PIPELINE__EMBEDDING__MODEL",
-                settings.embedding.model.clone(),
-            ),
-            (
-                "UPLOAD_PIPELINE__EMBEDDING__DIMENSIONS",
-                settings.embedding.dimensions.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__EMBEDDING__BASE_URL",
-                settings.embedding.base_url.clone(),
-            ),
-            (
-                "UPLOAD_PIPELINE__EMBEDDING__BATCH_SIZE",
-                settings.embedding.batch_size.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__CHUNKING__MAX_TOKENS",
-                settings.chunking.max_tokens.to_string(),
-            ),
-            (
-                "UPLOAD_PIPELINE__CHUNKING__OVERLAP_TOKENS",
-                settings.chunking.overlap_tokens.to_string(),
+                "UPLOAD_PIPELINE_CONFIG",
+                config_path.to_string_lossy().into_owned(),
             ),
         ];
         let child = Command::new(worker_bin())
@@ -644,67 +593,6 @@ pub async fn wait_ready(
         docs.iter().all(|d| d.status == "ready").then_some(docs)
     })
     .await
-}
-
-/// A fake OpenAI embeddings server (`POST /v1/embeddings`, the real protocol) answering with the hashing
-/// embedder's vectors after `latency`, counting requests.
-pub struct FakeOpenAi {
-    /// Base URL to configure as `embedding.base_url`.
-    pub base_url: String,
-    /// Requests answered.
-    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FakeOpenAi {
-    /// Starts it on a free port.
-    pub async fn start(dimensions: usize, latency: Duration) -> Self {
-        use axum::{Json, Router, routing::post};
-        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = requests.clone();
-        let embedder =
-            upload_pipeline::providers::hashing::HashingEmbedder::new("fake", dimensions);
-        let app = Router::new().route(
-            "/v1/embeddings",
-            post(move |Json(body): Json<serde_json::Value>| {
-                let (embedder, counter) = (embedder.clone(), counter.clone());
-                async move {
-                    tokio::time::sleep(latency).await;
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let inputs: Vec<String> = match &body["input"] {
-                        serde_json::Value::String(s) => vec![s.clone()],
-                        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                        _ => Vec::new(),
-                    };
-                    let data: Vec<serde_json::Value> = inputs
-                        .iter()
-                        .enumerate()
-                        .rev() // out of order on purpose: clients must sort by index
-                        .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": embedder.vector(t)}))
-                        .collect();
-                    Json(serde_json::json!({"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base_url = format!("http://{}/v1", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self {
-            base_url,
-            requests,
-            task,
-        }
-    }
-}
-
-impl Drop for FakeOpenAi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// A fresh database (which `settings` then points at) and the API serving it, with its reconciler.

@@ -3,11 +3,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use tests::fake::{FakeConfig, FakeProviders, Latency, OpenAiConfig};
 use tests::{
-    FakeOpenAi, RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix, wait_for,
-    wait_ready,
+    RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix, wait_for, wait_ready,
 };
-use upload_pipeline::{client::ClientError, settings::EmbeddingProvider};
+use upload_pipeline::{client::ClientError, settings::EmbedderKind};
 use uuid::Uuid;
 
 fn corpus(name: &str) -> PathBuf {
@@ -259,11 +259,18 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chunks() {
-    let fake = FakeOpenAi::start(384, Duration::from_millis(400)).await;
+    let fake = FakeProviders::start(FakeConfig {
+        openai: OpenAiConfig {
+            latency: Latency::fixed(400.0),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
     let mut s = settings(&unique_prefix("kill-embed"), &tests::redis_url());
-    s.embedding.provider = EmbeddingProvider::Openai;
-    s.embedding.model = "fake-embedding-384".into();
-    s.embedding.base_url = fake.base_url.clone();
+    s.embedding.embedder = EmbedderKind::Openai;
+    s.embedding.model = "text-embedding-3-small".into();
+    s.embedding.openai.base_url = fake.openai_url();
     s.embedding.batch_size = 2;
     s.chunking.max_tokens = 48;
     s.chunking.overlap_tokens = 8;
@@ -317,7 +324,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
         (total, total, total),
         "exactly the expected chunks, no duplicates, all embedded"
     );
-    assert!(fake.requests.load(std::sync::atomic::Ordering::SeqCst) as i64 >= total / 2);
+    assert!(fake.stats().await.embedding_requests as i64 >= total / 2);
 
     tests::teardown(api, &s, db).await;
 }
@@ -329,7 +336,9 @@ async fn redis_down_between_commit_and_push_delays_a_document_but_never_loses_it
     s.pipeline.reconcile_after = Duration::from_secs(1);
     s.pipeline.reconcile_interval = Duration::from_millis(300);
     let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    // A worker exits when Redis is unreachable at start-up (its supervisor restarts it): let it connect first.
+    worker.wait_healthy().await;
     let user = Uuid::new_v4();
     let client = api.client(&s, user);
 
@@ -987,9 +996,11 @@ async fn the_reconciler_pushes_lost_stages_again_but_fails_ones_that_keep_crashi
     s.pipeline.reconcile_after = Duration::from_secs(1);
     let db = TestDb::create(&mut s).await;
     let broker = tests::broker(&s).await;
-    let embedder = providers::embedder(&s.embedding).unwrap();
+    let embedder = providers::embedder(&s).unwrap();
+    let parser = providers::parser(&s).unwrap();
     let settings_arc = std::sync::Arc::new(s.clone());
-    let pipeline = Pipeline::new(db.admin.clone(), &broker, embedder, settings_arc).unwrap();
+    let pipeline =
+        Pipeline::new(db.admin.clone(), &broker, embedder, parser, settings_arc).unwrap();
     let user = Uuid::new_v4();
     let mut ids = Vec::new();
     for text in ["a lost job", "a job that crashes every worker"] {

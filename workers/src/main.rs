@@ -52,10 +52,10 @@ async fn main() -> anyhow::Result<()> {
         let pool = db::connect(&settings, slots.clamp(2, 64) as u32)
             .await
             .context("Failed to connect to PostgreSQL")?;
-        let embedder =
-            providers::embedder(&settings.embedding).context("Failed to set up the embedder")?;
+        let embedder = providers::embedder(&settings).context("Failed to set up the embedder")?;
+        let parser = providers::parser(&settings).context("Failed to set up the parser")?;
         Some(
-            Pipeline::new(pool, runtime.broker(), embedder, settings.clone())
+            Pipeline::new(pool, runtime.broker(), embedder, parser, settings.clone())
                 .context("Failed to open the stage queues")?,
         )
     } else {

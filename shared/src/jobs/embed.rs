@@ -1,12 +1,12 @@
 //! The embed stage: one batch of chunks to vectors; the batch that completes a document makes it `ready`
-//! (decided in SQL under the document's row lock) and records its upload-to-queryable time.
+//! (decided in SQL under the document's row lock) and records its upload-to-queryable time. Vectors of a
+//! cacheable embedder are kept by (model, dimensions, text SHA-256): a text seen before costs no second call.
 
 use super::pipeline::{
     EmbedJob, Pipeline, StageError, current, lock_document, settle_failure, start,
 };
 use crate::{
     db,
-    providers::EmbedError,
     queue::{Delivery, JobError},
 };
 
@@ -15,23 +15,6 @@ pub async fn run(p: Pipeline, job: EmbedJob, delivery: Delivery) -> Result<(), J
     match embed(&p, &job, &delivery).await {
         Ok(()) => Ok(()),
         Err(e) => settle_failure(&p, job.user_id, job.document_id, "embed", &delivery, e).await,
-    }
-}
-
-impl From<EmbedError> for StageError {
-    fn from(e: EmbedError) -> Self {
-        match e {
-            EmbedError::RateLimited { .. } | EmbedError::Transient(_) => Self::Retryable {
-                after: e.retry_after(),
-                message: e.to_string(),
-            },
-            // Out of quota: defer (never fail the document); retry once someone restored the quota.
-            EmbedError::QuotaExhausted(_) => Self::Retryable {
-                after: Some(std::time::Duration::from_secs(60)),
-                message: e.to_string(),
-            },
-            EmbedError::Permanent(m) => Self::Permanent(m),
-        }
     }
 }
 
@@ -59,9 +42,30 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
     }
     start(&p.pool, user, doc, "embed", "embedding", delivery.attempt).await?;
 
+    let cacheable = p.embedder.cacheable();
+    let dims = p.embedder.dimensions() as i32;
     let mut tx = db::begin_as(&p.pool, user).await?;
-    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
-        "SELECT id, content FROM upload_pipeline.document_chunks WHERE document_id = $1 AND chunk_index >= $2 AND chunk_index < $3 \
+    let hits = if cacheable {
+        sqlx::query(
+            "UPDATE upload_pipeline.document_chunks c SET embedding = e.embedding, embedding_model = $4 \
+             FROM upload_pipeline.embedding_cache e \
+             WHERE c.document_id = $1 AND c.chunk_index >= $2 AND c.chunk_index < $3 \
+             AND (c.embedding IS NULL OR c.embedding_model IS DISTINCT FROM $4) \
+             AND e.model = $4 AND e.dimensions = $5 AND e.text_sha256 = c.content_sha256",
+        )
+        .bind(doc)
+        .bind(job.first as i32)
+        .bind((job.first + job.count) as i32)
+        .bind(&model)
+        .bind(dims)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+    } else {
+        0
+    };
+    let rows: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+        "SELECT id, content, content_sha256 FROM upload_pipeline.document_chunks WHERE document_id = $1 AND chunk_index >= $2 AND chunk_index < $3 \
          AND (embedding IS NULL OR embedding_model IS DISTINCT FROM $4) ORDER BY chunk_index",
     )
     .bind(doc)
@@ -71,12 +75,15 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    if cacheable {
+        crate::metrics::cache_lookups("embedding", hits, rows.len() as u64);
+    }
 
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !rows.is_empty() {
-        let texts: Vec<String> = rows.iter().map(|(_, c)| c.clone()).collect();
+        let texts: Vec<String> = rows.iter().map(|(_, c, _)| c.clone()).collect();
         let vectors = p.embedder.embed(&texts).await?;
-        let ids: Vec<uuid::Uuid> = rows.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|(id, _, _)| *id).collect();
         let literals: Vec<String> = vectors.iter().map(|v| vector_literal(v)).collect();
         sqlx::query(
             "UPDATE upload_pipeline.document_chunks c SET embedding = v.e::vector, embedding_model = $3 \
@@ -87,6 +94,20 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
         .bind(&model)
         .execute(&mut *tx)
         .await?;
+        if cacheable {
+            let hashes: Vec<&str> = rows.iter().map(|(_, _, h)| h.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO upload_pipeline.embedding_cache (model, dimensions, text_sha256, embedding) \
+                 SELECT $1, $2, v.h, v.e::vector FROM UNNEST($3::text[], $4::text[]) AS v(h, e) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&model)
+            .bind(dims)
+            .bind(&hashes)
+            .bind(&literals)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     // The last batch to land flips the document to ready; the row lock orders concurrent batches.
     if !lock_document(&mut tx, doc).await? {

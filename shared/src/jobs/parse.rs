@@ -1,13 +1,15 @@
-//! The parse stage: uploaded bytes to Markdown sections (`document_parsed`), then the chunk job.
+//! The parse stage: uploaded bytes to Markdown sections (`document_parsed`), then the chunk job. Results of
+//! remote parsers are cached by (file SHA-256, parser with its settings): a known file costs no second call.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use super::pipeline::{
     Pipeline, StageError, StageJob, advance, current, lock_document, settle_failure, start,
 };
 use crate::{
     db,
-    parsing::{self, DocKind, Limits, ParseError},
+    parsing::{DocKind, Section},
+    providers::{ParseInput, ProviderError},
     queue::{Delivery, JobError},
 };
 
@@ -16,6 +18,25 @@ pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), J
     match parse(&p, &job, &delivery).await {
         Ok(()) => Ok(()),
         Err(e) => settle_failure(&p, job.user_id, job.document_id, "parse", &delivery, e).await,
+    }
+}
+
+impl From<ProviderError> for StageError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::RateLimited { .. } | ProviderError::Transient { .. } => {
+                Self::Retryable {
+                    after: e.retry_after(),
+                    message: e.to_string(),
+                }
+            }
+            // Out of quota: defer (never fail the document); retry once someone restored the quota.
+            ProviderError::QuotaExhausted { .. } => Self::Retryable {
+                after: Some(std::time::Duration::from_secs(60)),
+                message: e.to_string(),
+            },
+            ProviderError::Permanent { message, .. } => Self::Permanent(message),
+        }
     }
 }
 
@@ -33,53 +54,39 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     start(&p.pool, user, doc, "parse", "parsing", delivery.attempt).await?;
 
     let mut tx = db::begin_as(&p.pool, user).await?;
-    let row: Option<(String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT d.filename, d.content_type, b.bytes FROM upload_pipeline.documents d \
+    let row: Option<(String, String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT d.filename, d.content_type, d.sha256, b.bytes FROM upload_pipeline.documents d \
          JOIN upload_pipeline.document_bytes b ON b.document_id = d.id WHERE d.id = $1",
     )
     .bind(doc)
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
-    let Some((filename, content_type, bytes)) = row else {
+    let Some((filename, content_type, sha256, bytes)) = row else {
         return Ok(());
     };
     let kind = DocKind::from_content_type(&content_type).ok_or_else(|| {
         StageError::Permanent(format!("no parser for content type {content_type}"))
     })?;
-    let limits = Limits {
-        max_pages: p.settings.pipeline.max_pages,
-        max_chars: p.settings.pipeline.max_chars,
+    let parser = p.parser.key(kind);
+    let cacheable = p.parser.cacheable(kind);
+    let cached = if cacheable {
+        cached_sections(p, &sha256, &parser).await?
+    } else {
+        None
     };
-    let timeout = p.settings.pipeline.parse_timeout;
-    let parsed = tokio::time::timeout(
-        timeout,
-        tokio::task::spawn_blocking(move || parsing::parse(kind, &bytes, limits)),
-    )
-    .await;
-    let sections = match parsed {
-        Err(_) => {
-            return Err(StageError::Permanent(format!(
-                "parsing took longer than {}",
-                humantime(timeout)
-            )));
+    let sections = match cached {
+        Some(sections) => sections,
+        None => {
+            let input = ParseInput {
+                filename,
+                kind,
+                bytes: Arc::new(bytes),
+            };
+            p.parser.parse(&input).await?
         }
-        // The parser panicked on this input: the same bytes would panic again.
-        Ok(Err(join)) => {
-            return Err(StageError::Permanent(format!(
-                "the parser crashed on this file: {join}"
-            )));
-        }
-        Ok(Ok(Err(e))) => return Err(StageError::Permanent(parse_reason(&filename, &e))),
-        Ok(Ok(Ok(sections))) => sections,
     };
-    let parser = format!(
-        "local:{}",
-        serde_json::to_value(kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default()
-    );
+
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !lock_document(&mut tx, doc).await? {
         return Ok(());
@@ -94,6 +101,17 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     .bind(sqlx::types::Json(&sections))
     .execute(&mut *tx)
     .await?;
+    if cacheable {
+        sqlx::query(
+            "INSERT INTO upload_pipeline.parse_cache (file_sha256, parser, sections) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&sha256)
+        .bind(&parser)
+        .bind(sqlx::types::Json(&sections))
+        .execute(&mut *tx)
+        .await?;
+    }
     advance(&mut tx, user, doc, "parse", "chunk", "chunking").await?;
     tx.commit().await?;
     tracing::info!(document_id = %doc, sections = sections.len(), %parser, "Parsed");
@@ -103,10 +121,20 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     Ok(())
 }
 
-fn parse_reason(filename: &str, e: &ParseError) -> String {
-    format!("{filename}: {e}")
-}
-
-fn humantime(d: Duration) -> String {
-    format!("{:.0} s", d.as_secs_f64())
+/// The cached sections of a file for `parser`, recording the hit or miss.
+async fn cached_sections(
+    p: &Pipeline,
+    sha256: &str,
+    parser: &str,
+) -> Result<Option<Vec<Section>>, StageError> {
+    let row: Option<(sqlx::types::Json<Vec<Section>>,)> = sqlx::query_as(
+        "SELECT sections FROM upload_pipeline.parse_cache WHERE file_sha256 = $1 AND parser = $2",
+    )
+    .bind(sha256)
+    .bind(parser)
+    .fetch_optional(&p.pool)
+    .await?;
+    let hit = row.is_some();
+    crate::metrics::cache_lookups("parse", hit as u64, !hit as u64);
+    Ok(row.map(|(s,)| s.0))
 }

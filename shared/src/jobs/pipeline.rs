@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, DbError},
-    providers::Embedder,
+    providers::{Embedder, Parser},
     queue::{Broker, Delivery, JobError, Queue, QueueError},
     settings::Settings,
 };
@@ -58,6 +58,8 @@ pub struct Pipeline {
     pub embed: Queue<EmbedJob>,
     /// The configured embedder.
     pub embedder: Arc<dyn Embedder>,
+    /// The configured parser.
+    pub parser: Arc<dyn Parser>,
     /// Settings.
     pub settings: Arc<Settings>,
 }
@@ -76,6 +78,7 @@ impl Pipeline {
         pool: PgPool,
         broker: &Broker,
         embedder: Arc<dyn Embedder>,
+        parser: Arc<dyn Parser>,
         settings: Arc<Settings>,
     ) -> Result<Self, QueueError> {
         Ok(Self {
@@ -84,6 +87,7 @@ impl Pipeline {
             chunk: broker.queue(super::Stage::Chunk.as_str())?,
             embed: broker.queue(super::Stage::Embed.as_str())?,
             embedder,
+            parser,
             settings,
         })
     }

@@ -1,15 +1,29 @@
-//! Providers behind traits: embedders turn text into vectors. Clients know nothing of the database or queues.
+//! Providers behind traits: parsers turn uploads into Markdown sections, embedders turn text into vectors.
+//! Clients know nothing of the database or the queues; every failure is classified once, here, as
+//! [`ProviderError`].
 
 pub mod hashing;
+mod http;
+pub mod llamaparse;
+pub mod local;
 pub mod openai;
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use crate::settings::{EmbeddingProvider, EmbeddingSettings};
+use crate::{
+    parsing::{DocKind, Section},
+    settings::{EmbedderKind, ParserKind, Settings},
+};
+
+pub use http::retry_after;
 
 /// A future an embedder returns.
 pub type EmbedFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, ProviderError>> + Send + 'a>>;
+
+/// A future a parser returns.
+pub type ParseFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Section>, ProviderError>> + Send + 'a>>;
 
 /// Turns texts into vectors of [`Embedder::dimensions`], one per text, in order.
 pub trait Embedder: Send + Sync {
@@ -17,36 +31,80 @@ pub trait Embedder: Send + Sync {
     fn model(&self) -> &str;
     /// Vector dimensions.
     fn dimensions(&self) -> usize;
+    /// Whether vectors are worth keeping in the embedding cache (a paid call or a model run; not hashing).
+    fn cacheable(&self) -> bool {
+        true
+    }
     /// Embeds `texts`.
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a>;
 }
 
-/// Why embedding failed, classified once where it happened.
+/// An upload to parse.
+#[derive(Debug, Clone)]
+pub struct ParseInput {
+    /// The file name given at upload (for messages and for providers that look at extensions).
+    pub filename: String,
+    /// What the upload was detected as.
+    pub kind: DocKind,
+    /// Its bytes.
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// Turns an upload into Markdown sections (one per page where the format has pages).
+pub trait Parser: Send + Sync {
+    /// Names the parser and every setting that changes its output for `kind`: the parse cache key, and what
+    /// `document_parsed.parser` records.
+    fn key(&self, kind: DocKind) -> String;
+    /// Whether results for `kind` are worth caching (a remote, paid call).
+    fn cacheable(&self, kind: DocKind) -> bool;
+    /// Parses `input`.
+    fn parse<'a>(&'a self, input: &'a ParseInput) -> ParseFuture<'a>;
+}
+
+/// Why a provider call failed, classified once where it happened.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum EmbedError {
+pub enum ProviderError {
     /// The provider asked us to slow down (429 rate limit); retry after the time it named, if any.
-    #[error("rate limited by the embedding provider: {message}")]
+    #[error("rate limited by {provider}: {message}")]
     RateLimited {
+        /// Which provider.
+        provider: &'static str,
         /// The provider's message.
         message: String,
         /// When to try again.
         retry_after: Option<Duration>,
     },
-    /// The account is out of quota or credit: retrying never helps until someone pays.
-    #[error("the embedding provider's quota is exhausted: {0}")]
-    QuotaExhausted(String),
-    /// A timeout, connection failure or server error: worth retrying.
-    #[error("the embedding provider failed: {0}")]
-    Transient(String),
-    /// The request itself is wrong (4xx, dimension mismatch): retrying sends the same wrong request.
-    #[error("the embedding request was refused: {0}")]
-    Permanent(String),
+    /// The account is out of quota or credit: retrying never helps until someone pays, so the stage waits.
+    #[error("{provider}'s quota is exhausted: {message}")]
+    QuotaExhausted {
+        /// Which provider.
+        provider: &'static str,
+        /// The provider's message.
+        message: String,
+    },
+    /// A timeout, connection failure, malformed answer or server error: worth retrying.
+    #[error("{provider} failed: {message}")]
+    Transient {
+        /// Which provider.
+        provider: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// The request or the document itself is refused (bad key, unsupported file, failed parse job): retrying
+    /// sends the same thing again.
+    #[error("{message}")]
+    Permanent {
+        /// Which provider.
+        provider: &'static str,
+        /// A reason a user can read.
+        message: String,
+    },
 }
 
-impl EmbedError {
+impl ProviderError {
     /// Whether another attempt can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::RateLimited { .. } | Self::Transient(_))
+        matches!(self, Self::RateLimited { .. } | Self::Transient { .. })
     }
 
     /// The delay the provider asked for, if any.
@@ -56,15 +114,54 @@ impl EmbedError {
             _ => None,
         }
     }
+
+    /// The metric label of its kind.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "rate_limited",
+            Self::QuotaExhausted { .. } => "quota",
+            Self::Transient { .. } => "transient",
+            Self::Permanent { .. } => "permanent",
+        }
+    }
+
+    pub(crate) fn transient(provider: &'static str, message: impl Into<String>) -> Self {
+        Self::Transient {
+            provider,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn permanent(provider: &'static str, message: impl Into<String>) -> Self {
+        Self::Permanent {
+            provider,
+            message: message.into(),
+        }
+    }
 }
 
 /// Builds the configured embedder.
-pub fn embedder(settings: &EmbeddingSettings) -> Result<Arc<dyn Embedder>, EmbedError> {
-    Ok(match settings.provider {
-        EmbeddingProvider::Hashing => Arc::new(hashing::HashingEmbedder::new(
-            &settings.model,
-            settings.dimensions as usize,
+pub fn embedder(settings: &Settings) -> Result<Arc<dyn Embedder>, ProviderError> {
+    let e = &settings.embedding;
+    Ok(match e.embedder {
+        EmbedderKind::Hashing => Arc::new(hashing::HashingEmbedder::new(
+            &e.model,
+            e.dimensions as usize,
         )),
-        EmbeddingProvider::Openai => Arc::new(openai::OpenAiEmbedder::new(settings)?),
+        EmbedderKind::Openai => Arc::new(openai::OpenAiEmbedder::new(e)?),
+        EmbedderKind::Local => Arc::new(local::LocalEmbedder::load(e)?),
+    })
+}
+
+/// Builds the configured parser.
+pub fn parser(settings: &Settings) -> Result<Arc<dyn Parser>, ProviderError> {
+    let local = local::LocalParser::new(&settings.pipeline);
+    Ok(match settings.parsing.parser {
+        ParserKind::Local => Arc::new(local),
+        ParserKind::Llamaparse => Arc::new(llamaparse::LlamaParse::new(
+            &settings.parsing.llamaparse,
+            settings.pipeline.max_pages,
+            local,
+        )?),
     })
 }

@@ -1,24 +1,54 @@
-//! An OpenAI-compatible embeddings client (`POST {base_url}/embeddings`): OpenAI, and servers that speak the
-//! same protocol (vLLM, text-embeddings-inference, Ollama, Azure OpenAI's v1 endpoint). Tolerant of their
-//! variations: errors nested or flat, floats or base64, results in any order, missing usage.
+//! An OpenAI-compatible embeddings client: OpenAI, Azure OpenAI (deployment URLs with `api-key`, or the v1
+//! endpoint), and servers that speak the same protocol (vLLM, text-embeddings-inference, Ollama).
+//!
+//! Texts are packed into requests within the provider's limits (inputs and tokens per request, tokens per
+//! input; over-long inputs are truncated with a warning). Smaller limits are learnt from the answers: 413 and
+//! 422 shrink the batch, a context-length 400 shrinks the per-input limit, `max_tokens_per_request` the request
+//! budget; what is learnt holds for the life of the process. Answers are read tolerantly: errors nested or flat,
+//! `code` a string, a number or null, vectors as floats or base64, results in any order, usage missing.
+//! The client never sleeps or retries on its own: a retryable error goes back to the queue with the time the
+//! provider named.
 
-use std::time::Duration;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use base64::Engine as _;
 use reqwest::{StatusCode, header::HeaderMap};
 use serde::Deserialize;
+use tiktoken_rs::CoreBPE;
 
-use super::{EmbedError, EmbedFuture, Embedder};
-use crate::settings::EmbeddingSettings;
+use super::{EmbedFuture, Embedder, ProviderError, http};
+use crate::settings::{ApiStyle, EmbeddingSettings, EncodingFormat};
+
+const PROVIDER: &str = "the embeddings API";
+/// Most times one call shrinks its limits before giving up.
+const MAX_ADAPTATIONS: usize = 12;
 
 /// See the module documentation.
-#[derive(Debug, Clone)]
 pub struct OpenAiEmbedder {
     http: reqwest::Client,
     url: String,
+    style: ApiStyle,
     api_key: String,
     model: String,
     dimensions: usize,
+    encoding: EncodingFormat,
+    max_inputs: AtomicUsize,
+    max_request_tokens: AtomicUsize,
+    max_input_tokens: AtomicUsize,
+    bpe: Arc<CoreBPE>,
+}
+
+impl std::fmt::Debug for OpenAiEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiEmbedder")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("dimensions", &self.dimensions)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Deserialize)]
@@ -39,57 +69,185 @@ enum EmbeddingValue {
     Base64(String),
 }
 
+/// What a failed request means for the next one.
+enum Failure {
+    /// Give up with this error.
+    Error(ProviderError),
+    /// The batch had too many inputs: at most this many next time.
+    FewerInputs(usize),
+    /// An input had too many tokens: at most this many next time.
+    ShorterInputs(usize),
+    /// The request had too many tokens: at most this many next time.
+    FewerTokens(usize),
+}
+
 impl OpenAiEmbedder {
     /// A client for the configured endpoint.
-    pub fn new(settings: &EmbeddingSettings) -> Result<Self, EmbedError> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("upload-pipeline/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| EmbedError::Permanent(format!("cannot build the HTTP client: {e}")))?;
+    pub fn new(settings: &EmbeddingSettings) -> Result<Self, ProviderError> {
+        let o = &settings.openai;
+        let base = o.base_url.trim_end_matches('/');
+        let url = match o.api_style {
+            ApiStyle::Openai => format!("{base}/embeddings"),
+            ApiStyle::Azure => format!(
+                "{base}/openai/deployments/{}/embeddings?api-version={}",
+                o.azure_deployment, o.azure_api_version
+            ),
+        };
         Ok(Self {
-            http,
-            url: format!("{}/embeddings", settings.base_url.trim_end_matches('/')),
-            api_key: settings.api_key.expose().to_owned(),
+            http: http::client(PROVIDER, o.timeout)?,
+            url,
+            style: o.api_style,
+            api_key: o.api_key.expose().to_owned(),
             model: settings.model.clone(),
             dimensions: settings.dimensions as usize,
+            encoding: o.encoding_format,
+            max_inputs: AtomicUsize::new(o.max_inputs),
+            max_request_tokens: AtomicUsize::new(o.max_request_tokens),
+            max_input_tokens: AtomicUsize::new(o.max_input_tokens),
+            bpe: crate::chunking::tokenizer(),
         })
     }
 
-    async fn request(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    /// The limits in force: inputs per request, tokens per request, tokens per input.
+    pub fn limits(&self) -> (usize, usize, usize) {
+        (
+            self.max_inputs.load(Ordering::Relaxed),
+            self.max_request_tokens.load(Ordering::Relaxed),
+            self.max_input_tokens.load(Ordering::Relaxed),
+        )
+    }
+
+    /// `text` cut to `limit` tokens, and its token count.
+    fn fit(&self, text: &str, limit: usize) -> (String, usize, bool) {
+        let tokens = self.bpe.encode_ordinary(text);
+        if tokens.len() <= limit {
+            // The API refuses empty strings; a blank chunk still gets a vector.
+            let text = if text.is_empty() { " " } else { text };
+            return (text.to_owned(), tokens.len().max(1), false);
+        }
+        let cut = self
+            .bpe
+            .decode(&tokens[..limit])
+            .unwrap_or_else(|_| text.chars().take(limit * 3).collect());
+        (cut, limit, true)
+    }
+
+    async fn embed_all(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ProviderError> {
+        let mut out = Vec::with_capacity(texts.len());
+        let mut adaptations = 0;
+        while out.len() < texts.len() {
+            let (max_inputs, max_tokens, max_input_tokens) = self.limits();
+            let mut batch = Vec::new();
+            let mut tokens = 0;
+            for text in &texts[out.len()..] {
+                let (fitted, n, truncated) = self.fit(text, max_input_tokens);
+                if !batch.is_empty() && (batch.len() >= max_inputs || tokens + n > max_tokens) {
+                    break;
+                }
+                if truncated {
+                    tracing::warn!(
+                        limit = max_input_tokens,
+                        "An input is longer than the embedding model takes; its end is left out of its vector"
+                    );
+                    metrics::counter!(crate::metrics::PROVIDER_TRUNCATED_INPUTS, "provider" => "openai")
+                        .increment(1);
+                }
+                batch.push(fitted);
+                tokens += n;
+            }
+            match self.request(&batch, tokens).await {
+                Ok(vectors) => out.extend(vectors),
+                Err(Failure::Error(e)) => return Err(e),
+                Err(adapt) => {
+                    adaptations += 1;
+                    let (limit, what) = match adapt {
+                        Failure::FewerInputs(n) => (&self.max_inputs, n),
+                        Failure::ShorterInputs(n) => (&self.max_input_tokens, n),
+                        Failure::FewerTokens(n) => (&self.max_request_tokens, n),
+                        Failure::Error(_) => unreachable!("handled above"),
+                    };
+                    let before = limit.fetch_min(what.max(1), Ordering::Relaxed);
+                    tracing::warn!(
+                        before,
+                        after = what.max(1),
+                        "The embeddings API refused a request as too large; sending smaller ones"
+                    );
+                    if adaptations > MAX_ADAPTATIONS || before <= 1 {
+                        return Err(ProviderError::permanent(
+                            PROVIDER,
+                            "the embeddings API refuses even a single short input as too large",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn request(&self, texts: &[String], tokens: usize) -> Result<Vec<Vec<f32>>, Failure> {
+        let encoding = match self.encoding {
+            EncodingFormat::Base64 => "base64",
+            EncodingFormat::Float => "float",
+        };
         let mut body =
-            serde_json::json!({ "model": self.model, "input": texts, "encoding_format": "float" });
+            serde_json::json!({ "model": self.model, "input": texts, "encoding_format": encoding });
         if self.model.starts_with("text-embedding-3") {
             body["dimensions"] = self.dimensions.into();
         }
         let mut req = self.http.post(&self.url).json(&body);
         if !self.api_key.is_empty() {
-            req = req.bearer_auth(&self.api_key);
+            req = match self.style {
+                ApiStyle::Openai => req.bearer_auth(&self.api_key),
+                ApiStyle::Azure => req.header("api-key", &self.api_key),
+            };
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| EmbedError::Transient(format!("request to {} failed: {e}", self.url)))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| EmbedError::Transient(format!("reading the answer failed: {e}")))?;
-        if !status.is_success() {
-            return Err(classify(status, &headers, &text));
+        let started = std::time::Instant::now();
+        let result = async {
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Failure::Error(http::send_error(PROVIDER, &self.url, &e)))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| Failure::Error(http::send_error(PROVIDER, &self.url, &e)))?;
+            if !status.is_success() {
+                return Err(classify(status, &headers, &text, texts.len(), tokens));
+            }
+            self.decode(&text, texts.len()).map_err(Failure::Error)
         }
-        let parsed: Response = serde_json::from_str(&text)
-            .map_err(|e| EmbedError::Transient(format!("unreadable embeddings answer: {e}")))?;
+        .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(Failure::Error(e)) => e.outcome(),
+            Err(_) => "too_large",
+        };
+        crate::metrics::provider_request(
+            "openai",
+            "embed",
+            outcome,
+            started.elapsed().as_secs_f64(),
+        );
+        if result.is_ok() {
+            metrics::counter!(crate::metrics::PROVIDER_EMBEDDED_INPUTS, "provider" => "openai")
+                .increment(texts.len() as u64);
+        }
+        result
+    }
+
+    fn decode(&self, text: &str, expected: usize) -> Result<Vec<Vec<f32>>, ProviderError> {
+        let parsed: Response = serde_json::from_str(text).map_err(|e| {
+            ProviderError::transient(PROVIDER, format!("unreadable embeddings answer: {e}"))
+        })?;
         let mut items = parsed.data;
         items.sort_by_key(|i| i.index);
-        if items.len() != texts.len() || items.iter().enumerate().any(|(i, it)| it.index != i) {
-            return Err(EmbedError::Transient(format!(
-                "asked for {} embeddings, got {}",
-                texts.len(),
-                items.len()
-            )));
+        if items.len() != expected || items.iter().enumerate().any(|(i, it)| it.index != i) {
+            return Err(ProviderError::transient(
+                PROVIDER,
+                format!("asked for {expected} embeddings, got {}", items.len()),
+            ));
         }
         items
             .into_iter()
@@ -99,7 +257,9 @@ impl OpenAiEmbedder {
                     EmbeddingValue::Base64(b) => {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(b)
-                            .map_err(|e| EmbedError::Transient(format!("bad base64 embedding: {e}")))?;
+                            .map_err(|e| {
+                                ProviderError::transient(PROVIDER, format!("bad base64 embedding: {e}"))
+                            })?;
                         bytes
                             .chunks_exact(4)
                             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -107,11 +267,17 @@ impl OpenAiEmbedder {
                     }
                 };
                 if v.len() != self.dimensions {
-                    return Err(EmbedError::Permanent(format!(
-                        "the model answered {} dimensions but {} are configured (embedding.dimensions)",
-                        v.len(),
-                        self.dimensions
-                    )));
+                    return Err(ProviderError::permanent(
+                        PROVIDER,
+                        format!(
+                            "the model answered {} dimensions but {} are configured (embedding.dimensions)",
+                            v.len(),
+                            self.dimensions
+                        ),
+                    ));
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(ProviderError::transient(PROVIDER, "the answer holds a non-finite number"));
                 }
                 Ok(v)
             })
@@ -119,67 +285,98 @@ impl OpenAiEmbedder {
     }
 }
 
-/// The error message and type of an error body, nested (`{"error": {...}}`) or flat.
+/// The message and kind (`type`, else `code`) of an error body, nested (`{"error": {...}}`) or flat, with `code`
+/// a string, a number or null.
 fn error_fields(body: &str) -> (String, String) {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     let e = v.get("error").filter(|e| e.is_object()).unwrap_or(&v);
-    let text = |k: &str| {
-        e.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_default()
-            .to_owned()
+    let text = |k: &str| match e.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => String::new(),
     };
     let message = match text("message") {
-        m if m.is_empty() => body.chars().take(300).collect(),
+        m if m.is_empty() => match v.get("error").and_then(|e| e.as_str()) {
+            Some(m) => m.to_owned(),
+            None => body.chars().take(300).collect(),
+        },
         m => m,
     };
-    let kind = [text("type"), text("code")]
-        .into_iter()
-        .find(|s| !s.is_empty())
-        .unwrap_or_default();
+    let (kind, code) = (text("type"), text("code"));
+    let kind = if code == "insufficient_quota" || kind.is_empty() {
+        code
+    } else {
+        kind
+    };
     (message, kind)
 }
 
-/// Retry-After as `retry-after-ms`, seconds, or "try again in 2.5s" in the message.
-fn retry_after(headers: &HeaderMap, message: &str) -> Option<Duration> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    if let Some(ms) = header("retry-after-ms").filter(|ms| *ms > 0.0) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
-    }
-    if let Some(s) = header("retry-after").filter(|s| *s > 0.0 && *s <= 3600.0) {
-        return Some(Duration::from_secs_f64(s));
-    }
-    let lower = message.to_ascii_lowercase();
-    let rest = &lower[lower.find("try again in ")? + "try again in ".len()..];
-    let num: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let value: f64 = num.parse().ok()?;
-    Some(if rest[num.len()..].starts_with("ms") {
-        Duration::from_secs_f64(value / 1000.0)
-    } else {
-        Duration::from_secs_f64(value)
-    })
+/// The smallest number in `message` that is at least `floor` and below `current`: the limit a server names
+/// ("maximum allowed batch size 32", "maximum context length is 512 tokens").
+fn named_limit(message: &str, floor: usize, current: usize) -> Option<usize> {
+    message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<usize>().ok())
+        .filter(|n| *n >= floor && *n < current)
+        .min()
 }
 
-fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> EmbedError {
+fn classify(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &str,
+    inputs: usize,
+    tokens: usize,
+) -> Failure {
     let (message, kind) = error_fields(body);
-    match status.as_u16() {
-        429 if kind == "insufficient_quota" => EmbedError::QuotaExhausted(message),
-        429 => EmbedError::RateLimited {
-            retry_after: retry_after(headers, &message),
+    let lower = message.to_ascii_lowercase();
+    let about_tokens = lower.contains("token") || lower.contains("context length");
+    let error = match status.as_u16() {
+        429 if kind == "insufficient_quota" || lower.contains("exceeded your current quota") => {
+            ProviderError::QuotaExhausted {
+                provider: PROVIDER,
+                message,
+            }
+        }
+        429 => ProviderError::RateLimited {
+            provider: PROVIDER,
+            retry_after: http::retry_after(headers, &message),
             message,
         },
-        402 => EmbedError::QuotaExhausted(message),
-        408 | 409 | 500..=599 => EmbedError::Transient(format!("HTTP {status}: {message}")),
-        _ => EmbedError::Permanent(format!("HTTP {status}: {message}")),
-    }
+        402 => ProviderError::QuotaExhausted {
+            provider: PROVIDER,
+            message,
+        },
+        400 if kind == "max_tokens_per_request" || lower.contains("max_tokens_per_request") => {
+            return Failure::FewerTokens(named_limit(&message, 1, tokens).unwrap_or(tokens / 2));
+        }
+        400 | 413 | 422
+            if about_tokens
+                && (lower.contains("maximum")
+                    || lower.contains("less than")
+                    || lower.contains("too long")
+                    || kind == "context_length_exceeded") =>
+        {
+            let current = tokens.div_ceil(inputs.max(1)).max(2);
+            let per_input = named_limit(&message, 8, usize::MAX).filter(|n| *n < current);
+            return Failure::ShorterInputs(per_input.unwrap_or(current / 2));
+        }
+        413 | 422 if inputs > 1 => {
+            return Failure::FewerInputs(named_limit(&message, 1, inputs).unwrap_or(inputs / 2));
+        }
+        401 | 403 => {
+            tracing::error!(status = status.as_u16(), %message, "The embeddings API refused our key: check embedding.openai.api_key");
+            ProviderError::permanent(
+                PROVIDER,
+                format!("HTTP {status}: the key was refused: {message}"),
+            )
+        }
+        408 | 409 | 424 | 425 | 500..=599 => {
+            ProviderError::transient(PROVIDER, format!("HTTP {status}: {message}"))
+        }
+        _ => ProviderError::permanent(PROVIDER, format!("HTTP {status}: {message}")),
+    };
+    Failure::Error(error)
 }
 
 impl Embedder for OpenAiEmbedder {
@@ -192,39 +389,79 @@ impl Embedder for OpenAiEmbedder {
     }
 
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a> {
-        Box::pin(self.request(texts))
+        Box::pin(self.embed_all(texts))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn error(f: Failure) -> ProviderError {
+        match f {
+            Failure::Error(e) => e,
+            _ => panic!("expected an error"),
+        }
+    }
 
     #[test]
     fn errors_are_classified_nested_or_flat() {
         let h = HeaderMap::new();
         let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
         assert!(matches!(
-            classify(StatusCode::TOO_MANY_REQUESTS, &h, quota),
-            EmbedError::QuotaExhausted(_)
+            error(classify(StatusCode::TOO_MANY_REQUESTS, &h, quota, 1, 1)),
+            ProviderError::QuotaExhausted { .. }
         ));
         let rate = r#"{"error":{"message":"Rate limit reached for requests. Please try again in 2.812s.","type":"requests","code":"rate_limit_exceeded"}}"#;
-        let e = classify(StatusCode::TOO_MANY_REQUESTS, &h, rate);
+        let e = error(classify(StatusCode::TOO_MANY_REQUESTS, &h, rate, 1, 1));
         assert_eq!(e.retry_after(), Some(Duration::from_millis(2812)));
         assert!(e.is_retryable());
+        let azure = r#"{"error":{"code":"429","message":"Requests have exceeded call rate limit. Please retry after 55 seconds."}}"#;
+        let e = error(classify(StatusCode::TOO_MANY_REQUESTS, &h, azure, 1, 1));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(55)));
         let flat =
             r#"{"object":"error","message":"bad input","type":"BadRequestError","code":400}"#;
-        let e = classify(StatusCode::BAD_REQUEST, &h, flat);
+        let e = error(classify(StatusCode::BAD_REQUEST, &h, flat, 1, 1));
         assert_eq!(
             e,
-            EmbedError::Permanent("HTTP 400 Bad Request: bad input".into())
+            ProviderError::permanent(PROVIDER, "HTTP 400 Bad Request: bad input")
         );
-        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, &h, "unhealthy").is_retryable());
-        let mut h = HeaderMap::new();
-        h.insert("retry-after", "7".parse().unwrap());
-        assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, &h, "{}").retry_after(),
-            Some(Duration::from_secs(7))
+        assert!(
+            error(classify(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &h,
+                "unhealthy",
+                1,
+                1
+            ))
+            .is_retryable()
         );
+        assert!(!error(classify(StatusCode::UNAUTHORIZED, &h, "{}", 1, 1)).is_retryable());
+    }
+
+    #[test]
+    fn too_large_answers_name_the_smaller_limit() {
+        let h = HeaderMap::new();
+        let tei = r#"{"error":"batch size 64 > maximum allowed batch size 32","error_type":"validation"}"#;
+        assert!(matches!(
+            classify(StatusCode::UNPROCESSABLE_ENTITY, &h, tei, 64, 6400),
+            Failure::FewerInputs(32)
+        ));
+        assert!(matches!(
+            classify(StatusCode::PAYLOAD_TOO_LARGE, &h, "", 10, 100),
+            Failure::FewerInputs(5)
+        ));
+        let ctx = r#"{"error":{"message":"This model's maximum context length is 512 tokens, however you requested 900 tokens (900 in your prompt; 0 for the completion).","type":"invalid_request_error","param":null,"code":null}}"#;
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &h, ctx, 1, 900),
+            Failure::ShorterInputs(512)
+        ));
+        let req = r#"{"error":{"message":"Requested 310000 tokens, max 300000 tokens per request","type":"max_tokens_per_request","code":"max_tokens_per_request"}}"#;
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &h, req, 100, 310000),
+            Failure::FewerTokens(300000)
+        ));
     }
 }
