@@ -402,6 +402,9 @@ pub struct PipelineSettings {
     /// Longest time one parse (and one chunking) of a document may take.
     #[serde(with = "humantime_serde")]
     pub parse_timeout: Duration,
+    /// How long a stage waits before asking a provider that is out of quota again (documents wait, never fail).
+    #[serde(with = "humantime_serde")]
+    pub quota_wait: Duration,
 }
 
 impl Default for PipelineSettings {
@@ -412,6 +415,7 @@ impl Default for PipelineSettings {
             max_pages: 2_000,
             max_chars: 20_000_000,
             parse_timeout: Duration::from_secs(120),
+            quota_wait: Duration::from_secs(60),
         }
     }
 }
@@ -695,8 +699,9 @@ impl Settings {
             );
         }
         let l = &self.parsing.llamaparse;
-        if !l.base_url.is_empty()
-            && !(l.base_url.starts_with("http://") || l.base_url.starts_with("https://"))
+        if !(l.base_url.is_empty()
+            || l.base_url.starts_with("http://")
+            || l.base_url.starts_with("https://"))
         {
             return invalid("parsing.llamaparse.base_url", "must be an http(s) URL");
         }
@@ -715,6 +720,11 @@ impl Settings {
                 "parsing.llamaparse",
                 "poll_interval must be above zero and at most poll_interval_max, which is at most job_timeout; request_timeout above zero",
             );
+        }
+        if self.pipeline.quota_wait.is_zero()
+            || self.pipeline.quota_wait > Duration::from_secs(3600)
+        {
+            return invalid("pipeline.quota_wait", "must be between 1ms and 1h");
         }
         if self.parsing.parser == ParserKind::Llamaparse && l.api_key.expose().is_empty() {
             return invalid(

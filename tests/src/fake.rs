@@ -489,10 +489,8 @@ async fn embeddings(State(s): State<Shared>, headers: HeaderMap, body: Bytes) ->
 }
 
 fn request_key(headers: &HeaderMap, azure: bool) -> Option<String> {
-    if azure {
-        if let Some(k) = headers.get("api-key").and_then(|v| v.to_str().ok()) {
-            return Some(k.to_owned());
-        }
+    if let (true, Some(k)) = (azure, headers.get("api-key").and_then(|v| v.to_str().ok())) {
+        return Some(k.to_owned());
     }
     headers
         .get("authorization")
@@ -866,27 +864,25 @@ async fn llama_gate(s: &Shared, headers: &HeaderMap, upload: bool) -> Option<Res
             ),
         });
     }
-    if upload {
-        if let Some(w) = config.uploads {
-            let now = Instant::now();
-            let mut inner = s.lock();
-            let span = Duration::from_millis(w.window_ms);
-            while inner
-                .uploads
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= span)
-            {
-                inner.uploads.pop_front();
-            }
-            if inner.uploads.len() as u64 >= w.limit {
-                inner.stats.rate_limited += 1;
-                return Some(detail(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "Rate limit exceeded. Please try again later.",
-                ));
-            }
-            inner.uploads.push_back(now);
+    if let (true, Some(w)) = (upload, config.uploads) {
+        let now = Instant::now();
+        let mut inner = s.lock();
+        let span = Duration::from_millis(w.window_ms);
+        while inner
+            .uploads
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= span)
+        {
+            inner.uploads.pop_front();
         }
+        if inner.uploads.len() as u64 >= w.limit {
+            inner.stats.rate_limited += 1;
+            return Some(detail(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Rate limit exceeded. Please try again later.",
+            ));
+        }
+        inner.uploads.push_back(now);
     }
     None
 }

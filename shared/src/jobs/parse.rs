@@ -30,11 +30,8 @@ impl From<ProviderError> for StageError {
                     message: e.to_string(),
                 }
             }
-            // Out of quota: defer (never fail the document); retry once someone restored the quota.
-            ProviderError::QuotaExhausted { .. } => Self::Retryable {
-                after: Some(std::time::Duration::from_secs(60)),
-                message: e.to_string(),
-            },
+            // Out of quota: the document waits, without spending attempts, until someone restores the quota.
+            ProviderError::QuotaExhausted { .. } => Self::Deferred(e.to_string()),
             ProviderError::Permanent { message, .. } => Self::Permanent(message),
         }
     }

@@ -174,6 +174,10 @@ pub enum StageError {
     /// The document cannot get through this stage (corrupt file, refused request): it is marked failed.
     #[error("{0}")]
     Permanent(String),
+    /// The provider is out of quota or credit: the document waits (`pipeline.quota_wait` between tries)
+    /// without spending attempts, and is never failed for it.
+    #[error("{0}")]
+    Deferred(String),
 }
 
 impl From<DbError> for StageError {
@@ -317,6 +321,29 @@ pub(crate) async fn settle_failure(
                 Some(after) => JobError::retry_after(message, after),
                 None => JobError::retryable(message),
             })
+        }
+        StageError::Deferred(message) => {
+            let wait = p.settings.pipeline.quota_wait;
+            tracing::warn!(document_id = %doc, stage, %message, wait_seconds = wait.as_secs_f64(), "Provider out of quota; the document waits");
+            let recorded = async {
+                let mut tx = db::begin_as(&p.pool, job_user).await?;
+                sqlx::query(
+                    "UPDATE upload_pipeline.upload_jobs SET state = 'queued', last_error = $3, updated_at = now() \
+                     WHERE document_id = $1 AND stage = $2",
+                )
+                .bind(doc)
+                .bind(stage)
+                .bind(format!("waiting for the provider's quota: {message}"))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok::<_, DbError>(())
+            }
+            .await;
+            if let Err(e) = recorded {
+                tracing::warn!(document_id = %doc, stage, error = %e, "Could not record a deferred attempt");
+            }
+            Err(JobError::defer(message, wait))
         }
     }
 }

@@ -46,22 +46,25 @@ pub fn retry_after(headers: &HeaderMap, message: &str) -> Option<Duration> {
             .map(str::trim)
     };
     let cap = |d: Duration| (!d.is_zero() && d <= Duration::from_secs(3600)).then_some(d);
-    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms > 0.0 {
-            return cap(Duration::from_secs_f64(ms / 1000.0));
-        }
+    if let Some(ms) = header("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms > 0.0)
+    {
+        return cap(Duration::from_secs_f64(ms / 1000.0));
     }
     if let Some(v) = header("retry-after") {
-        if let Ok(s) = v.parse::<f64>() {
-            if s.is_finite() && s > 0.0 {
-                return cap(Duration::from_secs_f64(s));
+        match v.parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => return cap(Duration::from_secs_f64(s)),
+            Ok(_) => {}
+            Err(_) => {
+                if let Ok(at) = httpdate::parse_http_date(v) {
+                    return at
+                        .duration_since(SystemTime::now())
+                        .ok()
+                        .and_then(cap)
+                        .or(Some(Duration::from_secs(1)));
+                }
             }
-        } else if let Ok(at) = httpdate::parse_http_date(v) {
-            return at
-                .duration_since(SystemTime::now())
-                .ok()
-                .and_then(cap)
-                .or(Some(Duration::from_secs(1)));
         }
     }
     let resets = ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]

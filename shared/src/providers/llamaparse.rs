@@ -227,17 +227,15 @@ impl LlamaParse {
                 });
             }
         }
-        if sections.is_empty() {
-            if let Some(full) = answer
-                .get("markdown_full")
-                .and_then(Value::as_str)
-                .filter(|m| !m.trim().is_empty())
-            {
-                sections.push(Section {
-                    page: None,
-                    markdown: full.trim().to_owned(),
-                });
-            }
+        let full = answer
+            .get("markdown_full")
+            .and_then(Value::as_str)
+            .filter(|m| !m.trim().is_empty());
+        if let (true, Some(full)) = (sections.is_empty(), full) {
+            sections.push(Section {
+                page: None,
+                markdown: full.trim().to_owned(),
+            });
         }
         if !failed.is_empty() {
             tracing::warn!(job = id, pages = ?failed, "LlamaParse could not parse some pages; they are left out");

@@ -258,7 +258,7 @@ impl Shared {
                 "{error} (gave up after {} attempts)",
                 delivery.attempt
             )),
-            Failure::Retry { .. } => None,
+            Failure::Retry { .. } | Failure::Defer { .. } => None,
         };
         let outcome = if let Some(reason) = dead_reason {
             let env = Envelope {
@@ -272,27 +272,34 @@ impl Shared {
                 .await
                 .map(|owned| (owned, "dead"))
         } else {
-            let after = match &failure {
+            let (after, deferred) = match &failure {
                 Failure::Retry {
                     after: Some(after), ..
-                } => *after,
-                _ => self.settings().backoff(delivery.attempt),
+                } => (*after, false),
+                Failure::Defer { after, .. } => (*after, true),
+                _ => (self.settings().backoff(delivery.attempt), false),
+            };
+            // A deferred job is stored as if this delivery never happened, so its next one has the same number.
+            let attempts_used = if deferred {
+                delivery.attempt.saturating_sub(1)
+            } else {
+                delivery.attempt
             };
             let env = Envelope {
                 id: delivery.job_id.clone(),
                 p: payload.to_owned(),
-                a: delivery.attempt.to_string(),
+                a: attempts_used.to_string(),
                 e: delivery.enqueued_at_ms.to_string(),
                 err: Some(failure.message().to_owned()),
             };
             tracing::info!(
                 queue = self.queue.name(), job.id = %delivery.job_id, attempt = delivery.attempt,
                 retry_in_ms = after.as_millis() as u64, error = failure.message(),
-                "Job attempt failed; it will be retried"
+                deferred, "Job attempt failed; it will be retried"
             );
             self.retry(&delivery.entry_id, &env, after)
                 .await
-                .map(|owned| (owned, "retried"))
+                .map(|owned| (owned, if deferred { "deferred" } else { "retried" }))
         };
         match outcome {
             Ok((true, outcome)) => {

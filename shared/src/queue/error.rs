@@ -57,6 +57,15 @@ pub enum JobError {
         /// What went wrong.
         source: BoxDynError,
     },
+    /// Not the job's fault (its provider is paused, out of quota): run it again after `after` without spending
+    /// one of its attempts, however long the wait lasts.
+    #[error("{source}")]
+    Deferred {
+        /// Why it waits.
+        source: BoxDynError,
+        /// When to try again.
+        after: Duration,
+    },
 }
 
 impl JobError {
@@ -65,6 +74,14 @@ impl JobError {
         Self::Retryable {
             source: source.into(),
             after: None,
+        }
+    }
+
+    /// A job to run again after `after`, keeping its attempts.
+    pub fn defer(source: impl Into<BoxDynError>, after: Duration) -> Self {
+        Self::Deferred {
+            source: source.into(),
+            after,
         }
     }
 
@@ -94,6 +111,8 @@ pub(crate) enum Failure {
     },
     /// Dead-letter now.
     Permanent { error: String },
+    /// Run again after the delay, keeping the attempt count.
+    Defer { error: String, after: Duration },
 }
 
 impl Failure {
@@ -107,6 +126,10 @@ impl Failure {
                 },
                 JobError::Permanent { source } => Self::Permanent {
                     error: source.to_string(),
+                },
+                JobError::Deferred { source, after } => Self::Defer {
+                    error: source.to_string(),
+                    after: *after,
                 },
             };
         }
@@ -129,7 +152,9 @@ impl Failure {
 
     pub(crate) fn message(&self) -> &str {
         match self {
-            Self::Retry { error, .. } | Self::Permanent { error } => error,
+            Self::Retry { error, .. } | Self::Permanent { error } | Self::Defer { error, .. } => {
+                error
+            }
         }
     }
 }

@@ -1,0 +1,507 @@
+//! The provider clients against the fake servers (success and every fault kind), and the pipeline with real
+//! providers: recovery under injected faults, documents that wait out an exhausted quota, failed parse jobs, and
+//! caches that spare repeated provider calls.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tests::{
+    WorkerProcess,
+    fake::{FakeConfig, FakeProviders, Faults, LlamaParseConfig, OpenAiConfig, Window},
+    settings, unique_prefix, wait_for, wait_ready,
+};
+use upload_pipeline::{
+    Settings,
+    parsing::DocKind,
+    providers::{
+        self, Embedder, ParseInput, Parser, ProviderError, hashing::HashingEmbedder,
+        local::LocalParser, openai::OpenAiEmbedder,
+    },
+    settings::{ApiStyle, EmbedderKind, EncodingFormat, LlamaParseApi, ParserKind},
+};
+use uuid::Uuid;
+
+fn corpus(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/corpus")
+        .join(name)
+}
+
+/// Settings whose providers are `fake`'s.
+fn with_fakes(mut s: Settings, fake: &FakeProviders) -> Settings {
+    s.embedding.embedder = EmbedderKind::Openai;
+    s.embedding.model = "text-embedding-3-small".into();
+    s.embedding.dimensions = 384;
+    s.embedding.openai.base_url = fake.openai_url();
+    s.embedding.openai.api_key = upload_pipeline::settings::Secret("sk-test".into());
+    s.embedding.openai.timeout = Duration::from_millis(800);
+    s.parsing.parser = ParserKind::Llamaparse;
+    let l = &mut s.parsing.llamaparse;
+    l.base_url = fake.url.clone();
+    l.api_key = upload_pipeline::settings::Secret("llx-test".into());
+    l.poll_interval = Duration::from_millis(20);
+    l.poll_interval_max = Duration::from_millis(100);
+    l.request_timeout = Duration::from_millis(800);
+    l.job_timeout = Duration::from_secs(20);
+    s
+}
+
+fn keys() -> FakeConfig {
+    FakeConfig {
+        openai: OpenAiConfig {
+            keys: vec!["sk-test".into(), "azure-key".into()],
+            ..Default::default()
+        },
+        llamaparse: LlamaParseConfig {
+            keys: vec!["llx-test".into()],
+            ..Default::default()
+        },
+    }
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("Text number {i} about lighthouses, tides and bees."))
+        .collect()
+}
+
+fn embedder(s: &Settings) -> OpenAiEmbedder {
+    OpenAiEmbedder::new(&s.embedding).expect("client")
+}
+
+#[tokio::test]
+async fn openai_client_embeds_in_order_as_base64_or_floats_within_the_request_limits() {
+    let fake = FakeProviders::start(keys()).await;
+    let mut s = with_fakes(settings("unused", &tests::redis_url()), &fake);
+    let reference = HashingEmbedder::new("x", 384);
+    let input = texts(7);
+    for format in [EncodingFormat::Base64, EncodingFormat::Float] {
+        s.embedding.openai.encoding_format = format;
+        s.embedding.openai.max_inputs = 3;
+        let vectors = embedder(&s).embed(&input).await.expect("embeds");
+        assert_eq!(vectors.len(), 7);
+        for (text, v) in input.iter().zip(&vectors) {
+            assert_eq!(
+                v,
+                &reference.vector(text),
+                "{format:?}: vectors in input order"
+            );
+        }
+    }
+    // 7 inputs at most 3 per request: 3 requests per format.
+    assert_eq!(fake.stats().await.embedding_requests, 6);
+
+    // The token budget per request splits too.
+    s.embedding.openai.max_inputs = 2048;
+    s.embedding.openai.max_request_tokens = 40;
+    s.embedding.openai.max_input_tokens = 20;
+    let before = fake.stats().await.embedding_requests;
+    embedder(&s).embed(&input).await.expect("embeds");
+    assert!(fake.stats().await.embedding_requests - before >= 3);
+}
+
+#[tokio::test]
+async fn openai_client_learns_smaller_limits_from_413_422_and_context_length_answers() {
+    let mut config = keys();
+    config.openai.max_inputs = 4;
+    config.openai.max_input_tokens = 40;
+    let fake = FakeProviders::start(config).await;
+    let s = with_fakes(settings("unused", &tests::redis_url()), &fake);
+    let client = embedder(&s);
+    let mut input = texts(9);
+    input.push("lighthouse ".repeat(300));
+    let vectors = client.embed(&input).await.expect("embeds after adapting");
+    assert_eq!(vectors.len(), 10);
+    let (inputs, _, per_input) = client.limits();
+    assert_eq!(inputs, 4, "the batch limit named by the 422 answer");
+    assert!(per_input <= 40, "{per_input}");
+    // Learnt once: the next call needs no refused request.
+    let before = fake.stats().await.embedding_requests;
+    client.embed(&input).await.unwrap();
+    assert_eq!(fake.stats().await.embedding_requests - before, 3);
+}
+
+#[tokio::test]
+async fn azure_deployments_take_the_api_key_header() {
+    let fake = FakeProviders::start(keys()).await;
+    let mut s = with_fakes(settings("unused", &tests::redis_url()), &fake);
+    s.embedding.openai.api_style = ApiStyle::Azure;
+    s.embedding.openai.base_url = fake.url.clone();
+    s.embedding.openai.azure_deployment = "text-embedding-3-small".into();
+    s.embedding.openai.api_key = upload_pipeline::settings::Secret("azure-key".into());
+    assert_eq!(embedder(&s).embed(&texts(2)).await.unwrap().len(), 2);
+    s.embedding.openai.api_key = upload_pipeline::settings::Secret("wrong".into());
+    let err = embedder(&s).embed(&texts(1)).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+}
+
+/// Sets `faults` (every request faulty) and returns the client's error.
+async fn openai_error_with(fake: &FakeProviders, s: &Settings, faults: Faults) -> ProviderError {
+    let mut config = keys();
+    config.openai.faults = faults;
+    fake.configure(&config).await;
+    embedder(s).embed(&texts(2)).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn openai_faults_are_classified_retryable_or_permanent() {
+    let fake = FakeProviders::start(keys()).await;
+    let mut s = with_fakes(settings("unused", &tests::redis_url()), &fake);
+    s.embedding.openai.timeout = Duration::from_millis(300);
+    let all = |f: fn(&mut Faults)| {
+        let mut faults = Faults {
+            hang_ms: 2_000,
+            ..Default::default()
+        };
+        f(&mut faults);
+        faults
+    };
+    for (name, faults) in [
+        ("5xx", all(|f| f.server_error = 1.0)),
+        ("timeout", all(|f| f.timeout = 1.0)),
+        ("malformed JSON", all(|f| f.malformed = 1.0)),
+        ("connection reset", all(|f| f.reset = 1.0)),
+    ] {
+        let err = openai_error_with(&fake, &s, faults).await;
+        assert!(
+            matches!(err, ProviderError::Transient { .. }),
+            "{name}: {err:?}"
+        );
+    }
+    let err = openai_error_with(&fake, &s, all(|f| f.insufficient_quota = 1.0)).await;
+    assert!(
+        matches!(err, ProviderError::QuotaExhausted { .. }),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+
+    // A request window of one: the second request is told when to come back.
+    let mut config = keys();
+    config.openai.requests = Some(Window {
+        limit: 1,
+        window_ms: 2_000,
+    });
+    fake.configure(&config).await;
+    embedder(&s).embed(&texts(1)).await.unwrap();
+    let err = embedder(&s).embed(&texts(1)).await.unwrap_err();
+    let after = err.retry_after().expect("the reset time is read");
+    assert!(
+        matches!(err, ProviderError::RateLimited { .. }) && after <= Duration::from_secs(2),
+        "{err:?}"
+    );
+
+    s.embedding.openai.api_key = upload_pipeline::settings::Secret("sk-wrong".into());
+    fake.configure(&keys()).await;
+    let err = embedder(&s).embed(&texts(1)).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+}
+
+/// What an error must look like.
+type Expect = fn(&ProviderError) -> bool;
+
+fn llamaparse(s: &Settings) -> Arc<dyn Parser> {
+    providers::parser(s).expect("parser")
+}
+
+fn pdf() -> ParseInput {
+    ParseInput {
+        filename: "honeybees.pdf".into(),
+        kind: DocKind::Pdf,
+        bytes: Arc::new(std::fs::read(corpus("honeybees.pdf")).unwrap()),
+    }
+}
+
+#[tokio::test]
+async fn llamaparse_v2_and_v1_return_pages_and_classify_every_fault() {
+    let fake = FakeProviders::start(keys()).await;
+    let mut s = with_fakes(settings("unused", &tests::redis_url()), &fake);
+    let local = LocalParser::new(&s.pipeline)
+        .parse(&pdf())
+        .await
+        .expect("local parse");
+    for api in [LlamaParseApi::V2, LlamaParseApi::V1] {
+        s.parsing.llamaparse.api_version = api;
+        let parser = llamaparse(&s);
+        let sections = parser.parse(&pdf()).await.expect("parses");
+        assert_eq!(
+            sections.iter().map(|x| x.page).collect::<Vec<_>>(),
+            vec![Some(1), Some(2)],
+            "{api:?}: page numbers are kept"
+        );
+        assert_eq!(sections, local, "{api:?}");
+        assert!(parser.key(DocKind::Pdf).starts_with("llamaparse:"));
+        assert!(parser.cacheable(DocKind::Pdf) && !parser.cacheable(DocKind::Markdown));
+
+        let faulty = |f: Faults| {
+            let mut c = keys();
+            c.llamaparse.faults = Faults {
+                hang_ms: 2_000,
+                ..f
+            };
+            c
+        };
+        let cases: Vec<(&str, FakeConfig, Expect)> = vec![
+            (
+                "5xx",
+                faulty(Faults {
+                    server_error: 1.0,
+                    ..Default::default()
+                }),
+                |e| matches!(e, ProviderError::Transient { .. }),
+            ),
+            (
+                "timeout",
+                faulty(Faults {
+                    timeout: 1.0,
+                    ..Default::default()
+                }),
+                |e| matches!(e, ProviderError::Transient { .. }),
+            ),
+            (
+                "malformed",
+                faulty(Faults {
+                    malformed: 1.0,
+                    ..Default::default()
+                }),
+                |e| matches!(e, ProviderError::Transient { .. }),
+            ),
+            (
+                "reset",
+                faulty(Faults {
+                    reset: 1.0,
+                    ..Default::default()
+                }),
+                |e| matches!(e, ProviderError::Transient { .. }),
+            ),
+            (
+                "credits",
+                FakeConfig {
+                    llamaparse: LlamaParseConfig {
+                        credits_exhausted: true,
+                        ..Default::default()
+                    },
+                    ..keys()
+                },
+                |e| matches!(e, ProviderError::QuotaExhausted { .. }),
+            ),
+            (
+                "job error",
+                faulty(Faults {
+                    job_error: 1.0,
+                    ..Default::default()
+                }),
+                |e| matches!(e, ProviderError::Permanent { message, .. } if message.contains("Injected failure")),
+            ),
+            (
+                "upload window",
+                FakeConfig {
+                    llamaparse: LlamaParseConfig {
+                        uploads: Some(Window {
+                            limit: 0,
+                            window_ms: 10_000,
+                        }),
+                        ..Default::default()
+                    },
+                    ..keys()
+                },
+                |e| matches!(e, ProviderError::RateLimited { .. }),
+            ),
+        ];
+        s.parsing.llamaparse.request_timeout = Duration::from_millis(300);
+        for (name, config, expected) in cases {
+            fake.configure(&config).await;
+            let err = llamaparse(&s).parse(&pdf()).await.unwrap_err();
+            assert!(expected(&err), "{api:?} {name}: {err:?}");
+        }
+        fake.configure(&keys()).await;
+        let mut wrong = s.clone();
+        wrong.parsing.llamaparse.api_key = upload_pipeline::settings::Secret("llx-wrong".into());
+        let err = llamaparse(&wrong).parse(&pdf()).await.unwrap_err();
+        assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+        s.parsing.llamaparse.request_timeout = Duration::from_millis(800);
+    }
+}
+
+/// Uploads `n` distinct HTML documents; returns their ids.
+async fn upload_html(client: &upload_pipeline::client::Client, n: usize, tag: &str) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let html = format!(
+            "<html><body><h1>{tag} report {i}</h1><p>Harbour {i} keeps lighthouse {i} lit; the keeper logs tide {i} \
+             every night.</p><h2>Bees</h2><p>Hive {i} of {tag} made honey from clover field {i}.</p></body></html>"
+        );
+        let up = client
+            .upload_bytes(&format!("{tag}-{i}.html"), html.into_bytes(), None)
+            .await
+            .expect("upload");
+        ids.push(up.document_id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ten_percent_faults_on_both_providers_every_document_becomes_ready() {
+    let faults = Faults {
+        server_error: 0.05,
+        timeout: 0.05,
+        hang_ms: 1_500,
+        ..Default::default()
+    };
+    let mut config = keys();
+    config.openai.faults = faults;
+    config.llamaparse.faults = faults;
+    let fake = FakeProviders::start(config).await;
+    let mut s = with_fakes(
+        settings(&unique_prefix("recovery"), &tests::redis_url()),
+        &fake,
+    );
+    s.queue.retry_base = Duration::from_millis(100);
+    s.queue.retry_max = Duration::from_secs(1);
+    s.queue.max_deliveries = 10;
+    s.embedding.batch_size = 4;
+    s.worker.concurrency.parse = 8;
+    let (db, api) = tests::start_api(&mut s).await;
+    let _a = WorkerProcess::start(&s, "parse,chunk,embed");
+    let _b = WorkerProcess::start(&s, "parse,chunk,embed");
+    let client = api.client(&s, Uuid::new_v4());
+    let ids = upload_html(&client, 100, "recovery").await;
+    let docs = wait_ready(&client, &ids, Duration::from_secs(240)).await;
+    let stats = fake.stats().await;
+    let retried: i64 = docs
+        .iter()
+        .map(|d| {
+            d.stages
+                .iter()
+                .map(|st| (st.attempts - 1).max(0) as i64)
+                .sum::<i64>()
+        })
+        .sum();
+    println!(
+        "recovery: {} faults injected over {} provider calls; {retried} stage attempts retried; 100 of 100 documents \
+         ready (100% recovered)",
+        stats.faults,
+        stats.embedding_requests + stats.parse_uploads + stats.parse_polls + stats.parse_results
+    );
+    assert!(stats.faults > 0, "faults were injected");
+    tests::teardown(api, &s, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_wait_while_the_quota_is_exhausted_and_continue_once_it_is_restored() {
+    let mut config = keys();
+    config.openai.quota_exhausted = true;
+    let fake = FakeProviders::start(config).await;
+    let mut s = with_fakes(
+        settings(&unique_prefix("quota"), &tests::redis_url()),
+        &fake,
+    );
+    s.pipeline.quota_wait = Duration::from_millis(200);
+    s.queue.max_deliveries = 2;
+    let (db, api) = tests::start_api(&mut s).await;
+    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let client = api.client(&s, Uuid::new_v4());
+    let ids = upload_html(&client, 3, "quota").await;
+    // Far more refused calls than attempts allowed: deferrals spend none.
+    wait_for(
+        "embed calls refused for quota",
+        Duration::from_secs(60),
+        || async { (fake.stats().await.embedding_requests >= 12).then_some(()) },
+    )
+    .await;
+    for id in &ids {
+        let doc = client.status(*id).await.unwrap();
+        assert_eq!(doc.status, "embedding", "{doc:?}");
+        let embed = doc.stages.iter().find(|st| st.stage == "embed").unwrap();
+        assert!(
+            embed
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("quota")),
+            "{embed:?}"
+        );
+        assert!(embed.attempts <= 2, "{embed:?}");
+    }
+    fake.configure(&keys()).await;
+    wait_ready(&client, &ids, Duration::from_secs(60)).await;
+    tests::teardown(api, &s, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_job_ending_in_error_fails_the_document_with_the_providers_reason() {
+    let mut config = keys();
+    config.llamaparse.faults.job_error = 1.0;
+    let fake = FakeProviders::start(config).await;
+    let mut s = with_fakes(
+        settings(&unique_prefix("parse-error"), &tests::redis_url()),
+        &fake,
+    );
+    let (db, api) = tests::start_api(&mut s).await;
+    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let client = api.client(&s, Uuid::new_v4());
+    let id = upload_html(&client, 1, "broken").await[0];
+    let doc = wait_for("the document to fail", Duration::from_secs(60), || async {
+        let doc = client.status(id).await.ok()?;
+        (doc.status == "failed").then_some(doc)
+    })
+    .await;
+    let error = doc.error.unwrap_or_default();
+    assert!(
+        error.contains("PDF_IS_BROKEN") && error.contains("Injected failure"),
+        "{error}"
+    );
+    assert_eq!(
+        fake.stats().await.parse_uploads,
+        1,
+        "a permanent failure is not retried"
+    );
+    tests::teardown(api, &s, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_files_and_texts_cost_no_second_provider_call() {
+    let fake = FakeProviders::start(keys()).await;
+    let mut s = with_fakes(
+        settings(&unique_prefix("caches"), &tests::redis_url()),
+        &fake,
+    );
+    let (db, api) = tests::start_api(&mut s).await;
+    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let (alice, bob) = (
+        api.client(&s, Uuid::new_v4()),
+        api.client(&s, Uuid::new_v4()),
+    );
+    let bytes = std::fs::read(corpus("honeybees.pdf")).unwrap();
+    let first = alice
+        .upload_bytes("honeybees.pdf", bytes.clone(), None)
+        .await
+        .unwrap();
+    wait_ready(&alice, &[first.document_id], Duration::from_secs(60)).await;
+    let after_first = fake.stats().await;
+    assert_eq!(after_first.parse_uploads, 1);
+    assert!(after_first.embedded_inputs > 0);
+
+    // Another user's upload of the same file: a new document, parsed and embedded from the caches.
+    let second = bob
+        .upload_bytes("bees-again.pdf", bytes, None)
+        .await
+        .unwrap();
+    assert!(!second.duplicate);
+    wait_ready(&bob, &[second.document_id], Duration::from_secs(60)).await;
+    let after_second = fake.stats().await;
+    assert_eq!(after_second.parse_uploads, 1, "parse cache hit");
+    assert_eq!(
+        after_second.embedding_requests, after_first.embedding_requests,
+        "embedding cache hits"
+    );
+    let hits = worker
+        .metric("upload_pipeline_cache_hits_total", &["cache=\"embedding\""])
+        .await;
+    assert!(hits > 0.0, "{hits}");
+    assert_eq!(
+        worker
+            .metric("upload_pipeline_cache_hits_total", &["cache=\"parse\""])
+            .await,
+        1.0
+    );
+    assert!(worker.is_running());
+    tests::teardown(api, &s, db).await;
+}
