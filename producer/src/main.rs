@@ -245,9 +245,10 @@ async fn main() -> anyhow::Result<()> {
                 .search(&query, k)
                 .await
                 .context("Search failed")?;
+            let n = found.results.len();
             println!(
-                "{} results in {:.1} ms ({})",
-                found.results.len(),
+                "{n} result{} in {:.1} ms ({})",
+                if n == 1 { "" } else { "s" },
                 found.took_ms,
                 found.embedding_model
             );
