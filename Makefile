@@ -23,10 +23,11 @@ demo: services model build ## Upload the sample corpus through the fleet on the 
 run: services build ## Run the fleet (producer API + a worker for every stage) in the foreground
 	@bash deploy/local/run.sh
 
-test: services model lint ## Format check, clippy, every unit and integration test, and the API contract fuzzing
+test: services model lint ## Format check, clippy, every unit and integration test, API fuzzing, official clients vs fakes
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	@bash tests/contract/schemathesis.sh
+	@bash tests/contract/python-clients.sh
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -115,6 +115,8 @@ pub struct OpenAiConfig {
     pub faults: Faults,
     /// Every request gets 429 `insufficient_quota` while set.
     pub quota_exhausted: bool,
+    /// The next this many requests get 503, whatever the rates say (deterministic retry tests).
+    pub fail_next: u64,
     /// Models served and their native dimensions.
     pub models: HashMap<String, usize>,
     /// Most inputs per request (OpenAI: 2,048; text-embeddings-inference: 32, answered with 422).
@@ -135,6 +137,7 @@ impl Default for OpenAiConfig {
             retry_after_header: false,
             faults: Faults::default(),
             quota_exhausted: false,
+            fail_next: 0,
             models: [
                 ("text-embedding-3-small", 1536),
                 ("text-embedding-3-large", 3072),
@@ -529,10 +532,15 @@ fn inputs(input: &Value) -> Result<Vec<String>, String> {
 }
 
 async fn embed_request(s: Shared, headers: HeaderMap, body: Value, azure: bool) -> Response {
-    let config = {
+    let (config, fail_now) = {
         let mut inner = s.lock();
         inner.stats.embedding_requests += 1;
-        inner.config.openai.clone()
+        let fail_now = inner.config.openai.fail_next > 0;
+        if fail_now {
+            inner.config.openai.fail_next -= 1;
+            inner.stats.faults += 1;
+        }
+        (inner.config.openai.clone(), fail_now)
     };
     tokio::time::sleep(config.latency.sample()).await;
     let key = request_key(&headers, azure);
@@ -555,8 +563,12 @@ async fn embed_request(s: Shared, headers: HeaderMap, body: Value, azure: bool) 
     if config.quota_exhausted {
         return quota();
     }
-    if let Some(fault) = roll(&config.faults) {
-        s.lock().stats.faults += 1;
+    let fault = if fail_now {
+        Some(Fault::ServerError)
+    } else {
+        roll(&config.faults).inspect(|_| s.lock().stats.faults += 1)
+    };
+    if let Some(fault) = fault {
         match fault {
             Fault::ServerError => {
                 return if rand::random::<bool>() {
