@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run test lint fmt openapi contract bench-queue fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt openapi contract bench-queue fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ demo: services model build ## Upload the sample corpus through the fleet on the 
 
 run: services build ## Run the fleet (producer API + a worker for every stage) in the foreground
 	@bash deploy/local/run.sh
+
+run-mock: services build ## Run the fleet with LlamaParse and OpenAI served by fake-providers (deploy/mock/)
+	@PROFILE=mock bash deploy/local/run.sh
 
 test: services model lint ## Format check, clippy, every unit and integration test, API fuzzing, official clients vs fakes
 	$(CARGO) build --workspace --bins
