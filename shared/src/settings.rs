@@ -855,6 +855,24 @@ mod tests {
     }
 
     #[test]
+    fn provider_keys_come_from_their_variables_and_are_never_printed() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OPENAI_API_KEY", "sk-very-secret-openai");
+            jail.set_env("LLAMA_CLOUD_API_KEY", "llx-very-secret-llama");
+            jail.set_env("UPLOAD_PIPELINE__PARSING__PARSER", "llamaparse");
+            let s = Settings::load(None).expect("valid");
+            assert_eq!(s.embedding.openai.api_key.expose(), "sk-very-secret-openai");
+            assert_eq!(s.parsing.llamaparse.api_key.expose(), "llx-very-secret-llama");
+            let printed = format!("{s:?} {s:#?}");
+            assert!(!printed.contains("very-secret"), "{printed}");
+            jail.set_env("LLAMA_CLOUD_API_KEY", "");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("LLAMA_CLOUD_API_KEY"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_missing_config_file_is_an_error() {
         let err = Settings::load(Some(Path::new("/nonexistent/up.toml"))).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
