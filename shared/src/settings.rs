@@ -862,7 +862,10 @@ mod tests {
             jail.set_env("UPLOAD_PIPELINE__PARSING__PARSER", "llamaparse");
             let s = Settings::load(None).expect("valid");
             assert_eq!(s.embedding.openai.api_key.expose(), "sk-very-secret-openai");
-            assert_eq!(s.parsing.llamaparse.api_key.expose(), "llx-very-secret-llama");
+            assert_eq!(
+                s.parsing.llamaparse.api_key.expose(),
+                "llx-very-secret-llama"
+            );
             let printed = format!("{s:?} {s:#?}");
             assert!(!printed.contains("very-secret"), "{printed}");
             jail.set_env("LLAMA_CLOUD_API_KEY", "");
