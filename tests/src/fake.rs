@@ -990,12 +990,21 @@ fn start_job(
     id
 }
 
-async fn v2_upload(State(s): State<Shared>, headers: HeaderMap, form: Multipart) -> Response {
+/// Counts an upload, passes it through the gate and reads its form; `Err` is the answer to give instead.
+async fn accept_upload(
+    s: &Shared,
+    headers: &HeaderMap,
+    form: Multipart,
+) -> Result<Upload, Response> {
     s.lock().stats.parse_uploads += 1;
-    if let Some(r) = llama_gate(&s, &headers, true).await {
-        return r;
+    if let Some(r) = llama_gate(s, headers, true).await {
+        return Err(r);
     }
-    let upload = match read_upload(form).await {
+    read_upload(form).await
+}
+
+async fn v2_upload(State(s): State<Shared>, headers: HeaderMap, form: Multipart) -> Response {
+    let upload = match accept_upload(&s, &headers, form).await {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -1160,11 +1169,7 @@ fn page_list(sections: &[parsing::Section]) -> Vec<(u32, String)> {
 }
 
 async fn v1_upload(State(s): State<Shared>, headers: HeaderMap, form: Multipart) -> Response {
-    s.lock().stats.parse_uploads += 1;
-    if let Some(r) = llama_gate(&s, &headers, true).await {
-        return r;
-    }
-    let upload = match read_upload(form).await {
+    let upload = match accept_upload(&s, &headers, form).await {
         Ok(u) => u,
         Err(r) => return r,
     };

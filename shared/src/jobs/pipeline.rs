@@ -289,34 +289,20 @@ pub(crate) async fn settle_failure(
         }
         StageError::Retryable { message, after } => {
             let last = delivery.attempt >= max;
-            let state = if last { "dead" } else { "failed" };
-            let recorded = async {
-                let mut tx = db::begin_as(&p.pool, job_user).await?;
-                sqlx::query(
-                    "UPDATE upload_pipeline.upload_jobs SET state = $3, last_error = $4, attempts = GREATEST(attempts, $5), updated_at = now() \
-                     WHERE document_id = $1 AND stage = $2",
+            let gave_up = last.then(|| {
+                format!(
+                    "{stage} gave up after {} attempts: {message}",
+                    delivery.attempt
                 )
-                .bind(doc)
-                .bind(stage)
-                .bind(state)
-                .bind(&message)
-                .bind(delivery.attempt as i32)
-                .execute(&mut *tx)
-                .await?;
-                if last {
-                    sqlx::query("UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() WHERE id = $1")
-                        .bind(doc)
-                        .bind(format!("{stage} gave up after {} attempts: {message}", delivery.attempt))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok::<_, DbError>(())
-            }
-            .await;
-            if let Err(e) = recorded {
-                tracing::warn!(document_id = %doc, stage, error = %e, "Could not record a failed attempt");
-            }
+            });
+            let state = if last { "dead" } else { "failed" };
+            let at = Attempt {
+                doc,
+                user: job_user,
+                stage,
+                attempts: delivery.attempt,
+            };
+            record_attempt(p, &at, state, &message, gave_up).await;
             Err(match after {
                 Some(after) => JobError::retry_after(message, after),
                 None => JobError::retryable(message),
@@ -325,26 +311,65 @@ pub(crate) async fn settle_failure(
         StageError::Deferred(message) => {
             let wait = p.settings.pipeline.quota_wait;
             tracing::warn!(document_id = %doc, stage, %message, wait_seconds = wait.as_secs_f64(), "Provider out of quota; the document waits");
-            let recorded = async {
-                let mut tx = db::begin_as(&p.pool, job_user).await?;
-                sqlx::query(
-                    "UPDATE upload_pipeline.upload_jobs SET state = 'queued', last_error = $3, updated_at = now() \
-                     WHERE document_id = $1 AND stage = $2",
-                )
-                .bind(doc)
-                .bind(stage)
-                .bind(format!("waiting for the provider's quota: {message}"))
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok::<_, DbError>(())
-            }
-            .await;
-            if let Err(e) = recorded {
-                tracing::warn!(document_id = %doc, stage, error = %e, "Could not record a deferred attempt");
-            }
+            // No attempt is spent: the recorded count stays as it was.
+            let at = Attempt {
+                doc,
+                user: job_user,
+                stage,
+                attempts: 0,
+            };
+            let waiting = format!("waiting for the provider's quota: {message}");
+            record_attempt(p, &at, "queued", &waiting, None).await;
             Err(JobError::defer(message, wait))
         }
+    }
+}
+
+/// The stage row an attempt belongs to.
+struct Attempt<'a> {
+    doc: Uuid,
+    user: Uuid,
+    stage: &'a str,
+    /// Attempts made so far (the recorded count never goes down).
+    attempts: u32,
+}
+
+/// Records an attempt that did not finish on its stage row, and fails the document when `gave_up` says why. A
+/// failure to record is only logged: the queue's own record decides what happens next, and the next attempt
+/// records again.
+async fn record_attempt(
+    p: &Pipeline,
+    at: &Attempt<'_>,
+    state: &str,
+    last_error: &str,
+    gave_up: Option<String>,
+) {
+    let recorded = async {
+        let mut tx = db::begin_as(&p.pool, at.user).await?;
+        sqlx::query(
+            "UPDATE upload_pipeline.upload_jobs SET state = $3, last_error = $4, attempts = GREATEST(attempts, $5), updated_at = now() \
+             WHERE document_id = $1 AND stage = $2",
+        )
+        .bind(at.doc)
+        .bind(at.stage)
+        .bind(state)
+        .bind(last_error)
+        .bind(at.attempts as i32)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(reason) = gave_up {
+            sqlx::query("UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() WHERE id = $1")
+                .bind(at.doc)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, DbError>(())
+    }
+    .await;
+    if let Err(e) = recorded {
+        tracing::warn!(document_id = %at.doc, stage = at.stage, error = %e, "Could not record an unfinished attempt");
     }
 }
 

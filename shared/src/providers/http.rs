@@ -35,6 +35,19 @@ pub(crate) fn send_error(provider: &'static str, url: &str, e: &reqwest::Error) 
     ProviderError::transient(provider, format!("request to {url} {what}: {e}"))
 }
 
+/// A 429: retry at the time the answer names, if any.
+pub(crate) fn rate_limited(
+    provider: &'static str,
+    headers: &HeaderMap,
+    message: String,
+) -> ProviderError {
+    ProviderError::RateLimited {
+        provider,
+        retry_after: retry_after(headers, &message),
+        message,
+    }
+}
+
 /// When the provider wants to hear from us again: `retry-after-ms`, `retry-after` in seconds or as an HTTP
 /// date, the rate-limit reset headers (Go durations such as `1s`, `6m0s`, `12ms`), or "try again in 2.5s" /
 /// "retry after 55 seconds" in the message. Garbage and absurd values are ignored. At most one hour.

@@ -96,13 +96,7 @@ impl LlamaParse {
             })
         }
         .await;
-        let outcome = result.as_ref().err().map_or("ok", ProviderError::outcome);
-        crate::metrics::provider_request(
-            "llamaparse",
-            operation,
-            outcome,
-            started.elapsed().as_secs_f64(),
-        );
+        super::observe("llamaparse", operation, started, &result);
         result
     }
 
@@ -279,13 +273,7 @@ impl LlamaParse {
             self.result(&id).await
         }
         .await;
-        let outcome = result.as_ref().err().map_or("ok", ProviderError::outcome);
-        crate::metrics::provider_request(
-            "llamaparse",
-            "job",
-            outcome,
-            started.elapsed().as_secs_f64(),
-        );
+        super::observe("llamaparse", "job", started, &result);
         result
     }
 }
@@ -316,11 +304,7 @@ fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str
             provider: PROVIDER,
             message,
         },
-        429 => ProviderError::RateLimited {
-            provider: PROVIDER,
-            retry_after: http::retry_after(headers, &message),
-            message,
-        },
+        429 => http::rate_limited(PROVIDER, headers, message),
         // 404 on a job we created: the provider lost it; the next attempt uploads again.
         404 | 408 | 409 | 425 | 500..=599 => {
             ProviderError::transient(PROVIDER, format!("HTTP {status}: {message}"))

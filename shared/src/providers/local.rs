@@ -63,13 +63,7 @@ impl LocalParser {
             )),
             Ok(Ok(Ok(sections))) => Ok(sections),
         };
-        let outcome = result.as_ref().err().map_or("ok", ProviderError::outcome);
-        crate::metrics::provider_request(
-            "local",
-            "parse",
-            outcome,
-            started.elapsed().as_secs_f64(),
-        );
+        super::observe("local", "parse", started, &result);
         result
     }
 }
@@ -233,13 +227,7 @@ impl Embedder for LocalEmbedder {
                 .map_err(|e| {
                     ProviderError::permanent(EMBEDDER, format!("the model crashed: {e}"))
                 })?;
-            let outcome = result.as_ref().err().map_or("ok", ProviderError::outcome);
-            crate::metrics::provider_request(
-                "local",
-                "embed",
-                outcome,
-                started.elapsed().as_secs_f64(),
-            );
+            super::observe("local", "embed", started, &result);
             metrics::counter!(crate::metrics::PROVIDER_EMBEDDED_INPUTS, "provider" => "local")
                 .increment(n);
             result

@@ -140,6 +140,22 @@ impl ProviderError {
     }
 }
 
+/// Records a provider call's outcome and duration.
+pub(crate) fn observe<T>(
+    provider: &'static str,
+    operation: &'static str,
+    started: std::time::Instant,
+    result: &Result<T, ProviderError>,
+) {
+    let outcome = result.as_ref().err().map_or("ok", ProviderError::outcome);
+    crate::metrics::provider_request(
+        provider,
+        operation,
+        outcome,
+        started.elapsed().as_secs_f64(),
+    );
+}
+
 /// Builds the configured embedder.
 pub fn embedder(settings: &Settings) -> Result<Arc<dyn Embedder>, ProviderError> {
     let e = &settings.embedding;

@@ -338,11 +338,7 @@ fn classify(
                 message,
             }
         }
-        429 => ProviderError::RateLimited {
-            provider: PROVIDER,
-            retry_after: http::retry_after(headers, &message),
-            message,
-        },
+        429 => http::rate_limited(PROVIDER, headers, message),
         402 => ProviderError::QuotaExhausted {
             provider: PROVIDER,
             message,
