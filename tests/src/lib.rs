@@ -260,6 +260,8 @@ impl Drop for RedisServer {
 }
 
 /// The `worker` binary, built once per test run (it lives in another package, so cargo does not build it for us).
+/// Built as `make build` builds it (`--workspace --bins`): `-p workers` alone would unify dependency features
+/// differently and rebuild the library and its optimised model crates from scratch, minutes on two cores.
 pub fn worker_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -268,7 +270,7 @@ pub fn worker_bin() -> PathBuf {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "workers", "--bin", "worker"])
+            .args(["build", "--quiet", "--workspace", "--bins"])
             .status()
             .expect("run cargo build for the worker binary");
         assert!(status.success(), "building the worker binary failed");
