@@ -129,6 +129,12 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Shows the fleet's provider budgets (bucket levels, cool-downs, pauses, today's spend), or resumes a provider
+    /// paused for quota.
+    Quota {
+        #[command(subcommand)]
+        action: Option<QuotaAction>,
+    },
     /// Pushes a batch of synthetic jobs (simulated work) and, with --wait, follows them to the end.
     Synthetic {
         /// The stage queue to push to.
@@ -152,6 +158,16 @@ enum Command {
         /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuotaAction {
+    /// Ends a provider's fleet-wide pause after its quota was restored (`openai` or `llamaparse`).
+    Resume {
+        /// The provider.
+        #[arg(value_parser = ["openai", "llamaparse"])]
+        provider: String,
     },
 }
 
@@ -288,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Queues { json } => queues(&broker, json).await,
         Command::Dlq { action } => dlq(&broker, action).await,
+        Command::Quota { action } => quota(&settings, action).await,
         Command::Synthetic {
             stage,
             jobs,
@@ -615,6 +632,46 @@ async fn upload(client: &Client, paths: &[PathBuf], wait: bool) -> anyhow::Resul
     }
     if refused > 0 {
         bail!("{refused} of {} files were refused", files.len());
+    }
+    Ok(())
+}
+
+async fn quota(settings: &Settings, action: Option<QuotaAction>) -> anyhow::Result<()> {
+    let quota = upload_pipeline::quota::Quota::connect(settings)
+        .await
+        .context("Failed to connect to Redis")?;
+    match action {
+        Some(QuotaAction::Resume { provider }) => {
+            if quota.resume(&provider).await? {
+                println!("{provider} resumed: its stage calls it again");
+            } else {
+                println!("{provider} was not paused");
+            }
+        }
+        None => {
+            let q = &settings.quota;
+            println!(
+                "limits: openai {} requests/min, {} tokens/min, {} tokens/day; llamaparse {} uploads per {:?}, {} pages/day (0: none)",
+                q.openai.requests_per_minute,
+                q.openai.tokens_per_minute,
+                q.openai.daily_tokens,
+                q.llamaparse.uploads,
+                q.llamaparse.window,
+                q.llamaparse.pages_per_day
+            );
+            let states = quota.report().await?;
+            if states.is_empty() {
+                println!("no budget in use yet");
+            }
+            for s in states {
+                let ttl = if s.ttl_ms >= 0 {
+                    format!("  (expires in {:.1} s)", s.ttl_ms as f64 / 1000.0)
+                } else {
+                    String::new()
+                };
+                println!("{:<60} {}{ttl}", s.key, s.value);
+            }
+        }
     }
     Ok(())
 }

@@ -997,10 +997,13 @@ pub async fn run_server_on(
     let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
         .await
         .map_err(ServerError::Queue)?;
-    let embedder =
-        crate::providers::embedder(&settings).map_err(|e| ServerError::Setup(e.to_string()))?;
-    let parser =
-        crate::providers::parser(&settings).map_err(|e| ServerError::Setup(e.to_string()))?;
+    let quota = crate::quota::Quota::connect(&settings)
+        .await
+        .map_err(|e| ServerError::Setup(format!("cannot reach Redis for the quota state: {e}")))?;
+    let embedder = crate::providers::embedder(&settings, Some(&quota))
+        .map_err(|e| ServerError::Setup(e.to_string()))?;
+    let parser = crate::providers::parser(&settings, Some(&quota))
+        .map_err(|e| ServerError::Setup(e.to_string()))?;
     let pipeline = Pipeline::new(pool, &broker, embedder, parser, settings.clone())
         .map_err(ServerError::Queue)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

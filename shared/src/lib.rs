@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod parsing;
 pub mod providers;
 pub mod queue;
+pub mod quota;
 pub mod reconciler;
 pub mod runtime;
 pub mod settings;

@@ -58,6 +58,16 @@ pub const PROVIDER_DURATION: &str = "upload_pipeline_provider_request_duration_s
 pub const PROVIDER_EMBEDDED_INPUTS: &str = "upload_pipeline_provider_embedded_inputs_total";
 /// Inputs cut to the provider's token limit, by provider.
 pub const PROVIDER_TRUNCATED_INPUTS: &str = "upload_pipeline_provider_truncated_inputs_total";
+/// Time calls waited for their share of the fleet's provider budget, by provider.
+pub const QUOTA_WAIT: &str = "upload_pipeline_quota_wait_seconds";
+/// Calls sent back to the queue because their budget wait would exceed `quota.max_wait`, by provider.
+pub const QUOTA_DEFERRED: &str = "upload_pipeline_quota_deferred_calls_total";
+/// Fleet-wide cool-downs set after a 429, by provider.
+pub const QUOTA_COOLDOWNS: &str = "upload_pipeline_quota_cooldowns_total";
+/// Tokens (embeddings) or pages (LlamaParse) the providers counted, by provider.
+pub const QUOTA_USED: &str = "upload_pipeline_quota_used_units_total";
+/// Estimated spend since the process started, by provider (a gauge: counters hold whole numbers).
+pub const QUOTA_COST: &str = "upload_pipeline_quota_cost_dollars";
 /// Cache lookups that found a result, by cache (parse, embedding).
 pub const CACHE_HITS: &str = "upload_pipeline_cache_hits_total";
 /// Cache lookups that found nothing, by cache (parse, embedding).
@@ -168,6 +178,27 @@ pub fn describe() {
         "Texts cut to the provider's token limit before embedding, by provider."
     );
     describe_counter!(CACHE_HITS, "Cache lookups that found a result, by cache.");
+    describe_histogram!(
+        QUOTA_WAIT,
+        Unit::Seconds,
+        "Time calls waited for their share of the fleet's provider budget, by provider."
+    );
+    describe_counter!(
+        QUOTA_DEFERRED,
+        "Calls sent back to the queue because their budget wait was too long, by provider."
+    );
+    describe_counter!(
+        QUOTA_COOLDOWNS,
+        "Fleet-wide cool-downs set after a 429, by provider."
+    );
+    describe_counter!(
+        QUOTA_USED,
+        "Tokens (embeddings) or pages (LlamaParse) the providers counted, by provider."
+    );
+    describe_gauge!(
+        QUOTA_COST,
+        "Estimated provider spend in US dollars since the process started, by provider."
+    );
     describe_counter!(CACHE_MISSES, "Cache lookups that found nothing, by cache.");
 }
 
@@ -222,4 +253,18 @@ pub fn provider_request(
 pub fn cache_lookups(cache: &'static str, hits: u64, misses: u64) {
     metrics::counter!(CACHE_HITS, "cache" => cache).increment(hits);
     metrics::counter!(CACHE_MISSES, "cache" => cache).increment(misses);
+}
+
+/// Records a call's wait for its budget.
+pub fn quota_waited(provider: &'static str, waited: std::time::Duration) {
+    metrics::histogram!(QUOTA_WAIT, "provider" => provider).record(waited.as_secs_f64());
+}
+
+/// Records units a provider counted, and their estimated cost.
+pub fn quota_spent(provider: &'static str, units: u64, usd_per_million: f64) {
+    metrics::counter!(QUOTA_USED, "provider" => provider).increment(units);
+    if usd_per_million > 0.0 {
+        metrics::gauge!(QUOTA_COST, "provider" => provider)
+            .increment(units as f64 * usd_per_million / 1e6);
+    }
 }

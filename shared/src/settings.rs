@@ -46,6 +46,8 @@ pub struct Settings {
     pub embedding: EmbeddingSettings,
     /// How parsed documents are cut into chunks.
     pub chunking: ChunkingSettings,
+    /// The fleet-wide provider budgets.
+    pub quota: QuotaSettings,
     /// Limits and recovery of the document pipeline.
     pub pipeline: PipelineSettings,
     /// Worker processes.
@@ -64,6 +66,7 @@ impl Default for Settings {
             parsing: ParsingSettings::default(),
             embedding: EmbeddingSettings::default(),
             chunking: ChunkingSettings::default(),
+            quota: QuotaSettings::default(),
             pipeline: PipelineSettings::default(),
             worker: WorkerSettings::default(),
             log: LogSettings::default(),
@@ -249,6 +252,77 @@ impl Default for LocalModelSettings {
             model_dir: "models/all-MiniLM-L6-v2".into(),
             max_tokens: 256,
             batch_size: 16,
+        }
+    }
+}
+
+/// The fleet-wide provider budgets (see `upload_pipeline::quota`); a limit of 0 is no limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Longest a call waits in-process for its budget; a longer wait defers the job to the queue instead.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Embeddings (OpenAI-compatible).
+    pub openai: OpenAiQuota,
+    /// LlamaParse.
+    pub llamaparse: LlamaParseQuota,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(30),
+            openai: OpenAiQuota::default(),
+            llamaparse: LlamaParseQuota::default(),
+        }
+    }
+}
+
+/// The embedding provider's limits (per model and key) and the fleet's daily budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiQuota {
+    /// Requests per minute (OpenAI tier 1: 3,000).
+    pub requests_per_minute: u64,
+    /// Tokens per minute (OpenAI tier 1: 1,000,000).
+    pub tokens_per_minute: u64,
+    /// Tokens per UTC day for the whole fleet; past it, jobs wait for the next day.
+    pub daily_tokens: u64,
+    /// Price, for the cost metric (text-embedding-3-small: 0.02).
+    pub usd_per_million_tokens: f64,
+}
+
+impl Default for OpenAiQuota {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 3000,
+            tokens_per_minute: 1_000_000,
+            daily_tokens: 0,
+            usd_per_million_tokens: 0.02,
+        }
+    }
+}
+
+/// LlamaParse's limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlamaParseQuota {
+    /// Uploads per `window` (LlamaCloud: 50 per 10 s per organisation).
+    pub uploads: u64,
+    /// The upload window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Pages per UTC day for the whole fleet; past it, parse jobs wait for the next day.
+    pub pages_per_day: u64,
+}
+
+impl Default for LlamaParseQuota {
+    fn default() -> Self {
+        Self {
+            uploads: 50,
+            window: Duration::from_secs(10),
+            pages_per_day: 0,
         }
     }
 }
@@ -719,6 +793,17 @@ impl Settings {
             return invalid(
                 "parsing.llamaparse",
                 "poll_interval must be above zero and at most poll_interval_max, which is at most job_timeout; request_timeout above zero",
+            );
+        }
+        let qs = &self.quota;
+        if qs.max_wait > Duration::from_secs(600)
+            || qs.llamaparse.window.is_zero()
+            || !qs.openai.usd_per_million_tokens.is_finite()
+            || qs.openai.usd_per_million_tokens < 0.0
+        {
+            return invalid(
+                "quota",
+                "max_wait must be at most 10m, llamaparse.window above zero, usd_per_million_tokens not negative",
             );
         }
         if self.pipeline.quota_wait.is_zero()

@@ -189,6 +189,10 @@ pub struct Stats {
     pub embedding_requests: u64,
     /// Inputs embedded successfully.
     pub embedded_inputs: u64,
+    /// Tokens of the requests admitted (what counts against the token window).
+    pub embedded_tokens: u64,
+    /// Parse uploads admitted past the upload window (any upload while no window is set).
+    pub parse_uploads_admitted: u64,
     /// Parse uploads (any outcome).
     pub parse_uploads: u64,
     /// Job status polls.
@@ -783,6 +787,7 @@ async fn embed_request(s: Shared, headers: HeaderMap, body: Value, azure: bool) 
             rq.push_back((now, 1));
             tq.push_back((now, total as u64));
             inner.stats.embedded_inputs += texts.len() as u64;
+            inner.stats.embedded_tokens += total as u64;
         } else {
             inner.stats.rate_limited += 1;
         }
@@ -895,6 +900,7 @@ async fn llama_gate(s: &Shared, headers: &HeaderMap, upload: bool) -> Option<Res
             ));
         }
         inner.uploads.push_back(now);
+        inner.stats.parse_uploads_admitted += 1;
     }
     None
 }

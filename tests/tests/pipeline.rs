@@ -996,8 +996,8 @@ async fn the_reconciler_pushes_lost_stages_again_but_fails_ones_that_keep_crashi
     s.pipeline.reconcile_after = Duration::from_secs(1);
     let db = TestDb::create(&mut s).await;
     let broker = tests::broker(&s).await;
-    let embedder = providers::embedder(&s).unwrap();
-    let parser = providers::parser(&s).unwrap();
+    let embedder = providers::embedder(&s, None).unwrap();
+    let parser = providers::parser(&s, None).unwrap();
     let settings_arc = std::sync::Arc::new(s.clone());
     let pipeline =
         Pipeline::new(db.admin.clone(), &broker, embedder, parser, settings_arc).unwrap();

@@ -199,7 +199,7 @@ async fn openai_faults_are_classified_retryable_or_permanent() {
 type Expect = fn(&ProviderError) -> bool;
 
 fn llamaparse(s: &Settings) -> Arc<dyn Parser> {
-    providers::parser(s).expect("parser")
+    providers::parser(s, None).expect("parser")
 }
 
 fn pdf() -> ParseInput {

@@ -8,6 +8,7 @@ use upload_pipeline::{
     Settings, db,
     jobs::{self, Pipeline, Stage},
     providers,
+    quota::Quota,
     runtime::Runtime,
     shutdown, telemetry,
 };
@@ -52,8 +53,13 @@ async fn main() -> anyhow::Result<()> {
         let pool = db::connect(&settings, slots.clamp(2, 64) as u32)
             .await
             .context("Failed to connect to PostgreSQL")?;
-        let embedder = providers::embedder(&settings).context("Failed to set up the embedder")?;
-        let parser = providers::parser(&settings).context("Failed to set up the parser")?;
+        let quota = Quota::connect(&settings)
+            .await
+            .context("Failed to connect to Redis for the quota state")?;
+        let embedder = providers::embedder(&settings, Some(&quota))
+            .context("Failed to set up the embedder")?;
+        let parser =
+            providers::parser(&settings, Some(&quota)).context("Failed to set up the parser")?;
         Some(
             Pipeline::new(pool, runtime.broker(), embedder, parser, settings.clone())
                 .context("Failed to open the stage queues")?,

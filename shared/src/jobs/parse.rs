@@ -24,14 +24,20 @@ pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), J
 impl From<ProviderError> for StageError {
     fn from(e: ProviderError) -> Self {
         match e {
-            ProviderError::RateLimited { .. } | ProviderError::Transient { .. } => {
-                Self::Retryable {
-                    after: e.retry_after(),
-                    message: e.to_string(),
-                }
-            }
-            // Out of quota: the document waits, without spending attempts, until someone restores the quota.
-            ProviderError::QuotaExhausted { .. } => Self::Deferred(e.to_string()),
+            ProviderError::Transient { .. } => Self::Retryable {
+                after: None,
+                message: e.to_string(),
+            },
+            // Rate limits and budgets are not the document's fault: it waits without spending attempts.
+            ProviderError::RateLimited { .. } | ProviderError::Throttled { .. } => Self::Deferred {
+                after: e.retry_after(),
+                message: e.to_string(),
+            },
+            // Out of quota: the document waits until a probe finds the quota back or an operator resumes.
+            ProviderError::QuotaExhausted { .. } => Self::Deferred {
+                after: None,
+                message: e.to_string(),
+            },
             ProviderError::Permanent { message, .. } => Self::Permanent(message),
         }
     }

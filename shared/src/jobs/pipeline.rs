@@ -174,10 +174,15 @@ pub enum StageError {
     /// The document cannot get through this stage (corrupt file, refused request): it is marked failed.
     #[error("{0}")]
     Permanent(String),
-    /// The provider is out of quota or credit: the document waits (`pipeline.quota_wait` between tries)
-    /// without spending attempts, and is never failed for it.
-    #[error("{0}")]
-    Deferred(String),
+    /// The provider is rate limited, paused or out of quota: the document waits (the time given, else
+    /// `pipeline.quota_wait`) without spending attempts, and is never failed for it.
+    #[error("{message}")]
+    Deferred {
+        /// Why it waits.
+        message: String,
+        /// For how long, when known.
+        after: Option<std::time::Duration>,
+    },
 }
 
 impl From<DbError> for StageError {
@@ -308,9 +313,9 @@ pub(crate) async fn settle_failure(
                 None => JobError::retryable(message),
             })
         }
-        StageError::Deferred(message) => {
-            let wait = p.settings.pipeline.quota_wait;
-            tracing::warn!(document_id = %doc, stage, %message, wait_seconds = wait.as_secs_f64(), "Provider out of quota; the document waits");
+        StageError::Deferred { message, after } => {
+            let wait = after.unwrap_or(p.settings.pipeline.quota_wait);
+            tracing::info!(document_id = %doc, stage, %message, wait_seconds = wait.as_secs_f64(), "The provider's budget is spent for now; the document waits");
             // No attempt is spent: the recorded count stays as it was.
             let at = Attempt {
                 doc,
@@ -318,7 +323,7 @@ pub(crate) async fn settle_failure(
                 stage,
                 attempts: 0,
             };
-            let waiting = format!("waiting for the provider's quota: {message}");
+            let waiting = format!("waiting for the provider's budget: {message}");
             record_attempt(p, &at, "queued", &waiting, None).await;
             Err(JobError::defer(message, wait))
         }

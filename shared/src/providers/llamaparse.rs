@@ -14,7 +14,8 @@ use serde_json::Value;
 use super::{ParseFuture, ParseInput, Parser, ProviderError, http, local::LocalParser};
 use crate::{
     parsing::{DocKind, Section},
-    settings::{LlamaParseApi, LlamaParseSettings},
+    quota::{Budget, Limit, Quota},
+    settings::{LlamaParseApi, LlamaParseSettings, Settings},
 };
 
 const PROVIDER: &str = "LlamaParse";
@@ -33,6 +34,7 @@ pub struct LlamaParse {
     poll_interval_max: Duration,
     job_timeout: Duration,
     local: LocalParser,
+    budget: Option<Budget>,
 }
 
 /// Where a job stands.
@@ -61,7 +63,49 @@ impl LlamaParse {
             poll_interval_max: settings.poll_interval_max,
             job_timeout: settings.job_timeout,
             local,
+            budget: None,
         })
+    }
+
+    /// A client whose uploads take their share of the fleet's upload window first, and whose pages count against
+    /// the daily page budget.
+    pub fn with_quota(settings: &Settings, quota: &Quota) -> Result<Self, ProviderError> {
+        let mut me = Self::new(
+            &settings.parsing.llamaparse,
+            settings.pipeline.max_pages,
+            LocalParser::new(&settings.pipeline),
+        )?;
+        let q = &settings.quota.llamaparse;
+        let limits = (q.uploads > 0)
+            .then_some(Limit {
+                name: "uploads",
+                limit: q.uploads as f64,
+                window: q.window,
+            })
+            .into_iter()
+            .collect();
+        me.budget = Some(quota.budget(
+            "llamaparse",
+            &settings.parsing.llamaparse.tier,
+            &me.api_key,
+            limits,
+            settings.worker.concurrency.parse,
+        ));
+        Ok(me)
+    }
+
+    /// Uploads within the fleet's budget, settling it by the answer.
+    async fn upload_within_budget(&self, input: &ParseInput) -> Result<String, ProviderError> {
+        let Some(budget) = &self.budget else {
+            return self.upload(input).await;
+        };
+        let permit = budget.acquire(&[("uploads", 1.0)]).await?;
+        let uploaded = self.upload(input).await;
+        match &uploaded {
+            Ok(_) => budget.settle(permit, &[], &[], 0).await,
+            Err(e) => budget.settle_error(permit, e).await,
+        }
+        uploaded
     }
 
     fn remote(kind: DocKind) -> bool {
@@ -249,7 +293,7 @@ impl LlamaParse {
     async fn parse_remote(&self, input: &ParseInput) -> Result<Vec<Section>, ProviderError> {
         let started = Instant::now();
         let result = async {
-            let id = self.upload(input).await?;
+            let id = self.upload_within_budget(input).await?;
             let deadline = started + self.job_timeout;
             let mut wait = self.poll_interval;
             loop {
@@ -270,7 +314,11 @@ impl LlamaParse {
                     JobState::Running => {}
                 }
             }
-            self.result(&id).await
+            let sections = self.result(&id).await?;
+            if let Some(budget) = &self.budget {
+                budget.add_spent(sections.len() as u64).await;
+            }
+            Ok(sections)
         }
         .await;
         super::observe("llamaparse", "job", started, &result);

@@ -12,6 +12,7 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use crate::{
     parsing::{DocKind, Section},
+    quota::Quota,
     settings::{EmbedderKind, ParserKind, Settings},
 };
 
@@ -90,6 +91,15 @@ pub enum ProviderError {
         /// What happened.
         message: String,
     },
+    /// The fleet's budget for this provider is spoken for longer than `quota.max_wait`: the job waits in the
+    /// queue instead of a worker slot, without spending an attempt.
+    #[error("{provider}'s budget is in use; next slot in {} ms", retry_after.as_millis())]
+    Throttled {
+        /// Which provider.
+        provider: &'static str,
+        /// When a slot frees up.
+        retry_after: Duration,
+    },
     /// The request or the document itself is refused (bad key, unsupported file, failed parse job): retrying
     /// sends the same thing again.
     #[error("{message}")]
@@ -104,13 +114,17 @@ pub enum ProviderError {
 impl ProviderError {
     /// Whether another attempt can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::RateLimited { .. } | Self::Transient { .. })
+        matches!(
+            self,
+            Self::RateLimited { .. } | Self::Transient { .. } | Self::Throttled { .. }
+        )
     }
 
     /// The delay the provider asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after, .. } => *retry_after,
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -119,6 +133,7 @@ impl ProviderError {
     pub fn outcome(&self) -> &'static str {
         match self {
             Self::RateLimited { .. } => "rate_limited",
+            Self::Throttled { .. } => "throttled",
             Self::QuotaExhausted { .. } => "quota",
             Self::Transient { .. } => "transient",
             Self::Permanent { .. } => "permanent",
@@ -156,25 +171,37 @@ pub(crate) fn observe<T>(
     );
 }
 
-/// Builds the configured embedder.
-pub fn embedder(settings: &Settings) -> Result<Arc<dyn Embedder>, ProviderError> {
+/// Builds the configured embedder; with `quota`, remote calls take their share of the fleet's budget first.
+pub fn embedder(
+    settings: &Settings,
+    quota: Option<&Quota>,
+) -> Result<Arc<dyn Embedder>, ProviderError> {
     let e = &settings.embedding;
-    Ok(match e.embedder {
-        EmbedderKind::Hashing => Arc::new(hashing::HashingEmbedder::new(
+    Ok(match (e.embedder, quota) {
+        (EmbedderKind::Hashing, _) => Arc::new(hashing::HashingEmbedder::new(
             &e.model,
             e.dimensions as usize,
         )),
-        EmbedderKind::Openai => Arc::new(openai::OpenAiEmbedder::new(e)?),
-        EmbedderKind::Local => Arc::new(local::LocalEmbedder::load(e)?),
+        (EmbedderKind::Openai, Some(q)) => {
+            Arc::new(openai::OpenAiEmbedder::with_quota(settings, q)?)
+        }
+        (EmbedderKind::Openai, None) => Arc::new(openai::OpenAiEmbedder::new(e)?),
+        (EmbedderKind::Local, _) => Arc::new(local::LocalEmbedder::load(e)?),
     })
 }
 
-/// Builds the configured parser.
-pub fn parser(settings: &Settings) -> Result<Arc<dyn Parser>, ProviderError> {
+/// Builds the configured parser; with `quota`, LlamaParse uploads take their share of the fleet's budget first.
+pub fn parser(
+    settings: &Settings,
+    quota: Option<&Quota>,
+) -> Result<Arc<dyn Parser>, ProviderError> {
     let local = local::LocalParser::new(&settings.pipeline);
-    Ok(match settings.parsing.parser {
-        ParserKind::Local => Arc::new(local),
-        ParserKind::Llamaparse => Arc::new(llamaparse::LlamaParse::new(
+    Ok(match (settings.parsing.parser, quota) {
+        (ParserKind::Local, _) => Arc::new(local),
+        (ParserKind::Llamaparse, Some(q)) => {
+            Arc::new(llamaparse::LlamaParse::with_quota(settings, q)?)
+        }
+        (ParserKind::Llamaparse, None) => Arc::new(llamaparse::LlamaParse::new(
             &settings.parsing.llamaparse,
             settings.pipeline.max_pages,
             local,

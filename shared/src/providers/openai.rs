@@ -20,7 +20,10 @@ use serde::Deserialize;
 use tiktoken_rs::CoreBPE;
 
 use super::{EmbedFuture, Embedder, ProviderError, http};
-use crate::settings::{ApiStyle, EmbeddingSettings, EncodingFormat};
+use crate::{
+    quota::{Budget, Limit, Permit, Quota},
+    settings::{ApiStyle, EmbeddingSettings, EncodingFormat, Settings},
+};
 
 const PROVIDER: &str = "the embeddings API";
 /// Most times one call shrinks its limits before giving up.
@@ -39,6 +42,7 @@ pub struct OpenAiEmbedder {
     max_request_tokens: AtomicUsize,
     max_input_tokens: AtomicUsize,
     bpe: Arc<CoreBPE>,
+    budget: Option<Budget>,
 }
 
 impl std::fmt::Debug for OpenAiEmbedder {
@@ -54,6 +58,16 @@ impl std::fmt::Debug for OpenAiEmbedder {
 #[derive(Deserialize)]
 struct Response {
     data: Vec<Item>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -105,7 +119,35 @@ impl OpenAiEmbedder {
             max_request_tokens: AtomicUsize::new(o.max_request_tokens),
             max_input_tokens: AtomicUsize::new(o.max_input_tokens),
             bpe: crate::chunking::tokenizer(),
+            budget: None,
         })
+    }
+
+    /// A client whose calls take their share of the fleet's budget for this model and key first.
+    pub fn with_quota(settings: &Settings, quota: &Quota) -> Result<Self, ProviderError> {
+        let mut me = Self::new(&settings.embedding)?;
+        let q = &settings.quota.openai;
+        let minute = std::time::Duration::from_secs(60);
+        let limits = [
+            ("requests", q.requests_per_minute),
+            ("tokens", q.tokens_per_minute),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| Limit {
+            name,
+            limit: n as f64,
+            window: minute,
+        })
+        .collect();
+        me.budget = Some(quota.budget(
+            "openai",
+            &me.model,
+            &me.api_key,
+            limits,
+            settings.worker.concurrency.embed,
+        ));
+        Ok(me)
     }
 
     /// The limits in force: inputs per request, tokens per request, tokens per input.
@@ -155,7 +197,14 @@ impl OpenAiEmbedder {
                 batch.push(fitted);
                 tokens += n;
             }
-            match self.request(&batch, tokens).await {
+            let permit = match &self.budget {
+                Some(b) => Some(
+                    b.acquire(&[("requests", 1.0), ("tokens", tokens as f64)])
+                        .await?,
+                ),
+                None => None,
+            };
+            match self.request(&batch, tokens, permit).await {
                 Ok(vectors) => out.extend(vectors),
                 Err(Failure::Error(e)) => return Err(e),
                 Err(adapt) => {
@@ -184,7 +233,12 @@ impl OpenAiEmbedder {
         Ok(out)
     }
 
-    async fn request(&self, texts: &[String], tokens: usize) -> Result<Vec<Vec<f32>>, Failure> {
+    async fn request(
+        &self,
+        texts: &[String],
+        tokens: usize,
+        permit: Option<Permit>,
+    ) -> Result<Vec<Vec<f32>>, Failure> {
         let encoding = match self.encoding {
             EncodingFormat::Base64 => "base64",
             EncodingFormat::Float => "float",
@@ -202,6 +256,7 @@ impl OpenAiEmbedder {
             };
         }
         let started = std::time::Instant::now();
+        let mut answer_headers = None;
         let result = async {
             let resp = req
                 .send()
@@ -209,6 +264,7 @@ impl OpenAiEmbedder {
                 .map_err(|e| Failure::Error(http::send_error(PROVIDER, &self.url, &e)))?;
             let status = resp.status();
             let headers = resp.headers().clone();
+            answer_headers = Some(headers.clone());
             let text = resp
                 .text()
                 .await
@@ -219,6 +275,10 @@ impl OpenAiEmbedder {
             self.decode(&text, texts.len()).map_err(Failure::Error)
         }
         .await;
+        if let (Some(budget), Some(permit)) = (&self.budget, permit) {
+            settle(budget, permit, &result, answer_headers.as_ref(), tokens).await;
+        }
+        let result = result.map(|(vectors, _)| vectors);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(Failure::Error(e)) => e.outcome(),
@@ -237,10 +297,18 @@ impl OpenAiEmbedder {
         result
     }
 
-    fn decode(&self, text: &str, expected: usize) -> Result<Vec<Vec<f32>>, ProviderError> {
+    /// The vectors of an answer, and the tokens it says were used.
+    fn decode(
+        &self,
+        text: &str,
+        expected: usize,
+    ) -> Result<(Vec<Vec<f32>>, Option<u64>), ProviderError> {
         let parsed: Response = serde_json::from_str(text).map_err(|e| {
             ProviderError::transient(PROVIDER, format!("unreadable embeddings answer: {e}"))
         })?;
+        let used = parsed
+            .usage
+            .and_then(|u| u.total_tokens.or(u.prompt_tokens));
         let mut items = parsed.data;
         items.sort_by_key(|i| i.index);
         if items.len() != expected || items.iter().enumerate().any(|(i, it)| it.index != i) {
@@ -281,7 +349,48 @@ impl OpenAiEmbedder {
                 }
                 Ok(v)
             })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|vectors| (vectors, used))
+    }
+}
+
+/// Settles a reservation from the answer: tokens used (or none, for a refused request), the provider's remaining
+/// counts, a fleet-wide cool-down on 429 and a pause on `insufficient_quota`.
+async fn settle(
+    budget: &Budget,
+    permit: Permit,
+    result: &Result<(Vec<Vec<f32>>, Option<u64>), Failure>,
+    headers: Option<&HeaderMap>,
+    tokens: usize,
+) {
+    let remaining: Vec<(&'static str, f64)> = headers
+        .map(|h| {
+            [
+                ("requests", "x-ratelimit-remaining-requests"),
+                ("tokens", "x-ratelimit-remaining-tokens"),
+            ]
+            .into_iter()
+            .filter_map(|(dim, name)| {
+                let v = h.get(name)?.to_str().ok()?.trim().parse::<f64>().ok()?;
+                (v.is_finite() && v >= 0.0).then_some((dim, v))
+            })
             .collect()
+        })
+        .unwrap_or_default();
+    match result {
+        Ok((_, used)) => {
+            let used = used.unwrap_or(tokens as u64);
+            budget
+                .settle(permit, &[("tokens", used as f64)], &remaining, used)
+                .await;
+        }
+        Err(Failure::Error(e)) => budget.settle_error(permit, e).await,
+        // Refused as too large: the provider counted nothing; give the tokens back.
+        Err(Failure::FewerInputs(_) | Failure::ShorterInputs(_) | Failure::FewerTokens(_)) => {
+            budget
+                .settle(permit, &[("tokens", 0.0)], &remaining, 0)
+                .await;
+        }
     }
 }
 
