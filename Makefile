@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt openapi contract bench-queue fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt openapi contract bench-queue bench-quota fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ fmt: ## Format the code
 
 bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)
 	@bash tests/bench/queue.sh
+
+bench-quota: services ## Quota benchmark: four workers vs the fake providers' enforced limits (utilisation, 429 ratio)
+	@bash tests/bench/quota.sh
 
 fake-providers: ## Serve fake LlamaParse and OpenAI on 127.0.0.1:9100 (FAKE_PROVIDERS_CONFIG: latency, limits, faults)
 	$(CARGO) run --quiet -p tests --bin fake-providers

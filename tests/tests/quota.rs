@@ -314,7 +314,7 @@ async fn pauses_probe_resume_defer_and_stop_at_the_daily_budget() {
     }];
     let budget = quota.budget("openai", "m", "sk-a", limits.clone(), 4);
 
-    // The burst is 1 request (4 % of 20, at least one); the refill is one every 3 s: the next call would wait
+    // The burst is 1 request (2 % of 20, at least one); the refill is one every 3 s: the next call would wait
     // longer than max_wait, so it is deferred with the time its slot comes.
     let first = budget.acquire(&[("requests", 1.0)]).await.unwrap();
     budget.settle(first, &[], &[], 0).await;
