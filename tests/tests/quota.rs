@@ -18,6 +18,9 @@ use upload_pipeline::{
 };
 use uuid::Uuid;
 
+/// The two load runs measure utilisation: they take turns, so neither competes with the other for the CPU.
+static LOAD_RUN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const WORDS: &[&str] = &[
     "harbour", "lantern", "keeper", "granite", "tide", "beacon", "signal", "storm", "reef",
     "channel", "pilot", "vessel", "current", "shoal", "lens", "mirror", "tower", "gale", "anchor",
@@ -108,6 +111,7 @@ fn report(name: &str, figures: serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed_replica() {
+    let _turn = LOAD_RUN.lock().await;
     const RPM: u64 = 600;
     const TPM: u64 = 200_000;
     let mut config = fake_keys();
@@ -182,6 +186,7 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_killed_replica() {
+    let _turn = LOAD_RUN.lock().await;
     const UPLOADS: u64 = 10;
     let mut config = fake_keys();
     config.llamaparse.uploads = Some(Window {
