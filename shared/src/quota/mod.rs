@@ -5,8 +5,9 @@
 //!   for LlamaParse), refilled at 97.5 % of the provider's rate with a burst of 2 % of its limit, so no sliding
 //!   window of the provider's length ever sees more than its limit. A call reserves its cost before it goes out
 //!   (tokens counted with the tokenizer) in one atomic script; a reservation may put the bucket in debt, and the
-//!   caller then waits its turn (the wait is counted) instead of failing. A wait longer than `quota.max_wait`
-//!   defers the job to the queue instead of holding a worker slot.
+//!   caller then waits its turn (the wait is counted) instead of failing. Calls reserve at most two seconds
+//!   ahead of their turn (a replica killed while waiting takes little budget with it); further out they sleep and
+//!   ask again. A wait longer than `quota.max_wait` defers the job to the queue instead of holding a worker slot.
 //! - **Feedback**: the answer's usage corrects the reservation; `x-ratelimit-remaining-*` lowers the bucket to what
 //!   the provider says remains; a 429 sets a fleet-wide cool-down (its Retry-After, else a second) that every
 //!   replica honours; `insufficient_quota` pauses the provider fleet-wide, letting one probe call through every
@@ -34,6 +35,8 @@ use crate::{
 
 /// Share of the provider's rate the buckets refill at.
 const RATE_SHARE: f64 = 0.975;
+/// How far ahead of its turn a call reserves its share.
+const RESERVE_AHEAD: Duration = Duration::from_secs(2);
 /// Share of the provider's limit a bucket holds at most (its burst).
 const BURST_SHARE: f64 = 0.02;
 
@@ -265,29 +268,38 @@ impl Budget {
                     .map(|(_, c)| (l, *c))
             })
             .collect();
-        let mut invocation = ACQUIRE.prepare_invoke();
-        invocation
-            .key(&b.bucket)
-            .key(format!("{}:cooldown", b.bucket))
-            .key(&b.pause)
-            .key(&b.probe)
-            .arg(b.max_wait.as_millis() as u64)
-            .arg(b.probe_every.as_millis().max(1) as u64)
-            .arg(dims.len());
-        for (limit, cost) in &dims {
-            invocation
-                .arg(limit.name)
-                .arg(limit.capacity())
-                .arg(limit.rate_per_ms())
-                .arg(*cost);
-        }
         let mut conn = b.conn.clone();
-        let answer: Result<(i64, i64), _> = invocation.invoke_async(&mut conn).await;
-        let (status, wait_ms) = match answer {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(provider = b.provider, error = %e, "The fleet's quota state is unreachable; calling without it");
-                (1, 0)
+        // Reserve at most RESERVE_AHEAD before the call can go: a replica killed while it waits then takes at most
+        // that much of the fleet's budget with it. Longer waits sleep unreserved and ask again.
+        let (status, wait_ms) = loop {
+            let left = b.max_wait.saturating_sub(started.elapsed());
+            let mut invocation = ACQUIRE.prepare_invoke();
+            invocation
+                .key(&b.bucket)
+                .key(format!("{}:cooldown", b.bucket))
+                .key(&b.pause)
+                .key(&b.probe)
+                .arg(left.min(RESERVE_AHEAD).as_millis() as u64)
+                .arg(b.probe_every.as_millis().max(1) as u64)
+                .arg(dims.len());
+            for (limit, cost) in &dims {
+                invocation
+                    .arg(limit.name)
+                    .arg(limit.capacity())
+                    .arg(limit.rate_per_ms())
+                    .arg(*cost);
+            }
+            let answer: Result<(i64, i64), _> = invocation.invoke_async(&mut conn).await;
+            match answer {
+                Ok((0, wait_ms)) if Duration::from_millis(wait_ms as u64) <= left => {
+                    let early = Duration::from_millis(wait_ms as u64).saturating_sub(RESERVE_AHEAD);
+                    tokio::time::sleep(early.max(Duration::from_millis(20))).await;
+                }
+                Ok(a) => break a,
+                Err(e) => {
+                    tracing::warn!(provider = b.provider, error = %e, "The fleet's quota state is unreachable; calling without it");
+                    break (1, 0);
+                }
             }
         };
         let permit = |probe| Permit {
