@@ -96,6 +96,38 @@ async fn failed_documents(db: &tests::TestDb) -> i64 {
         .unwrap()
 }
 
+/// The load schedule: from the first call, kill one worker at 60 s; the stats at the first call, 90 s and 120 s.
+async fn load_run(
+    fake: &FakeProviders,
+    workers: &[WorkerProcess],
+    seen: fn(&Stats) -> u64,
+) -> (Stats, Stats, Stats) {
+    let (t0, s0) = first_call(fake, seen).await;
+    sleep_until(t0 + Duration::from_secs(60)).await;
+    workers[0].signal("KILL");
+    sleep_until(t0 + Duration::from_secs(90)).await;
+    let s90 = fake.stats().await;
+    sleep_until(t0 + Duration::from_secs(120)).await;
+    (s0, s90, fake.stats().await)
+}
+
+/// The acceptance bar of a load run: 85 % of the binding limit over the run and in the 30 s after the kill, at
+/// most 1 % of requests answered 429, no failed document.
+async fn assert_load_bar(db: &tests::TestDb, utilisation: f64, tail: f64, limited: f64) {
+    assert!(
+        utilisation >= 0.85,
+        "used {:.1} % of the binding limit",
+        utilisation * 100.0
+    );
+    assert!(
+        tail >= 0.85,
+        "the survivors used {:.1} % in the 30 s after the kill",
+        tail * 100.0
+    );
+    assert!(limited <= 0.01, "{:.2} % answered 429", limited * 100.0);
+    assert_eq!(failed_documents(db).await, 0);
+}
+
 /// Writes the figures where `make bench-quota` asked for them.
 fn report(name: &str, figures: serde_json::Value) {
     println!("{name}: {figures}");
@@ -144,13 +176,7 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
         .map(|_| WorkerProcess::start(&s, "parse,chunk,embed"))
         .collect();
 
-    let (t0, s0) = first_call(&fake, |st| st.embedding_requests).await;
-    sleep_until(t0 + Duration::from_secs(60)).await;
-    workers[0].signal("KILL");
-    sleep_until(t0 + Duration::from_secs(90)).await;
-    let s90 = fake.stats().await;
-    sleep_until(t0 + Duration::from_secs(120)).await;
-    let s120 = fake.stats().await;
+    let (s0, s90, s120) = load_run(&fake, &workers, |st| st.embedding_requests).await;
 
     let minutes = 2.0;
     let tokens = (s120.embedded_tokens - s0.embedded_tokens) as f64;
@@ -168,18 +194,7 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
             "utilisation": utilisation, "utilisation_after_kill": tail, "ratio_429": limited,
         }),
     );
-    assert!(
-        utilisation >= 0.85,
-        "used {:.1} % of the binding limit",
-        utilisation * 100.0
-    );
-    assert!(
-        tail >= 0.85,
-        "the three survivors used {:.1} % in the last 30 s",
-        tail * 100.0
-    );
-    assert!(limited <= 0.01, "{:.2} % answered 429", limited * 100.0);
-    assert_eq!(failed_documents(&db).await, 0);
+    assert_load_bar(&db, utilisation, tail, limited).await;
     drop(workers);
     tests::teardown(api, &s, db).await;
 }
@@ -217,13 +232,7 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
     let workers: Vec<WorkerProcess> = (0..4)
         .map(|_| WorkerProcess::start(&s, "parse,chunk,embed"))
         .collect();
-    let (t0, s0) = first_call(&fake, |st| st.parse_uploads).await;
-    sleep_until(t0 + Duration::from_secs(60)).await;
-    workers[0].signal("KILL");
-    sleep_until(t0 + Duration::from_secs(90)).await;
-    let s90 = fake.stats().await;
-    sleep_until(t0 + Duration::from_secs(120)).await;
-    let s120 = fake.stats().await;
+    let (s0, s90, s120) = load_run(&fake, &workers, |st| st.parse_uploads).await;
 
     let admitted = (s120.parse_uploads_admitted - s0.parse_uploads_admitted) as f64;
     let utilisation = admitted / (UPLOADS as f64 * 12.0);
@@ -238,18 +247,7 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
             "uploads": admitted, "utilisation": utilisation, "utilisation_after_kill": tail, "ratio_429": limited,
         }),
     );
-    assert!(
-        utilisation >= 0.85,
-        "used {:.1} % of the upload window",
-        utilisation * 100.0
-    );
-    assert!(
-        tail >= 0.85,
-        "the survivors used {:.1} % in the last 30 s",
-        tail * 100.0
-    );
-    assert!(limited <= 0.01, "{:.2} % answered 429", limited * 100.0);
-    assert_eq!(failed_documents(&db).await, 0);
+    assert_load_bar(&db, utilisation, tail, limited).await;
     drop(workers);
     tests::teardown(api, &s, db).await;
 }
