@@ -9,7 +9,7 @@ use super::pipeline::{
 use crate::{
     db,
     parsing::{DocKind, Section},
-    providers::{ParseInput, ProviderError},
+    providers::ParseInput,
     queue::{Delivery, JobError},
 };
 
@@ -18,28 +18,6 @@ pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), J
     match parse(&p, &job, &delivery).await {
         Ok(()) => Ok(()),
         Err(e) => settle_failure(&p, job.user_id, job.document_id, "parse", &delivery, e).await,
-    }
-}
-
-impl From<ProviderError> for StageError {
-    fn from(e: ProviderError) -> Self {
-        match e {
-            ProviderError::Transient { .. } => Self::Retryable {
-                after: None,
-                message: e.to_string(),
-            },
-            // Rate limits and budgets are not the document's fault: it waits without spending attempts.
-            ProviderError::RateLimited { .. } | ProviderError::Throttled { .. } => Self::Deferred {
-                after: e.retry_after(),
-                message: e.to_string(),
-            },
-            // Out of quota: the document waits until a probe finds the quota back or an operator resumes.
-            ProviderError::QuotaExhausted { .. } => Self::Deferred {
-                after: None,
-                message: e.to_string(),
-            },
-            ProviderError::Permanent { message, .. } => Self::Permanent(message),
-        }
     }
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, DbError},
-    providers::{Embedder, Parser},
+    providers::{Embedder, Parser, ProviderError},
     queue::{Broker, Delivery, JobError, Queue, QueueError},
     settings::Settings,
 };
@@ -183,6 +183,28 @@ pub enum StageError {
         /// For how long, when known.
         after: Option<std::time::Duration>,
     },
+}
+
+impl From<ProviderError> for StageError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Transient { .. } => Self::Retryable {
+                after: None,
+                message: e.to_string(),
+            },
+            // Rate limits and budgets are not the document's fault: it waits without spending attempts.
+            ProviderError::RateLimited { .. } | ProviderError::Throttled { .. } => Self::Deferred {
+                after: e.retry_after(),
+                message: e.to_string(),
+            },
+            // Out of quota: the document waits until a probe finds the quota back or an operator resumes.
+            ProviderError::QuotaExhausted { .. } => Self::Deferred {
+                after: None,
+                message: e.to_string(),
+            },
+            ProviderError::Permanent { message, .. } => Self::Permanent(message),
+        }
+    }
 }
 
 impl From<DbError> for StageError {

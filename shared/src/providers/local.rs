@@ -86,7 +86,9 @@ impl Parser for LocalParser {
     }
 }
 
-/// A sentence encoder in the Hugging Face layout, loaded once and shared by every embed job of the process.
+/// A sentence encoder in the Hugging Face layout, loaded once and shared by every embed job of the process;
+/// cheap to clone.
+#[derive(Clone)]
 pub struct LocalEmbedder {
     model: Arc<BertModel>,
     tokenizer: Arc<Tokenizer>,
@@ -211,13 +213,7 @@ impl Embedder for LocalEmbedder {
     }
 
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a> {
-        let me = Self {
-            model: self.model.clone(),
-            tokenizer: self.tokenizer.clone(),
-            name: self.name.clone(),
-            dimensions: self.dimensions,
-            batch_size: self.batch_size,
-        };
+        let me = self.clone();
         let texts = texts.to_vec();
         Box::pin(async move {
             let started = std::time::Instant::now();

@@ -114,6 +114,14 @@ impl Quota {
         concurrency: usize,
     ) -> Budget {
         let key_hash = hex::encode(&Sha256::digest(api_key.as_bytes())[..6]);
+        // LlamaParse counts pages and has no price setting; embeddings count tokens at the configured price.
+        let (daily_units, usd_per_million) = match provider {
+            "llamaparse" => (self.settings.llamaparse.pages_per_day, 0.0),
+            _ => (
+                self.settings.openai.daily_tokens,
+                self.settings.openai.usd_per_million_tokens,
+            ),
+        };
         let base = format!("{}:{provider}", self.prefix);
         Budget {
             inner: Arc::new(BudgetInner {
@@ -126,11 +134,8 @@ impl Quota {
                 limits,
                 max_wait: self.settings.max_wait,
                 probe_every: self.quota_wait,
-                daily_tokens: match provider {
-                    "llamaparse" => self.settings.llamaparse.pages_per_day,
-                    _ => self.settings.openai.daily_tokens,
-                },
-                usd_per_million: self.settings.openai.usd_per_million_tokens,
+                daily_units,
+                usd_per_million,
                 aimd: Aimd::new(concurrency),
             }),
         }
@@ -216,7 +221,8 @@ struct BudgetInner {
     limits: Vec<Limit>,
     max_wait: Duration,
     probe_every: Duration,
-    daily_tokens: u64,
+    /// Tokens (embeddings) or pages (LlamaParse) per UTC day; 0 is no cap.
+    daily_units: u64,
     usd_per_million: f64,
     aimd: Arc<Aimd>,
 }
@@ -246,14 +252,14 @@ impl Budget {
         let b = &*self.inner;
         let started = Instant::now();
         let slot = b.aimd.acquire().await;
-        if b.daily_tokens > 0 {
+        if b.daily_units > 0 {
             let spent = self.spent_today().await;
-            if spent >= b.daily_tokens {
+            if spent >= b.daily_units {
                 return Err(ProviderError::QuotaExhausted {
                     provider: b.provider,
                     message: format!(
                         "today's budget of {} is spent ({spent}); calls resume at 00:00 UTC",
-                        b.daily_tokens
+                        b.daily_units
                     ),
                 });
             }
@@ -399,7 +405,7 @@ impl Budget {
             return;
         }
         crate::metrics::quota_spent(b.provider, units, b.usd_per_million);
-        if b.daily_tokens > 0 {
+        if b.daily_units > 0 {
             let key = format!("{}:{}", b.spent, chrono::Utc::now().format("%Y-%m-%d"));
             let mut conn = b.conn.clone();
             let r: Result<(), _> = redis::pipe()
