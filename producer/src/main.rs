@@ -532,7 +532,10 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     telemetry::init_logging(&settings.log).context("Failed to start logging")?;
-    let metrics = telemetry::init_metrics().context("Failed to start metrics")?;
+    // The producer embeds search queries; its stage series are the pushes and the reconciler's requeues.
+    let operations = upload_pipeline::providers::operations(&settings, false, true);
+    let metrics = telemetry::init_metrics("producer", &["parse", "chunk", "embed"], &operations)
+        .context("Failed to start metrics")?;
     let shutdown = async {
         let _ = upload_pipeline::shutdown::signal().await;
     };

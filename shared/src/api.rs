@@ -845,6 +845,11 @@ async fn render_metrics(State(state): State<ApiState>) -> Response {
             m::refresh_queue_gauges(&queue).await;
         }
     }
+    m::refresh_document_gauges(&state.pipeline.pool).await;
+    let quota =
+        crate::quota::Quota::with_connection(state.broker.connection(), &state.pipeline.settings);
+    m::refresh_quota_gauges(&quota).await;
+    m::collect_process();
     match &state.metrics {
         Some(h) => (
             StatusCode::OK,

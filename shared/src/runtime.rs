@@ -359,6 +359,7 @@ async fn render_metrics(State(http): State<Http>) -> impl IntoResponse {
         }
         m::refresh_queue_gauges(&queue).await;
     }
+    m::collect_process();
     match http.metrics {
         Some(handle) => (
             StatusCode::OK,

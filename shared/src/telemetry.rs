@@ -46,17 +46,27 @@ pub fn init_logging(settings: &LogSettings) -> Result<(), TelemetryError> {
     res.map_err(|e| TelemetryError::AlreadySet(e.to_string()))
 }
 
-/// Installs the Prometheus recorder with explicit histogram buckets (never summaries) and describes every metric.
-pub fn init_metrics() -> Result<PrometheusHandle, TelemetryError> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_seconds".into()),
-            crate::metrics::DURATION_BUCKETS,
-        )
-        .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?
+/// Installs the Prometheus recorder with each histogram's explicit buckets (never summaries), describes every
+/// metric of the catalogue and creates, at zero, the series a process of `role` running `stages` with `providers`
+/// (provider, operation) will report.
+pub fn init_metrics(
+    role: &'static str,
+    stages: &[&str],
+    providers: &[(&'static str, &'static str)],
+) -> Result<PrometheusHandle, TelemetryError> {
+    let mut builder = PrometheusBuilder::new();
+    for m in crate::metrics::CATALOGUE
+        .iter()
+        .filter(|m| m.kind == crate::metrics::Kind::Histogram)
+    {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(m.name.into()), m.buckets)
+            .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
+    }
+    let handle = builder
         .install_recorder()
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
     crate::metrics::describe();
-    metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    crate::metrics::register_series(role, stages, providers);
     Ok(handle)
 }

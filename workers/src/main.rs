@@ -37,10 +37,17 @@ async fn main() -> anyhow::Result<()> {
         settings.worker.metrics_addr = addr;
     }
     telemetry::init_logging(&settings.log).context("Failed to start logging")?;
-    let metrics = telemetry::init_metrics().context("Failed to start metrics")?;
     let mut stages = args.stages;
     stages.sort();
     stages.dedup();
+    let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
+    let operations = providers::operations(
+        &settings,
+        stages.contains(&Stage::Parse),
+        stages.contains(&Stage::Embed),
+    );
+    let metrics = telemetry::init_metrics("worker", &names, &operations)
+        .context("Failed to start metrics")?;
     let settings = Arc::new(settings);
     let runtime = Runtime::connect(settings.clone())
         .await

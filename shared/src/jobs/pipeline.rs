@@ -312,7 +312,7 @@ pub(crate) async fn settle_failure(
                     "could not record the failure ({e}): {reason}"
                 )));
             }
-            Ok(())
+            Err(JobError::failed(reason))
         }
         StageError::Retryable { message, after } => {
             let last = delivery.attempt >= max;

@@ -171,6 +171,36 @@ pub(crate) fn observe<T>(
     );
 }
 
+/// The (provider, operation) pairs whose requests a process running `parse` and/or `embed` reports, for the
+/// metrics created at zero on start.
+pub fn operations(
+    settings: &Settings,
+    parse: bool,
+    embed: bool,
+) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if parse {
+        // Plain text and Markdown are always parsed locally, LlamaParse or not.
+        out.push(("local", "parse"));
+        if settings.parsing.parser == ParserKind::Llamaparse {
+            out.extend([
+                ("llamaparse", "upload"),
+                ("llamaparse", "poll"),
+                ("llamaparse", "result"),
+                ("llamaparse", "job"),
+            ]);
+        }
+    }
+    if embed {
+        match settings.embedding.embedder {
+            EmbedderKind::Openai => out.push(("openai", "embed")),
+            EmbedderKind::Local => out.push(("local", "embed")),
+            EmbedderKind::Hashing => {}
+        }
+    }
+    out
+}
+
 /// Builds the configured embedder; with `quota`, remote calls take their share of the fleet's budget first.
 pub fn embedder(
     settings: &Settings,

@@ -146,11 +146,11 @@ where
             let started = Instant::now();
             let result = AssertUnwindSafe(fut).catch_unwind().await;
             running.handler_done();
-            metrics::histogram!(m::QUEUE_JOB_DURATION, "queue" => delivery.queue.to_string())
+            metrics::histogram!(m::QUEUE_JOB_DURATION, "stage" => delivery.queue.to_string())
                 .record(started.elapsed().as_secs_f64());
             let result = match result {
                 Ok(Ok(res)) => {
-                    shared.ack(delivery.entry_id.clone()).await;
+                    shared.complete(&delivery, "success").await;
                     Ok(res)
                 }
                 Ok(Err(err)) => {

@@ -205,12 +205,12 @@ impl Shared {
     }
 
     fn labels(&self) -> [(&'static str, String); 1] {
-        [("queue", self.queue.name().to_owned())]
+        [("stage", self.queue.name().to_owned())]
     }
 
     pub(crate) fn redis_error(&self, op: &'static str, err: &redis::RedisError) {
         tracing::warn!(queue = self.queue.name(), consumer = %self.name, op, error = %err, "Redis call failed; retrying");
-        metrics::counter!(m::QUEUE_REDIS_ERRORS, "queue" => self.queue.name().to_owned(), "op" => op).increment(1);
+        metrics::counter!(m::QUEUE_REDIS_ERRORS, "stage" => self.queue.name().to_owned(), "op" => op).increment(1);
     }
 
     /// How often claims are refreshed and stale ones looked for.
@@ -242,6 +242,30 @@ impl Shared {
         }
     }
 
+    /// Acknowledges a job that ended (`success`, or `failed` when its handler recorded a permanent failure) and
+    /// counts it, with its recovery when an earlier attempt had failed.
+    pub(crate) async fn complete(&self, delivery: &Delivery, outcome: &'static str) {
+        self.ack(delivery.entry_id.clone()).await;
+        let stage = self.queue.name().to_owned();
+        metrics::counter!(m::QUEUE_JOBS, "stage" => stage.clone(), "outcome" => outcome)
+            .increment(1);
+        let resolution = match outcome {
+            "success" if delivery.attempt > 1 => "recovered",
+            "success" => return,
+            _ => "failed",
+        };
+        metrics::counter!(m::RECOVERY_FAILED_JOBS, "stage" => stage, "resolution" => resolution)
+            .increment(1);
+    }
+
+    fn count_dead(&self) {
+        let stage = self.queue.name().to_owned();
+        metrics::counter!(m::QUEUE_JOBS, "stage" => stage.clone(), "outcome" => "dead")
+            .increment(1);
+        metrics::counter!(m::RECOVERY_FAILED_JOBS, "stage" => stage, "resolution" => "dead")
+            .increment(1);
+    }
+
     async fn flush_acks(&self) {
         let (tx, rx) = oneshot::channel();
         if self.acker.send(AckMsg::Flush(tx)).is_ok() {
@@ -251,6 +275,9 @@ impl Shared {
 
     /// Handles a failed attempt: schedule a retry, or dead-letter it when permanent or out of attempts.
     pub(crate) async fn fail(&self, delivery: &Delivery, payload: &str, failure: Failure) {
+        if let Failure::Settled { .. } = failure {
+            return self.complete(delivery, "failed").await;
+        }
         let max = self.settings().max_deliveries;
         let dead_reason = match &failure {
             Failure::Permanent { error } => Some(error.clone()),
@@ -258,7 +285,7 @@ impl Shared {
                 "{error} (gave up after {} attempts)",
                 delivery.attempt
             )),
-            Failure::Retry { .. } | Failure::Defer { .. } => None,
+            Failure::Retry { .. } | Failure::Defer { .. } | Failure::Settled { .. } => None,
         };
         let outcome = if let Some(reason) = dead_reason {
             let env = Envelope {
@@ -302,8 +329,9 @@ impl Shared {
                 .map(|owned| (owned, if deferred { "deferred" } else { "retried" }))
         };
         match outcome {
+            Ok((true, "dead")) => self.count_dead(),
             Ok((true, outcome)) => {
-                metrics::counter!(m::QUEUE_JOBS, "queue" => self.queue.name().to_owned(), "outcome" => outcome)
+                metrics::counter!(m::QUEUE_JOBS, "stage" => self.queue.name().to_owned(), "outcome" => outcome)
                     .increment(1)
             }
             Ok((false, _)) => self.claim_lost(&delivery.entry_id),
@@ -437,8 +465,7 @@ impl Shared {
                 ));
                 env.a = (attempt - 1).to_string();
                 if self.dead_letter(&entry.id, &env).await.unwrap_or(false) {
-                    metrics::counter!(m::QUEUE_JOBS, "queue" => self.queue.name().to_owned(), "outcome" => "dead")
-                        .increment(1);
+                    self.count_dead();
                 }
                 self.disown(&entry.id);
                 continue;
@@ -453,8 +480,7 @@ impl Shared {
                     ));
                     env.a = attempt.to_string();
                     if self.dead_letter(&entry.id, &env).await.unwrap_or(false) {
-                        metrics::counter!(m::QUEUE_JOBS, "queue" => self.queue.name().to_owned(), "outcome" => "dead")
-                            .increment(1);
+                        self.count_dead();
                     }
                     self.disown(&entry.id);
                     continue;
@@ -656,7 +682,7 @@ impl Shared {
             self.disown(id);
         }
         if released > 0 {
-            metrics::counter!(m::QUEUE_JOBS, "queue" => self.queue.name().to_owned(), "outcome" => "released")
+            metrics::counter!(m::QUEUE_JOBS, "stage" => self.queue.name().to_owned(), "outcome" => "released")
                 .increment(released);
         }
         Ok(released)
@@ -782,11 +808,6 @@ async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>)
             for id in &ids {
                 owned.remove(*id);
             }
-        }
-        let n = ids.len() as u64;
-        if n > 0 {
-            metrics::counter!(m::QUEUE_JOBS, "queue" => shared.queue.name().to_owned(), "outcome" => "success")
-                .increment(n);
         }
         for msg in batch.drain(..) {
             let (AckMsg::Ack(_, done) | AckMsg::Flush(done)) = msg;

@@ -66,6 +66,13 @@ pub enum JobError {
         /// When to try again.
         after: Duration,
     },
+    /// The job ended in a failure its handler has already recorded (a document marked failed, with its reason):
+    /// the job is acknowledged like a success, never retried or dead-lettered, and counted as `failed`.
+    #[error("{source}")]
+    Failed {
+        /// Why it failed.
+        source: BoxDynError,
+    },
 }
 
 impl JobError {
@@ -93,6 +100,13 @@ impl JobError {
         }
     }
 
+    /// A failure the handler has recorded itself: acknowledge the job and count it as failed.
+    pub fn failed(source: impl Into<BoxDynError>) -> Self {
+        Self::Failed {
+            source: source.into(),
+        }
+    }
+
     /// A failure no retry can fix.
     pub fn permanent(source: impl Into<BoxDynError>) -> Self {
         Self::Permanent {
@@ -113,6 +127,8 @@ pub(crate) enum Failure {
     Permanent { error: String },
     /// Run again after the delay, keeping the attempt count.
     Defer { error: String, after: Duration },
+    /// Acknowledge: the handler recorded the failure, nothing is left to do.
+    Settled { error: String },
 }
 
 impl Failure {
@@ -130,6 +146,9 @@ impl Failure {
                 JobError::Deferred { source, after } => Self::Defer {
                     error: source.to_string(),
                     after: *after,
+                },
+                JobError::Failed { source } => Self::Settled {
+                    error: source.to_string(),
                 },
             };
         }
@@ -152,9 +171,10 @@ impl Failure {
 
     pub(crate) fn message(&self) -> &str {
         match self {
-            Self::Retry { error, .. } | Self::Permanent { error } | Self::Defer { error, .. } => {
-                error
-            }
+            Self::Retry { error, .. }
+            | Self::Permanent { error }
+            | Self::Defer { error, .. }
+            | Self::Settled { error } => error,
         }
     }
 }

@@ -313,7 +313,7 @@ impl QueueHandle {
             }
             pipe.query_async::<()>(&mut conn).await?;
         }
-        metrics::counter!(crate::metrics::QUEUE_PUSHED, "queue" => self.inner.name.to_string())
+        metrics::counter!(crate::metrics::QUEUE_PUSHED, "stage" => self.inner.name.to_string())
             .increment(envelopes.len() as u64);
         Ok(())
     }
@@ -434,7 +434,7 @@ impl QueueHandle {
             .invoke_async(&mut self.conn())
             .await?;
         if n > 0 {
-            metrics::counter!(crate::metrics::QUEUE_JOBS, "queue" => self.inner.name.to_string(), "outcome" => "released")
+            metrics::counter!(crate::metrics::QUEUE_JOBS, "stage" => self.inner.name.to_string(), "outcome" => "released")
                 .increment(n);
         }
         Ok(n)

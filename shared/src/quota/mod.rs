@@ -95,12 +95,17 @@ impl Quota {
     pub async fn connect(settings: &Settings) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(settings.redis_url.expose())?;
         let conn = ConnectionManager::new(client).await?;
-        Ok(Self {
+        Ok(Self::with_connection(conn, settings))
+    }
+
+    /// The fleet's quota state over an existing Redis connection.
+    pub fn with_connection(conn: ConnectionManager, settings: &Settings) -> Self {
+        Self {
             conn,
             prefix: format!("{}:quota", settings.queue.key_prefix),
             settings: settings.quota.clone(),
             quota_wait: settings.pipeline.quota_wait,
-        })
+        }
     }
 
     /// The budget of `provider`'s `model` under `api_key` (hashed; keys never reach Redis), with these limits and
@@ -123,6 +128,12 @@ impl Quota {
             ),
         };
         let base = format!("{}:{provider}", self.prefix);
+        for l in &limits {
+            let labels = [("provider", provider), ("resource", l.name)];
+            metrics::gauge!(crate::metrics::QUOTA_LIMIT, &labels).set(l.limit);
+            metrics::gauge!(crate::metrics::QUOTA_WINDOW, &labels).set(l.window.as_secs_f64());
+            metrics::counter!(crate::metrics::QUOTA_RESERVED, &labels).absolute(0);
+        }
         Budget {
             inner: Arc::new(BudgetInner {
                 conn: self.conn.clone(),
@@ -178,6 +189,13 @@ impl Quota {
             });
         }
         Ok(out)
+    }
+
+    /// Whether `provider` is paused fleet-wide for quota.
+    pub async fn is_paused(&self, provider: &str) -> Result<bool, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        conn.exists(format!("{}:{provider}:pause", self.prefix))
+            .await
     }
 
     /// Ends a provider's pause (`producer quota resume <provider>`); true if it was paused.
@@ -308,6 +326,12 @@ impl Budget {
                 }
             }
         };
+        if matches!(status, 1 | 3) {
+            for (limit, cost) in &dims {
+                metrics::counter!(crate::metrics::QUOTA_RESERVED, "provider" => b.provider, "resource" => limit.name)
+                    .increment(cost.ceil() as u64);
+            }
+        }
         let permit = |probe| Permit {
             costs: costs.to_vec(),
             probe,
@@ -370,6 +394,10 @@ impl Budget {
                 .iter()
                 .find(|(n, _)| *n == limit.name)
                 .map_or(-1.0, |(_, r)| *r);
+            if left >= 0.0 {
+                metrics::gauge!(crate::metrics::QUOTA_REMAINING, "provider" => b.provider, "resource" => limit.name)
+                    .set(left);
+            }
             if (reserved - used).abs() < f64::EPSILON && left < 0.0 {
                 continue;
             }
@@ -465,6 +493,7 @@ impl Budget {
             .ignore()
             .query_async(&mut conn)
             .await;
+        metrics::counter!(crate::metrics::QUOTA_PAUSES, "provider" => b.provider).increment(1);
         match r {
             Ok(()) => {
                 tracing::error!(provider = b.provider, %reason, "Out of quota: the provider is paused fleet-wide; its documents wait")
