@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt openapi contract bench-queue bench-quota fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt dashboards metrics-doc rules-test openapi contract bench-queue bench-quota fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,7 +26,7 @@ run: services build ## Run the fleet (producer API + a worker for every stage) i
 run-mock: services build ## Run the fleet with LlamaParse and OpenAI served by fake-providers (deploy/mock/)
 	@PROFILE=mock bash deploy/local/run.sh
 
-test: services model lint ## Format check, clippy, every unit and integration test, API fuzzing, official clients vs fakes
+test: services model lint ## Format check, clippy, every unit and integration test (a real Prometheus among them), API fuzzing, official clients vs fakes
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	@bash tests/contract/schemathesis.sh
@@ -35,6 +35,16 @@ test: services model lint ## Format check, clippy, every unit and integration te
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+dashboards: ## Regenerate grafana/dashboards/*.json and docs/dashboards.md from grafana/dashboards.py
+	python3 grafana/dashboards.py
+
+metrics-doc: ## Regenerate docs/metrics.md from the metrics catalogue (shared/src/metrics.rs)
+	UPDATE_DOCS=1 $(CARGO) test --quiet -p tests --test observability the_metrics_document
+
+rules-test: services ## promtool: check the Prometheus config and rules, run the alert unit tests
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool test rules deploy/prometheus/tests/alerts.test.yml
 
 openapi: ## Regenerate docs/openapi.json from the API's handlers and types
 	$(CARGO) run --quiet -p producer -- openapi > docs/openapi.json

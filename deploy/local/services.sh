@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure Redis 7 and PostgreSQL with the pgvector extension answer on 127.0.0.1, installing and starting
-# them when missing. Idempotent and quick when everything is already up.
+# them when missing, and that Prometheus and promtool are installed. Idempotent and quick when everything is
+# already up.
 #
 # - Where a Docker engine answers: `docker compose -f deploy/compose.services.yml up -d --wait`.
 # - Otherwise from the distribution's packages (Debian/Ubuntu, as root or with sudo). pgvector has no package on
@@ -42,6 +43,11 @@ wait_until() { # wait_until <seconds> <command...>
 redis_up() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
 pg_up() { pg_isready -q -h 127.0.0.1 -p "$PGPORT"; }
 psql_q() { psql -h 127.0.0.1 -p "$PGPORT" -U "$PGUSER" -d postgres -v ON_ERROR_STOP=1 -qAtc "$1"; }
+
+# Prometheus and promtool: the observability tests scrape a running fleet with a real Prometheus and check the
+# rules and every /metrics with promtool. Debian's package ships both (on systemd hosts it also starts a service
+# on :9090; the tests use servers of their own).
+command -v promtool >/dev/null && command -v prometheus >/dev/null || apt_install prometheus
 
 if docker info >/dev/null 2>&1; then
   say "a Docker engine answers: starting Postgres (pgvector) and Redis with compose"

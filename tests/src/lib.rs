@@ -514,6 +514,14 @@ pub struct Api {
 impl Api {
     /// Serves the API with `settings` on a free port and waits until it answers.
     pub async fn start(settings: &Settings) -> Self {
+        Self::start_with_metrics(settings, None).await
+    }
+
+    /// Like [`Api::start`], serving `/metrics` from `metrics` (the process's installed recorder).
+    pub async fn start_with_metrics(
+        settings: &Settings,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> Self {
         let mut s = settings.clone();
         // Bound here and handed over, so no other test's server can take the port in between.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -526,9 +534,14 @@ impl Api {
             let shutdown = async move {
                 let _ = rx.await;
             };
-            upload_pipeline::api::run_server_on(listener, std::sync::Arc::new(s), None, shutdown)
-                .await
-                .expect("the API runs");
+            upload_pipeline::api::run_server_on(
+                listener,
+                std::sync::Arc::new(s),
+                metrics,
+                shutdown,
+            )
+            .await
+            .expect("the API runs");
         });
         let http = reqwest::Client::new();
         wait_for("the API to answer", Duration::from_secs(30), || {
