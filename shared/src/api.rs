@@ -56,6 +56,8 @@ pub struct ApiState {
     pub broker: Broker,
     /// The Prometheus registry to render on `/metrics`.
     pub metrics: Option<PrometheusHandle>,
+    /// Uploads per user, fleet-wide.
+    pub uploads: crate::ratelimit::RateLimit,
 }
 
 /// The stable codes of API errors (the `code` of `{"error": {"code", "message"}}`).
@@ -72,6 +74,8 @@ pub enum ErrorCode {
     InvalidMetadata,
     /// 401: missing, malformed, forged or expired bearer token.
     Unauthorized,
+    /// 403: an operator endpoint called without the admin claim.
+    Forbidden,
     /// 404: no such document (also another user's) or route.
     NotFound,
     /// 409: the `Idempotency-Key` was used for a different file.
@@ -88,6 +92,8 @@ pub enum ErrorCode {
     InvalidQuery,
     /// 422: `k` out of range.
     InvalidK,
+    /// 429: too many uploads from this user; `Retry-After` says when to try again.
+    RateLimited,
     /// 503: Postgres, Redis or the embedding provider is unavailable; try again.
     Unavailable,
     /// 500: a bug; the details are in the server's logs.
@@ -116,6 +122,8 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -124,6 +132,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -138,11 +147,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             Json(serde_json::json!({ "error": { "code": self.code, "message": self.message } })),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -195,31 +209,55 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let Some(token) = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-        else {
+        identify(parts, state).map(|id| Self(id.user))
+    }
+}
+
+/// An authenticated caller whose token carries the admin claim (operator endpoints); others get 403.
+pub struct Admin(pub Uuid);
+
+impl FromRequestParts<ApiState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let id = identify(parts, state)?;
+        if !id.admin {
             return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "this endpoint needs a token with the admin claim",
+            ));
+        }
+        Ok(Self(id.user))
+    }
+}
+
+/// Verifies the bearer token of a request.
+fn identify(parts: &Parts, state: &ApiState) -> Result<crate::auth::Identity, ApiError> {
+    let header = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let Some(token) = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+    else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "send Authorization: Bearer <token>",
+        ));
+    };
+    match state.auth.verify(token.trim()) {
+        Ok(id) => Ok(id),
+        Err(e) => {
+            tracing::debug!(error = %e, "Token refused");
+            Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
-                "send Authorization: Bearer <token>",
-            ));
-        };
-        match state.auth.verify(token.trim()) {
-            Ok((user, _)) => Ok(Self(user)),
-            Err(e) => {
-                tracing::debug!(error = %e, "Token refused");
-                Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    "the token is invalid or expired",
-                ))
-            }
+                "the token is invalid or expired",
+            ))
         }
     }
 }
@@ -231,6 +269,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/documents", post(upload).get(list))
         .route("/v1/documents/{id}", get(status).delete(remove))
         .route("/v1/search", post(search))
+        .route("/v1/admin/queues", get(admin_queues))
+        .route("/v1/admin/dead-letters/{stage}", get(admin_dead_letters))
+        .route("/v1/admin/dead-letters/{stage}/replay", post(admin_replay))
+        .route("/v1/admin/dead-letters/{stage}/purge", post(admin_purge))
+        .route("/v1/admin/quota", get(admin_quota))
+        .route("/v1/admin/quota/{provider}/resume", post(admin_resume))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/readyz", get(readyz))
@@ -255,7 +299,7 @@ async fn count_responses(req: Request, next: Next) -> Response {
 }
 
 /// The base name of an uploaded file, without directories or control characters, at most 255 bytes.
-fn sanitize_filename(name: &str) -> String {
+pub fn sanitize_filename(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
     let clean: String = base.chars().filter(|c| !c.is_control()).collect();
     let clean = clean.trim().trim_start_matches('.').to_owned();
@@ -323,6 +367,7 @@ pub struct UploadResponse {
         (status = 413, description = "`file_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_document`, `invalid_text`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: over `api.uploads_per_minute`; see `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable`", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -333,6 +378,20 @@ async fn upload(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
+    // Before reading the body: a flood costs one Redis call per request, never a buffered file.
+    if let Err(wait) = state.uploads.take(user).await {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut err = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} uploads a minute; try again in {secs} s",
+                state.pipeline.settings.api.uploads_per_minute
+            ),
+        );
+        err.retry_after = Some(secs);
+        return Err(err);
+    }
     let limit = state.pipeline.settings.api.max_upload_bytes;
     let mut multipart = multipart.map_err(|e| {
         ApiError::new(
@@ -866,21 +925,372 @@ async fn render_metrics(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// One stage queue's state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueueState {
+    /// The stage.
+    pub stage: String,
+    /// Jobs waiting for a worker.
+    pub pending: u64,
+    /// Jobs delivered and not yet acknowledged.
+    pub in_flight: u64,
+    /// Attempts waiting for their retry time.
+    pub delayed: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Age of the oldest waiting job in ms, when one waits.
+    pub oldest_pending_age_ms: Option<u64>,
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterEntry {
+    /// Its id in the dead-letter stream (what replay and purge take).
+    pub id: String,
+    /// The job id.
+    pub job_id: String,
+    /// The job's JSON payload.
+    pub payload: String,
+    /// Attempts it used.
+    pub attempts: u32,
+    /// Why it died.
+    pub error: String,
+    /// When it died, ms since the epoch.
+    pub died_at_ms: u64,
+}
+
+/// Dead letters to act on; none (or an empty list) means all of the stage's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterIds {
+    /// Dead-letter ids, as listed.
+    #[serde(default)]
+    pub ids: Vec<String>,
+}
+
+/// How many dead letters were replayed or purged.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Moved {
+    /// The count.
+    pub count: u64,
+}
+
+/// One entry of the fleet's quota state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BudgetEntry {
+    /// `<provider>:<model>:<key hash>` (bucket levels), `…:cooldown`, `<provider>:pause`, `<provider>:spent:<day>`.
+    pub key: String,
+    /// Levels, the cool-down's end, the pause reason or the day's spend.
+    pub value: String,
+    /// Time to live in ms (-1: none).
+    pub ttl_ms: i64,
+}
+
+/// Whether a provider was paused before the resume.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Resumed {
+    /// The provider.
+    pub provider: String,
+    /// True if it was paused.
+    pub was_paused: bool,
+}
+
+fn stage_queue(state: &ApiState, stage: &str) -> Result<crate::queue::QueueHandle, ApiError> {
+    let stage: Stage = stage.parse().map_err(|e: crate::jobs::UnknownStage| {
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
+    })?;
+    state.broker.handle(stage.as_str()).map_err(queue_error)
+}
+
+fn queue_error(e: crate::queue::QueueError) -> ApiError {
+    tracing::warn!(error = %e, "Queue operation failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        "Redis is unavailable; try again",
+    )
+}
+
+/// Each stage queue's state (pending, in flight, delayed, dead, oldest age).
+#[utoipa::path(
+    get, path = "/v1/admin/queues", tag = "admin",
+    responses(
+        (status = 200, description = "One entry per stage", body = [QueueState]),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_queues(
+    State(state): State<ApiState>,
+    Admin(_): Admin,
+) -> Result<Response, ApiError> {
+    let mut out = Vec::new();
+    for stage in Stage::PIPELINE {
+        let q = state.broker.handle(stage.as_str()).map_err(queue_error)?;
+        let st = q.stats().await.map_err(queue_error)?;
+        out.push(QueueState {
+            stage: stage.as_str().to_owned(),
+            pending: st.pending,
+            in_flight: st.in_flight,
+            delayed: st.delayed,
+            dead: st.dead,
+            oldest_pending_age_ms: st.oldest_pending_age_ms,
+        });
+    }
+    Ok(Json(out).into_response())
+}
+
+/// Query of the dead-letter list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct DeadLetterQuery {
+    /// At most this many, newest first (1-1000, default 50).
+    limit: Option<u32>,
+}
+
+/// A stage's dead letters, newest first.
+#[utoipa::path(
+    get, path = "/v1/admin/dead-letters/{stage}", tag = "admin",
+    params(("stage" = String, Path, description = "parse, chunk or embed"), DeadLetterQuery),
+    responses(
+        (status = 200, description = "Dead letters", body = [DeadLetterEntry]),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such stage", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: limit out of range", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_dead_letters(
+    State(state): State<ApiState>,
+    Admin(_): Admin,
+    Path(stage): Path<String>,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.body_text(),
+        )
+    })?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidRequest,
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let q = stage_queue(&state, &stage)?;
+    let dead = q.dead_letters(limit as usize).await.map_err(queue_error)?;
+    let out: Vec<DeadLetterEntry> = dead
+        .into_iter()
+        .map(|d| DeadLetterEntry {
+            id: d.entry_id,
+            job_id: d.job_id,
+            payload: d.payload,
+            attempts: d.attempts,
+            error: d.error,
+            died_at_ms: d.died_at_ms,
+        })
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+fn dead_letter_ids(headers: &HeaderMap, body: &[u8]) -> Result<Vec<String>, ApiError> {
+    let ids = if body.iter().all(u8::is_ascii_whitespace) {
+        Vec::new()
+    } else {
+        let json = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::UnsupportedMediaType,
+                "send Content-Type: application/json",
+            ));
+        }
+        serde_json::from_slice::<DeadLetterIds>(body)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidJson,
+                    e.to_string(),
+                )
+            })?
+            .ids
+    };
+    let valid = |id: &String| {
+        let mut parts = id.splitn(2, '-');
+        let ms = parts.next().is_some_and(|p| {
+            !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+        let seq = parts.next().is_some_and(|p| {
+            !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+        ms && seq
+    };
+    if ids.len() > 10_000 || !ids.iter().all(valid) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidRequest,
+            "ids must be at most 10,000 dead-letter ids of the form <ms>-<seq>",
+        ));
+    }
+    Ok(ids)
+}
+
+/// Puts dead letters back on their queue with fresh attempts: the given ids, or all of the stage's.
+#[utoipa::path(
+    post, path = "/v1/admin/dead-letters/{stage}/replay", tag = "admin",
+    params(("stage" = String, Path, description = "parse, chunk or embed")),
+    request_body(content = Option<DeadLetterIds>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were replayed", body = Moved),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such stage", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_replay(
+    State(state): State<ApiState>,
+    Admin(user): Admin,
+    Path(stage): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let q = stage_queue(&state, &stage)?;
+    let ids = dead_letter_ids(&headers, &body)?;
+    let count = q.replay_dead(&ids).await.map_err(queue_error)?;
+    tracing::info!(admin = %user, stage, count, "Dead letters replayed");
+    Ok(Json(Moved { count }).into_response())
+}
+
+/// Deletes dead letters: the given ids, or all of the stage's.
+#[utoipa::path(
+    post, path = "/v1/admin/dead-letters/{stage}/purge", tag = "admin",
+    params(("stage" = String, Path, description = "parse, chunk or embed")),
+    request_body(content = Option<DeadLetterIds>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were deleted", body = Moved),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such stage", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_purge(
+    State(state): State<ApiState>,
+    Admin(user): Admin,
+    Path(stage): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let q = stage_queue(&state, &stage)?;
+    let ids = dead_letter_ids(&headers, &body)?;
+    let count = q.purge_dead(&ids).await.map_err(queue_error)?;
+    tracing::info!(admin = %user, stage, count, "Dead letters purged");
+    Ok(Json(Moved { count }).into_response())
+}
+
+/// The fleet's quota state: bucket levels, cool-downs, pauses and today's spend per provider.
+#[utoipa::path(
+    get, path = "/v1/admin/quota", tag = "admin",
+    responses(
+        (status = 200, description = "Quota state entries", body = [BudgetEntry]),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_quota(State(state): State<ApiState>, Admin(_): Admin) -> Result<Response, ApiError> {
+    let quota =
+        crate::quota::Quota::with_connection(state.broker.connection(), &state.pipeline.settings);
+    let states = quota.report().await.map_err(|e| queue_error(e.into()))?;
+    let out: Vec<BudgetEntry> = states
+        .into_iter()
+        .map(|b| BudgetEntry {
+            key: b.key,
+            value: b.value,
+            ttl_ms: b.ttl_ms,
+        })
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+/// Ends a provider's fleet-wide pause after it ran out of quota or credit.
+#[utoipa::path(
+    post, path = "/v1/admin/quota/{provider}/resume", tag = "admin",
+    params(("provider" = String, Path, description = "openai or llamaparse")),
+    responses(
+        (status = 200, description = "Whether it was paused", body = Resumed),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such provider", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_resume(
+    State(state): State<ApiState>,
+    Admin(user): Admin,
+    Path(provider): Path<String>,
+) -> Result<Response, ApiError> {
+    if provider != "openai" && provider != "llamaparse" {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such provider: expected openai or llamaparse",
+        ));
+    }
+    let quota =
+        crate::quota::Quota::with_connection(state.broker.connection(), &state.pipeline.settings);
+    let was_paused = quota
+        .resume(&provider)
+        .await
+        .map_err(|e| queue_error(e.into()))?;
+    tracing::info!(admin = %user, provider, was_paused, "Quota pause ended by an operator");
+    Ok(Json(Resumed {
+        provider,
+        was_paused,
+    })
+    .into_response())
+}
+
 /// The OpenAPI 3.1 document of the API (served at `/openapi.json`, committed as `docs/openapi.json`).
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "upload-pipeline producer API",
         description = "Upload documents on behalf of users and search their chunks by meaning. Every /v1 call needs \
-                       `Authorization: Bearer <JWT>` (HS256, `sub` = the user's UUID). Errors are \
+                       `Authorization: Bearer <JWT>` (HS256, or RS256/ES256 with a JWKS file; `sub` = the user). Errors are \
                        `{\"error\": {\"code\", \"message\"}}` with the codes of `ErrorCode`."
     ),
-    paths(upload, list, status, remove, search, healthz, readyz, render_metrics),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, SearchRequest, SearchResponse, Hit, Health, Readiness)),
+    paths(upload, list, status, remove, search, admin_queues, admin_dead_letters, admin_replay, admin_purge, admin_quota, admin_resume, healthz, readyz, render_metrics),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, DeadLetterEntry, DeadLetterIds, Moved, BudgetEntry, Resumed)),
     modifiers(&BearerAuth),
     tags(
         (name = "documents", description = "Upload, follow, list and delete documents"),
         (name = "search", description = "Search the caller's documents"),
+        (name = "admin", description = "Operator endpoints: queues, dead letters, quota (tokens with the admin claim)"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -923,14 +1333,27 @@ pub async fn serve(
         .await
 }
 
-/// Shared pieces for binaries and tests.
-pub fn state(pipeline: Pipeline, broker: Broker, metrics: Option<PrometheusHandle>) -> ApiState {
-    ApiState {
-        auth: Auth::hs256(pipeline.settings.api.jwt_secret.expose()),
+/// Shared pieces for binaries and tests; fails when the JWKS file is unusable.
+pub fn state(
+    pipeline: Pipeline,
+    broker: Broker,
+    metrics: Option<PrometheusHandle>,
+) -> Result<ApiState, crate::auth::AuthError> {
+    let api = &pipeline.settings.api;
+    let uploads = crate::ratelimit::RateLimit::new(
+        broker.connection(),
+        &pipeline.settings.queue.key_prefix,
+        "uploads",
+        api.uploads_per_minute,
+        api.upload_burst,
+    );
+    Ok(ApiState {
+        auth: Auth::from_settings(api)?,
+        uploads,
         pipeline,
         broker,
         metrics,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -962,7 +1385,7 @@ mod tests {
             .as_array()
             .unwrap()
             .len();
-        assert_eq!(codes, 15);
+        assert_eq!(codes, 17);
     }
 
     #[test]
@@ -996,7 +1419,13 @@ pub async fn run_server_on(
     metrics: Option<PrometheusHandle>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ServerResult<()> {
-    let pool = crate::db::migrate(&settings)
+    // Migrations as the admin role; requests as the app role, under row-level security.
+    crate::db::migrate(&settings)
+        .await
+        .map_err(ServerError::Db)?
+        .close()
+        .await;
+    let pool = crate::db::connect(&settings, 16)
         .await
         .map_err(ServerError::Db)?;
     let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
@@ -1035,7 +1464,7 @@ pub async fn run_server_on(
         .local_addr()
         .map_err(|e| ServerError::Setup(format!("listener has no address: {e}")))?;
     tracing::info!(listen = %local, "Producer API serving");
-    let state = state(pipeline, broker, metrics);
+    let state = state(pipeline, broker, metrics).map_err(|e| ServerError::Setup(e.to_string()))?;
     let served = serve(listener, state, async move {
         shutdown.await;
         let _ = stop_tx.send(true);

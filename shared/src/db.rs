@@ -50,24 +50,53 @@ impl DbError {
     }
 }
 
-fn options(settings: &Settings) -> Result<PgConnectOptions, DbError> {
-    let opts: PgConnectOptions = settings.database_url.expose().parse()?;
+fn options(url: &str) -> Result<PgConnectOptions, DbError> {
+    let opts: PgConnectOptions = url.parse()?;
     Ok(opts.log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2)))
 }
 
-/// Connects a pool to `database_url`.
+/// Whether the role `opts` logs in as bypasses row-level security (a superuser, or BYPASSRLS).
+async fn bypasses_rls(opts: &PgConnectOptions) -> Result<bool, DbError> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(opts).await?;
+    let bypass: bool = sqlx::query_scalar(
+        "SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let _ = conn.close().await;
+    Ok(bypass)
+}
+
+/// Connects the pool of the API and the workers: `database_url`, as `database_app_role` when that URL names a
+/// role that bypasses row-level security, so no request or stage ever runs with it.
 pub async fn connect(settings: &Settings, max_connections: u32) -> Result<PgPool, DbError> {
+    let mut opts = options(settings.database_url.expose())?;
+    if bypasses_rls(&opts).await? {
+        tracing::info!(
+            role = %settings.database_app_role,
+            "database_url names a role that bypasses row-level security; connecting as the app role instead"
+        );
+        opts = opts.username(&settings.database_app_role);
+        if let Some(password) = &settings.database_app_password {
+            opts = opts.password(password.expose());
+        }
+    }
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options(settings)?)
+        .connect_with(opts)
         .await?)
 }
 
 /// Creates the database if missing, applies the migrations, and registers the configured embedding model (its
 /// HNSW index). Idempotent; run by `producer migrate`, by `producer serve` at start-up, and by the tests.
 pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
-    let url = settings.database_url.expose();
+    let url = settings
+        .database_admin_url
+        .as_ref()
+        .unwrap_or(&settings.database_url)
+        .expose();
     if !Postgres::database_exists(url).await? {
         tracing::info!("Creating the database");
         if let Err(e) = Postgres::create_database(url).await {
@@ -77,19 +106,36 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
             }
         }
     }
-    let pool = connect(settings, 4).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options(url)?)
+        .await?;
     // The role belongs to the whole cluster, while the migrator's advisory lock only serialises migrations of one
     // database: two databases migrating at once (a fresh machine, parallel tests) would both try to create it.
-    sqlx::raw_sql(
-        "DO $$ BEGIN \
+    // The app role logs in (no superuser, no BYPASSRLS); older installations created it NOLOGIN. Changing it only
+    // when needed keeps concurrent migrations from updating the same catalogue row; a rare collision is retried.
+    let ensure_role = "DO $$ BEGIN \
            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'upload_pipeline_app') THEN \
-             CREATE ROLE upload_pipeline_app NOLOGIN NOSUPERUSER NOBYPASSRLS; \
+             CREATE ROLE upload_pipeline_app LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE; \
+           ELSIF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'upload_pipeline_app' \
+                         AND (NOT rolcanlogin OR rolsuper OR rolbypassrls)) THEN \
+             ALTER ROLE upload_pipeline_app LOGIN NOSUPERUSER NOBYPASSRLS; \
            END IF; \
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; \
-         END $$",
-    )
-    .execute(&pool)
-    .await?;
+         EXCEPTION WHEN duplicate_object OR unique_violation OR insufficient_privilege THEN NULL; \
+         END $$";
+    for attempt in 1.. {
+        match sqlx::raw_sql(ensure_role).execute(&pool).await {
+            Ok(_) => break,
+            // "tuple concurrently updated": another migration changed the role at the same moment.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("XX000") && attempt < 5 =>
+            {
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     // One migrator at a time across the fleet: the advisory lock serialises concurrent start-ups.
     MIGRATOR.run(&pool).await?;
     register_model(

@@ -35,6 +35,7 @@ pub mod parsing;
 pub mod providers;
 pub mod queue;
 pub mod quota;
+pub mod ratelimit;
 pub mod reconciler;
 pub mod runtime;
 pub mod settings;

@@ -34,8 +34,19 @@ pub enum SettingsError {
 pub struct Settings {
     /// Redis that carries the queues and the fleet-wide state (`REDIS_URL`).
     pub redis_url: RedisUrl,
-    /// PostgreSQL with pgvector, the source of truth (`DATABASE_URL`).
+    /// PostgreSQL with pgvector, the source of truth (`DATABASE_URL`). The API and the workers never connect as a
+    /// role that bypasses row-level security: when this URL names one (a superuser, or a role with BYPASSRLS),
+    /// their pools connect as `database_app_role` instead, on the same server and database.
     pub database_url: RedisUrl,
+    /// Where migrations run (`DATABASE_ADMIN_URL`): a role that may create the schema, the roles and indexes.
+    /// Unset: `database_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_admin_url: Option<RedisUrl>,
+    /// The role the API and the workers use: LOGIN, no superuser, no BYPASSRLS (the migrations create it).
+    pub database_app_role: String,
+    /// Its password, when the server asks for one (`DATABASE_APP_PASSWORD`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_app_password: Option<Secret>,
     /// The job queues.
     pub queue: QueueSettings,
     /// The producer's HTTP API.
@@ -61,6 +72,9 @@ impl Default for Settings {
         Self {
             redis_url: RedisUrl("redis://127.0.0.1:6379".into()),
             database_url: RedisUrl("postgres://postgres@127.0.0.1:5432/upload_pipeline".into()),
+            database_admin_url: None,
+            database_app_role: "upload_pipeline_app".into(),
+            database_app_password: None,
             queue: QueueSettings::default(),
             api: ApiSettings::default(),
             parsing: ParsingSettings::default(),
@@ -112,6 +126,22 @@ pub struct ApiSettings {
     pub max_upload_bytes: u64,
     /// Largest `k` of a search.
     pub max_search_k: u32,
+    /// A JWKS file (JSON Web Key Set) whose public keys verify RS256/PS256/ES256 tokens (Auth0, Supabase
+    /// asymmetric keys), beside HS256 with `jwt_secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// Required `iss` of tokens, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of tokens, when set (Supabase: `authenticated`; Auth0: the API identifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// Dotted path of the boolean claim that grants operator rights (dead letters, quota).
+    pub admin_claim: String,
+    /// Uploads a user may make per minute, fleet-wide (0: no limit); past it, 429 with Retry-After.
+    pub uploads_per_minute: u32,
+    /// Uploads a user may make at once above that rate.
+    pub upload_burst: u32,
 }
 
 impl Default for ApiSettings {
@@ -121,6 +151,12 @@ impl Default for ApiSettings {
             jwt_secret: Secret(DEV_JWT_SECRET.into()),
             max_upload_bytes: 50 * 1024 * 1024,
             max_search_k: 50,
+            jwks_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            admin_claim: "admin".into(),
+            uploads_per_minute: 120,
+            upload_burst: 20,
         }
     }
 }
@@ -669,6 +705,16 @@ impl Settings {
             )
             .merge(
                 Env::raw()
+                    .only(&["DATABASE_ADMIN_URL"])
+                    .map(|_| "database_admin_url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_APP_PASSWORD"])
+                    .map(|_| "database_app_password".into()),
+            )
+            .merge(
+                Env::raw()
                     .only(&["JWT_SECRET"])
                     .map(|_| "api.jwt_secret".into()),
             )
@@ -717,6 +763,35 @@ impl Settings {
             return invalid(
                 "database_url",
                 "must start with postgres:// or postgresql://",
+            );
+        }
+        if let Some(admin) = &self.database_admin_url
+            && !(admin.expose().starts_with("postgres://")
+                || admin.expose().starts_with("postgresql://"))
+        {
+            return invalid(
+                "database_admin_url",
+                "must start with postgres:// or postgresql://",
+            );
+        }
+        if self.database_app_role.is_empty()
+            || !self
+                .database_app_role
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return invalid(
+                "database_app_role",
+                "must be a role name of lowercase letters, digits and '_'",
+            );
+        }
+        if self.api.admin_claim.is_empty() {
+            return invalid("api.admin_claim", "must name a claim");
+        }
+        if self.api.uploads_per_minute > 0 && self.api.upload_burst == 0 {
+            return invalid(
+                "api.upload_burst",
+                "must be at least 1 when uploads_per_minute is set",
             );
         }
         if self.api.jwt_secret.expose().len() < 16 {
