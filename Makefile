@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt dashboards metrics-doc rules-test openapi contract bench-queue bench-quota fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test openapi contract bench-queue bench-quota fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ contract: services ## Fuzz the running API against docs/openapi.json with schema
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+fuzz: ## Fuzz the parsers, the chunker, token verification and multipart uploads (cargo-fuzz, FUZZ_SECONDS per target; not in CI)
+	@bash fuzz/run.sh
 
 bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)
 	@bash tests/bench/queue.sh

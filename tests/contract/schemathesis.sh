@@ -35,7 +35,8 @@ trap cleanup EXIT
 pid=$!
 for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fs "http://127.0.0.1:$port/healthz" >/dev/null || { echo "the producer did not start; see $log" >&2; exit 1; }
-token=$("$bin/producer" token --user 5c4a1c1e-0000-4000-8000-00000000c0de)
+# An operator token, so the admin operations are exercised past 403 as well.
+token=$("$bin/producer" token --user 5c4a1c1e-0000-4000-8000-00000000c0de --admin)
 
 # A real document, so the {id} operations reach past 404 too.
 doc=$(curl -fsS -H "Authorization: Bearer $token" -F "file=@$root/tests/fixtures/corpus/tides.txt" \

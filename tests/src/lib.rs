@@ -46,6 +46,8 @@ pub fn settings(prefix: &str, redis_url: &str) -> Settings {
     s.queue.retry_max = Duration::from_secs(2);
     s.queue.max_deliveries = 3;
     s.worker.shutdown_grace = Duration::from_secs(5);
+    // Tests upload in bursts; the per-user rate limit has a test of its own.
+    s.api.uploads_per_minute = 0;
     s
 }
 
