@@ -509,9 +509,13 @@ pub struct PipelineSettings {
     pub max_pages: usize,
     /// Most characters of text a document may yield.
     pub max_chars: usize,
-    /// Longest time one parse (and one chunking) of a document may take.
+    /// Longest time one parse (and one chunking) of a document may take. In a worker the local parsers run in
+    /// a helper process that is killed at this deadline.
     #[serde(with = "humantime_serde")]
     pub parse_timeout: Duration,
+    /// Address space a worker's parse helper process may use, in MiB (0: no bound); a parse that needs more
+    /// fails its document instead of starving the worker.
+    pub parse_memory_mb: u64,
     /// How long a stage waits before asking a provider that is out of quota again (documents wait, never fail).
     #[serde(with = "humantime_serde")]
     pub quota_wait: Duration,
@@ -525,6 +529,7 @@ impl Default for PipelineSettings {
             max_pages: 2_000,
             max_chars: 20_000_000,
             parse_timeout: Duration::from_secs(120),
+            parse_memory_mb: 2048,
             quota_wait: Duration::from_secs(60),
         }
     }

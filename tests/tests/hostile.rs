@@ -590,3 +590,84 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
     tests::cleanup(&s).await;
     db.drop_db().await;
 }
+
+/// A DOCX of `paragraphs` ordinary paragraphs: small compressed, slow and large to parse.
+fn docx_paragraphs(paragraphs: usize) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut buf);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    zip.start_file("word/document.xml", opts).unwrap();
+    zip.write_all(br#"<?xml version="1.0"?><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>"#)
+        .unwrap();
+    for _ in 0..paragraphs {
+        zip.write_all(b"<w:p><w:r><w:t>lorem ipsum dolor sit amet lorem ipsum dolor sit amet lorem ipsum</w:t></w:r></w:p>")
+            .unwrap();
+    }
+    zip.write_all(b"</w:body></w:document>").unwrap();
+    zip.finish().unwrap();
+    buf.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_past_its_memory_or_time_bound_is_stopped_and_the_worker_goes_on() {
+    // 40 MB of XML: about 7 s and more than 128 MiB to parse in a debug build.
+    let heavy = docx_paragraphs(40 * 1024 * 1024 / 95);
+    let mut s = settings(&unique_prefix("parse-bounds"), &tests::redis_url());
+    s.pipeline.max_chars = 100_000_000;
+    let (db, api) = tests::start_api(&mut s).await;
+    for (memory_mb, timeout, reason) in [
+        (128, Duration::from_secs(120), "more than 128 MiB of memory"),
+        (0, Duration::from_secs(2), "longer than 2 s"),
+    ] {
+        // A user per round: the same bytes again would be the first round's document.
+        let client = api.client(&s, Uuid::new_v4());
+        let mut w = s.clone();
+        w.pipeline.parse_memory_mb = memory_mb;
+        w.pipeline.parse_timeout = timeout;
+        let mut worker = WorkerProcess::start(&w, "parse,chunk,embed");
+        worker.wait_healthy().await;
+        let id = client
+            .upload_bytes(&format!("heavy-{memory_mb}.docx"), heavy.clone(), None)
+            .await
+            .unwrap()
+            .document_id;
+        let doc = wait_for(
+            "the heavy document to fail",
+            Duration::from_secs(120),
+            || async {
+                let d = client.status(id).await.ok()?;
+                (d.status == "failed").then_some(d)
+            },
+        )
+        .await;
+        let error = doc.error.unwrap_or_default();
+        assert!(error.contains(reason), "{error}");
+        assert_eq!(doc.stages[0].attempts, 1, "a bound is not retried");
+        // The helper is gone, the worker lives, and an ordinary document still goes through.
+        let helpers = std::process::Command::new("pgrep")
+            .args(["-P", &worker.pid().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            helpers.stdout.is_empty(),
+            "helper processes left: {}",
+            String::from_utf8_lossy(&helpers.stdout)
+        );
+        assert!(worker.is_running(), "{}", worker.logs());
+        let ok = client
+            .upload_bytes(
+                &format!("small-{memory_mb}.docx"),
+                docx_paragraphs(10),
+                None,
+            )
+            .await
+            .unwrap()
+            .document_id;
+        tests::wait_ready(&client, &[ok], Duration::from_secs(60)).await;
+        drop(worker);
+    }
+    api.stop().await;
+    tests::cleanup(&s).await;
+    db.drop_db().await;
+}

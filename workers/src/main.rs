@@ -27,11 +27,39 @@ struct Args {
     /// A TOML settings file (see deploy/config.example.toml).
     #[arg(long, env = "UPLOAD_PIPELINE_CONFIG")]
     config: Option<PathBuf>,
+    /// Internal: parse one document of this kind from stdin in a bounded helper process, print JSON, exit.
+    #[arg(long, hide = true)]
+    parse_one: Option<String>,
+    /// Internal: the helper's page limit.
+    #[arg(long, hide = true, default_value_t = 0)]
+    parse_max_pages: usize,
+    /// Internal: the helper's character limit.
+    #[arg(long, hide = true, default_value_t = 0)]
+    parse_max_chars: usize,
+    /// Internal: the helper's address-space bound in MiB (0: none).
+    #[arg(long, hide = true, default_value_t = 0)]
+    parse_memory_mb: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The parse helper runs before anything else starts (no runtime, no threads, no connections).
+    if let Some(kind) = &args.parse_one {
+        std::process::exit(providers::local::parse_helper_main(
+            kind,
+            args.parse_max_pages,
+            args.parse_max_chars,
+            args.parse_memory_mb,
+        ));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("Failed to start the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let mut settings = Settings::load(args.config.as_deref()).context("Failed to load settings")?;
     if let Some(addr) = args.metrics_addr {
         settings.worker.metrics_addr = addr;
@@ -52,6 +80,11 @@ async fn main() -> anyhow::Result<()> {
     let runtime = Runtime::connect(settings.clone())
         .await
         .context("Failed to connect to Redis")?;
+    // Local parsing happens in helper processes of this binary, bounded in time and memory.
+    if stages.contains(&Stage::Parse) {
+        let exe = std::env::current_exe().context("Failed to find the worker executable")?;
+        providers::local::use_parse_helper(exe);
+    }
     let pipeline = if jobs::needs_pipeline(&stages) {
         let slots: usize = stages
             .iter()

@@ -17,11 +17,76 @@ use crate::{
 const PARSER: &str = "the local parser";
 const EMBEDDER: &str = "the local model";
 
-/// The built-in parsers, run on the blocking pool within `pipeline.parse_timeout`.
+/// The helper executable that parses in a process of its own (the worker binary, registered at start-up).
+static HELPER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Makes every [`LocalParser`] of this process parse in a helper process: `exe --parse-one <kind> …`, which
+/// must call [`parse_helper_main`]. A helper that passes `pipeline.parse_timeout` is killed, and one that passes
+/// `pipeline.parse_memory_mb` dies of it, failing the document either way while the worker goes on.
+pub fn use_parse_helper(exe: std::path::PathBuf) {
+    let _ = HELPER.set(exe);
+}
+
+/// What a parse helper writes to stdout.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum HelperAnswer {
+    Sections(Vec<parsing::Section>),
+    Error(String),
+}
+
+/// The parse helper process: caps its own address space at `memory_mb` MiB (0: none), reads the document from
+/// stdin, parses it, and writes the sections (or why not) to stdout as JSON. Returns the exit code.
+pub fn parse_helper_main(kind: &str, max_pages: usize, max_chars: usize, memory_mb: u64) -> i32 {
+    use std::io::{Read, Write};
+    let Ok(kind) = serde_json::from_value::<DocKind>(serde_json::Value::String(kind.to_owned()))
+    else {
+        eprintln!("unknown document kind {kind:?}");
+        return 2;
+    };
+    if memory_mb > 0 {
+        let bytes = memory_mb.saturating_mul(1024 * 1024);
+        if let Err(e) =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, bytes, bytes)
+        {
+            eprintln!("cannot bound the parser's memory: {e}");
+            return 2;
+        }
+    }
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("cannot read the document: {e}");
+        return 2;
+    }
+    let answer = match parsing::parse(
+        kind,
+        &input,
+        Limits {
+            max_pages,
+            max_chars,
+        },
+    ) {
+        Ok(sections) => HelperAnswer::Sections(sections),
+        Err(e) => HelperAnswer::Error(e.to_string()),
+    };
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer(&mut out, &answer)
+        .and_then(|()| out.flush().map_err(serde_json::Error::io))
+    {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cannot write the result: {e}");
+            2
+        }
+    }
+}
+
+/// The built-in parsers, within `pipeline.parse_timeout` (and `parse_memory_mb` in a helper process).
 #[derive(Debug, Clone)]
 pub struct LocalParser {
     limits: Limits,
     timeout: Duration,
+    memory_mb: u64,
 }
 
 impl LocalParser {
@@ -33,10 +98,109 @@ impl LocalParser {
                 max_chars: settings.max_chars,
             },
             timeout: settings.parse_timeout,
+            memory_mb: settings.parse_memory_mb,
+        }
+    }
+
+    fn too_slow(&self) -> ProviderError {
+        ProviderError::permanent(
+            PARSER,
+            format!(
+                "parsing took longer than {} s",
+                self.timeout.as_secs_f64().round()
+            ),
+        )
+    }
+
+    /// Parses in a helper process; the process is killed at the deadline (dropping the child kills it).
+    async fn run_isolated(
+        &self,
+        exe: &Path,
+        input: &ParseInput,
+    ) -> Result<Vec<parsing::Section>, ProviderError> {
+        use tokio::io::AsyncWriteExt;
+        let kind = serde_json::to_value(input.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let mut child = tokio::process::Command::new(exe)
+            .arg("--parse-one")
+            .arg(&kind)
+            .arg("--parse-max-pages")
+            .arg(self.limits.max_pages.to_string())
+            .arg("--parse-max-chars")
+            .arg(self.limits.max_chars.to_string())
+            .arg("--parse-memory-mb")
+            .arg(self.memory_mb.to_string())
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                ProviderError::transient(PARSER, format!("cannot start the parse helper: {e}"))
+            })?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let bytes = input.bytes.clone();
+        let feed = tokio::spawn(async move {
+            // A helper that dies early closes the pipe; its exit status tells why.
+            let _ = stdin.write_all(&bytes).await;
+        });
+        let output = tokio::time::timeout(self.timeout, child.wait_with_output()).await;
+        feed.abort();
+        let output = match output {
+            Err(_) => return Err(self.too_slow()),
+            Ok(Err(e)) => {
+                return Err(ProviderError::transient(
+                    PARSER,
+                    format!("the parse helper failed: {e}"),
+                ));
+            }
+            Ok(Ok(output)) => output,
+        };
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let memory = stderr.contains("memory allocation") || stderr.contains("out of memory");
+            return Err(ProviderError::permanent(
+                PARSER,
+                if memory {
+                    format!(
+                        "{}: parsing needs more than {} MiB of memory",
+                        input.filename, self.memory_mb
+                    )
+                } else {
+                    use std::os::unix::process::ExitStatusExt;
+                    format!(
+                        "the parser crashed on this file ({})",
+                        output
+                            .status
+                            .signal()
+                            .map_or_else(|| output.status.to_string(), |s| format!("signal {s}"))
+                    )
+                },
+            ));
+        }
+        match serde_json::from_slice::<HelperAnswer>(&output.stdout) {
+            Ok(HelperAnswer::Sections(sections)) => Ok(sections),
+            Ok(HelperAnswer::Error(e)) => Err(ProviderError::permanent(
+                PARSER,
+                format!("{}: {e}", input.filename),
+            )),
+            Err(e) => Err(ProviderError::transient(
+                PARSER,
+                format!("unreadable answer of the parse helper: {e}"),
+            )),
         }
     }
 
     async fn run(&self, input: &ParseInput) -> Result<Vec<parsing::Section>, ProviderError> {
+        if let Some(exe) = HELPER.get() {
+            let started = std::time::Instant::now();
+            let result = self.run_isolated(exe, input).await;
+            super::observe("local", "parse", started, &result);
+            return result;
+        }
         let (kind, bytes, limits) = (input.kind, input.bytes.clone(), self.limits);
         let started = std::time::Instant::now();
         let parsed = tokio::time::timeout(
@@ -45,13 +209,7 @@ impl LocalParser {
         )
         .await;
         let result = match parsed {
-            Err(_) => Err(ProviderError::permanent(
-                PARSER,
-                format!(
-                    "parsing took longer than {} s",
-                    self.timeout.as_secs_f64().round()
-                ),
-            )),
+            Err(_) => Err(self.too_slow()),
             // The parser panicked on this input: the same bytes would panic again.
             Ok(Err(join)) => Err(ProviderError::permanent(
                 PARSER,
