@@ -271,8 +271,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/search", post(search))
         .route("/v1/admin/queues", get(admin_queues))
         .route("/v1/admin/dead-letters/{stage}", get(admin_dead_letters))
-        .route("/v1/admin/dead-letters/{stage}/replay", post(admin_replay))
-        .route("/v1/admin/dead-letters/{stage}/purge", post(admin_purge))
+        .route(
+            "/v1/admin/dead-letters/{stage}/{action}",
+            post(admin_dead_letter_action),
+        )
         .route("/v1/admin/quota", get(admin_quota))
         .route("/v1/admin/quota/{provider}/resume", post(admin_resume))
         .route("/healthz", get(healthz))
@@ -1148,65 +1150,60 @@ fn dead_letter_ids(headers: &HeaderMap, body: &[u8]) -> Result<Vec<String>, ApiE
     Ok(ids)
 }
 
-/// Puts dead letters back on their queue with fresh attempts: the given ids, or all of the stage's.
-#[utoipa::path(
-    post, path = "/v1/admin/dead-letters/{stage}/replay", tag = "admin",
-    params(("stage" = String, Path, description = "parse, chunk or embed")),
-    request_body(content = Option<DeadLetterIds>, content_type = "application/json"),
-    responses(
-        (status = 200, description = "How many were replayed", body = Moved),
-        (status = 400, description = "`invalid_json`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 403, description = "`forbidden`", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such stage", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_request`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-async fn admin_replay(
-    State(state): State<ApiState>,
-    Admin(user): Admin,
-    Path(stage): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let q = stage_queue(&state, &stage)?;
-    let ids = dead_letter_ids(&headers, &body)?;
-    let count = q.replay_dead(&ids).await.map_err(queue_error)?;
-    tracing::info!(admin = %user, stage, count, "Dead letters replayed");
-    Ok(Json(Moved { count }).into_response())
+/// What to do with dead letters.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterAction {
+    /// Put them back on their queue with fresh attempts.
+    Replay,
+    /// Delete them.
+    Purge,
 }
 
-/// Deletes dead letters: the given ids, or all of the stage's.
+/// Replays dead letters (back on their queue with fresh attempts) or purges them: the given ids, or all of the
+/// stage's.
 #[utoipa::path(
-    post, path = "/v1/admin/dead-letters/{stage}/purge", tag = "admin",
-    params(("stage" = String, Path, description = "parse, chunk or embed")),
+    post, path = "/v1/admin/dead-letters/{stage}/{action}", tag = "admin",
+    params(
+        ("stage" = String, Path, description = "parse, chunk or embed"),
+        ("action" = DeadLetterAction, Path, description = "replay or purge"),
+    ),
     request_body(content = Option<DeadLetterIds>, content_type = "application/json"),
     responses(
-        (status = 200, description = "How many were deleted", body = Moved),
+        (status = 200, description = "How many were replayed or purged", body = Moved),
         (status = 400, description = "`invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such stage", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such stage or action", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_request`", body = ErrorBody),
         (status = 503, description = "`unavailable`", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
-async fn admin_purge(
+async fn admin_dead_letter_action(
     State(state): State<ApiState>,
     Admin(user): Admin,
-    Path(stage): Path<String>,
+    Path((stage, action)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let action: DeadLetterAction = serde_json::from_value(serde_json::Value::String(action))
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "no such action: expected replay or purge",
+            )
+        })?;
     let q = stage_queue(&state, &stage)?;
     let ids = dead_letter_ids(&headers, &body)?;
-    let count = q.purge_dead(&ids).await.map_err(queue_error)?;
-    tracing::info!(admin = %user, stage, count, "Dead letters purged");
+    let count = match action {
+        DeadLetterAction::Replay => q.replay_dead(&ids).await,
+        DeadLetterAction::Purge => q.purge_dead(&ids).await,
+    }
+    .map_err(queue_error)?;
+    tracing::info!(admin = %user, stage, ?action, count, "Dead letters handled by an operator");
     Ok(Json(Moved { count }).into_response())
 }
 
@@ -1284,8 +1281,8 @@ async fn admin_resume(
                        `Authorization: Bearer <JWT>` (HS256, or RS256/ES256 with a JWKS file; `sub` = the user). Errors are \
                        `{\"error\": {\"code\", \"message\"}}` with the codes of `ErrorCode`."
     ),
-    paths(upload, list, status, remove, search, admin_queues, admin_dead_letters, admin_replay, admin_purge, admin_quota, admin_resume, healthz, readyz, render_metrics),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, DeadLetterEntry, DeadLetterIds, Moved, BudgetEntry, Resumed)),
+    paths(upload, list, status, remove, search, admin_queues, admin_dead_letters, admin_dead_letter_action, admin_quota, admin_resume, healthz, readyz, render_metrics),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, DeadLetterEntry, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
     modifiers(&BearerAuth),
     tags(
         (name = "documents", description = "Upload, follow, list and delete documents"),

@@ -692,31 +692,15 @@ pub fn catalogue_markdown() -> String {
         "\n## Label values\n\n\
          - `stage`: parse, chunk, embed (and synthetic, the benchmark queue).\n",
     );
-    let _ = writeln!(
-        out,
-        "- `outcome` of `{QUEUE_JOBS}`: {}.",
-        JOB_OUTCOMES.join(", ")
-    );
-    let _ = writeln!(
-        out,
-        "- `resolution` of `{RECOVERY_FAILED_JOBS}`: {}.",
-        RECOVERY_RESOLUTIONS.join(", ")
-    );
-    let _ = writeln!(
-        out,
-        "- `outcome` of `{PROVIDER_REQUESTS}`: {}.",
-        PROVIDER_OUTCOMES.join(", ")
-    );
-    let _ = writeln!(
-        out,
-        "- `status` of `{DOCUMENTS_STORED}`: {}.",
-        DOCUMENT_STATUSES.join(", ")
-    );
-    let _ = writeln!(
-        out,
-        "- `op` of `{QUEUE_REDIS_ERRORS}`: {}.",
-        REDIS_OPS.join(", ")
-    );
+    for (label, metric, values) in [
+        ("outcome", QUEUE_JOBS, JOB_OUTCOMES),
+        ("resolution", RECOVERY_FAILED_JOBS, RECOVERY_RESOLUTIONS),
+        ("outcome", PROVIDER_REQUESTS, PROVIDER_OUTCOMES),
+        ("status", DOCUMENTS_STORED, DOCUMENT_STATUSES),
+        ("op", QUEUE_REDIS_ERRORS, REDIS_OPS),
+    ] {
+        let _ = writeln!(out, "- `{label}` of `{metric}`: {}.", values.join(", "));
+    }
     out.push_str(
         "- `provider`: openai, llamaparse, local, hashing; `resource`: requests, tokens (openai), uploads (llamaparse).\n\
          - `cache`: parse, embedding. `role` of the build info: producer, worker.\n",

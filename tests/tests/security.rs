@@ -234,6 +234,14 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _, _) = call(
         Method::POST,
+        &url("/v1/admin/dead-letters/parse/explode"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(
+        Method::POST,
         &url("/v1/admin/quota/azure/resume"),
         Some(&admin),
         None,
