@@ -180,6 +180,16 @@ impl From<DbError> for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.body_text(),
+        )
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         match e {
@@ -700,13 +710,7 @@ async fn list(
     Caller(user): Caller,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidRequest,
-            e.body_text(),
-        )
-    })?;
+    let Query(params) = params?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::new(
@@ -1070,13 +1074,7 @@ async fn admin_dead_letters(
     Path(stage): Path<String>,
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidRequest,
-            e.body_text(),
-        )
-    })?;
+    let Query(query) = query?;
     let limit = query.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(
@@ -1130,15 +1128,10 @@ fn dead_letter_ids(headers: &HeaderMap, body: &[u8]) -> Result<Vec<String>, ApiE
             })?
             .ids
     };
+    let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
     let valid = |id: &String| {
-        let mut parts = id.splitn(2, '-');
-        let ms = parts.next().is_some_and(|p| {
-            !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit())
-        });
-        let seq = parts.next().is_some_and(|p| {
-            !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit())
-        });
-        ms && seq
+        id.split_once('-')
+            .is_some_and(|(ms, seq)| digits(ms) && digits(seq))
     };
     if ids.len() > 10_000 || !ids.iter().all(valid) {
         return Err(ApiError::new(
