@@ -136,6 +136,9 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
             Err(e) => return Err(e.into()),
         }
     }
+    if let Some(password) = &settings.database_app_password {
+        set_app_password(&pool, &settings.database_app_role, password.expose()).await?;
+    }
     // One migrator at a time across the fleet: the advisory lock serialises concurrent start-ups.
     MIGRATOR.run(&pool).await?;
     register_model(
@@ -145,6 +148,37 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
     )
     .await?;
     Ok(pool)
+}
+
+/// Gives the app role the password the fleet logs in with (`DATABASE_APP_PASSWORD`), so a server that asks for
+/// passwords over the network (any managed Postgres, the pgvector image) lets the API and the workers in. The
+/// statement is built by the server (`format` with `%I` and `%L`), so neither value is ever spliced into SQL here.
+async fn set_app_password(pool: &PgPool, role: &str, password: &str) -> Result<(), DbError> {
+    let statement: Option<String> = sqlx::query_scalar(
+        "SELECT format('ALTER ROLE %I PASSWORD %L', rolname, $2::text) \
+         FROM pg_catalog.pg_roles WHERE rolname = $1",
+    )
+    .bind(role)
+    .bind(password)
+    .fetch_optional(pool)
+    .await?;
+    let Some(statement) = statement else {
+        // A role of the operator's own that does not exist yet: connecting will say so.
+        return Ok(());
+    };
+    for attempt in 1.. {
+        match sqlx::raw_sql(&statement).execute(pool).await {
+            Ok(_) => break,
+            // Another migration set it at the same moment.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("XX000") && attempt < 5 =>
+            {
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Registers an embedding model and creates its HNSW index; returns the index name.

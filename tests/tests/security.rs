@@ -790,3 +790,70 @@ async fn count_rows(conn: &mut sqlx::PgConnection, table: &str, doc: Uuid) -> i6
         .await
         .unwrap()
 }
+
+/// HMAC-SHA-256 (RFC 2104), for checking a SCRAM verifier below.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// Whether `verifier` (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as in pg_authid) was made
+/// from `password` (RFC 5802: PBKDF2-HMAC-SHA-256, then the client and server keys).
+fn scram_matches(verifier: &str, password: &str) -> bool {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use sha2::{Digest, Sha256};
+    let (head, keys) = verifier.rsplit_once('$').unwrap();
+    let (iterations, salt) = head
+        .strip_prefix("SCRAM-SHA-256$")
+        .unwrap()
+        .split_once(':')
+        .unwrap();
+    let (stored, server) = keys.split_once(':').unwrap();
+    let salt = STANDARD.decode(salt).unwrap();
+    let mut u = hmac_sha256(
+        password.as_bytes(),
+        &[salt.as_slice(), &[0, 0, 0, 1]].concat(),
+    );
+    let mut salted = u;
+    for _ in 1..iterations.parse::<u32>().unwrap() {
+        u = hmac_sha256(password.as_bytes(), &u);
+        salted.iter_mut().zip(u).for_each(|(s, x)| *s ^= x);
+    }
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    STANDARD.encode(Sha256::digest(client_key)) == stored
+        && STANDARD.encode(hmac_sha256(&salted, b"Server Key")) == server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_give_the_app_role_the_fleets_password_quoted_by_the_server() {
+    let mut s = settings(&unique_prefix("app-password"), &tests::redis_url());
+    // Quotes, a backslash and SQL: the server quotes it (format %L), nothing is spliced.
+    let password = format!("it's a \\ secret'; DROP ROLE x; -- {}", Uuid::new_v4());
+    s.database_app_password = Some(upload_pipeline::settings::Secret(password.clone()));
+    let db = TestDb::create(&mut s).await;
+    let verifier: String = sqlx::query_scalar(
+        "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = 'upload_pipeline_app'",
+    )
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
+    assert!(scram_matches(&verifier, &password));
+    assert!(!scram_matches(&verifier, "another password"));
+    db.drop_db().await;
+}
