@@ -76,6 +76,13 @@ enum Command {
     },
     /// Creates the database if missing, applies the migrations and registers the embedding model's index.
     Migrate,
+    /// Checks the settings (defaults, --config file, environment) and prints them as JSON, secrets hidden: what
+    /// `serve` and the workers of the same environment will run with.
+    Settings {
+        /// The address `serve` would listen on (LISTEN_ADDR), checked like `serve` checks it.
+        #[arg(long, env = "LISTEN_ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Prints the API's OpenAPI 3.1 document (the one served at /openapi.json).
     Openapi,
     /// Prints a bearer token for a user, signed with the configured JWT secret.
@@ -204,6 +211,14 @@ enum DlqAction {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut settings = Settings::load(args.config.as_deref()).context("Failed to load settings")?;
+    if let Command::Settings { listen } = &args.command {
+        if let Some(listen) = listen {
+            settings.api.listen = *listen;
+            settings.validate().context("Invalid settings")?;
+        }
+        println!("{}", serde_json::to_string_pretty(&settings.redacted())?);
+        return Ok(());
+    }
     // The CLI talks to people on stdout; keep the logs to warnings unless asked otherwise.
     if std::env::var_os("RUST_LOG").is_none() {
         settings.log.filter = "warn".into();
@@ -296,6 +311,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { .. }
         | Command::Openapi
         | Command::Migrate
+        | Command::Settings { .. }
         | Command::Token { .. }
         | Command::Upload { .. }
         | Command::Status { .. }

@@ -27,6 +27,10 @@ struct Args {
     /// A TOML settings file (see deploy/config.example.toml).
     #[arg(long, env = "UPLOAD_PIPELINE_CONFIG")]
     config: Option<PathBuf>,
+    /// Check the settings and the providers of the chosen stages (keys present, model files loadable), print
+    /// what would run, and exit without connecting to anything: a pre-flight check for deploy files.
+    #[arg(long)]
+    check: bool,
     /// Internal: parse one document of this kind from stdin in a bounded helper process, print JSON, exit.
     #[arg(long, hide = true)]
     parse_one: Option<String>,
@@ -69,6 +73,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     stages.sort();
     stages.dedup();
     let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
+    if args.check {
+        if stages.contains(&Stage::Parse) {
+            providers::parser(&settings, None).context("The parse stage cannot start")?;
+        }
+        if stages.contains(&Stage::Embed) {
+            providers::embedder(&settings, None).context("The embed stage cannot start")?;
+        }
+        println!(
+            "stages {}: settings and providers ready (parser {:?}, embedder {:?}, concurrency {})",
+            names.join(","),
+            settings.parsing.parser,
+            settings.embedding.embedder,
+            stages
+                .iter()
+                .map(|s| s.concurrency(&settings.worker.concurrency).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        return Ok(());
+    }
     let operations = providers::operations(
         &settings,
         stages.contains(&Stage::Parse),
@@ -98,8 +122,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("Failed to connect to Redis for the quota state")?;
         let embedder = providers::embedder(&settings, Some(&quota))
             .context("Failed to set up the embedder")?;
-        let parser =
-            providers::parser(&settings, Some(&quota)).context("Failed to set up the parser")?;
+        // A process without the parse stage never parses: it needs no LlamaParse client (nor its key).
+        let parser: Arc<dyn providers::Parser> = if stages.contains(&Stage::Parse) {
+            providers::parser(&settings, Some(&quota)).context("Failed to set up the parser")?
+        } else {
+            Arc::new(providers::local::LocalParser::new(&settings.pipeline))
+        };
         Some(
             Pipeline::new(pool, runtime.broker(), embedder, parser, settings.clone())
                 .context("Failed to open the stage queues")?,

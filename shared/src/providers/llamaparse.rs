@@ -51,6 +51,14 @@ impl LlamaParse {
         max_pages: usize,
         local: LocalParser,
     ) -> Result<Self, ProviderError> {
+        // Only the processes that parse need the key (the producer and the other stages never call LlamaParse),
+        // so it is checked here rather than with the settings every process loads.
+        if settings.api_key.expose().is_empty() {
+            return Err(ProviderError::permanent(
+                PROVIDER,
+                "set LLAMA_CLOUD_API_KEY (parsing.llamaparse.api_key) to parse with LlamaParse",
+            ));
+        }
         Ok(Self {
             http: http::client(PROVIDER, settings.request_timeout)?,
             base: settings.url().to_owned(),
