@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test openapi contract bench-queue bench-quota fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test deploy-check openapi contract bench-queue bench-quota bench-scale fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,8 +26,9 @@ run: services build ## Run the fleet (producer API + a worker for every stage) i
 run-mock: services build ## Run the fleet with LlamaParse and OpenAI served by fake-providers (deploy/mock/)
 	@PROFILE=mock bash deploy/local/run.sh
 
-test: services model lint ## Format check, clippy, every unit and integration test (a real Prometheus among them), API fuzzing, official clients vs fakes
+test: services model lint ## Format check, clippy, every unit and integration test (a real Prometheus among them), deploy files, API fuzzing, official clients vs fakes
 	$(CARGO) build --workspace --bins
+	@bash deploy/check/run.sh
 	$(CARGO) test --workspace
 	@bash tests/contract/schemathesis.sh
 	@bash tests/contract/python-clients.sh
@@ -45,6 +46,10 @@ metrics-doc: ## Regenerate docs/metrics.md from the metrics catalogue (shared/sr
 rules-test: services ## promtool: check the Prometheus config and rules, run the alert unit tests
 	promtool check config deploy/prometheus/prometheus.yml
 	promtool test rules deploy/prometheus/tests/alerts.test.yml
+
+deploy-check: ## Validate deploy/: every Kubernetes overlay (kubectl kustomize, Kubernetes and KEDA CRD schemas), docker-compose config, the Dockerfile's files
+	$(CARGO) build --workspace --bins
+	@bash deploy/check/run.sh
 
 openapi: ## Regenerate docs/openapi.json from the API's handlers and types
 	$(CARGO) run --quiet -p producer -- openapi > docs/openapi.json
@@ -64,6 +69,9 @@ bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in 
 
 bench-quota: services ## Quota benchmark: four workers vs the fake providers' enforced limits (utilisation, 429 ratio)
 	@bash tests/bench/quota.sh
+
+bench-scale: services ## Scale benchmark: 1, 2 and 4 embed processes (speed-up), 4 under a quota, one replica per stage (docs/capacity.md)
+	@bash tests/bench/scale.sh
 
 fake-providers: ## Serve fake LlamaParse and OpenAI on 127.0.0.1:9100 (FAKE_PROVIDERS_CONFIG: latency, limits, faults)
 	$(CARGO) run --quiet -p tests --bin fake-providers
