@@ -271,7 +271,27 @@ pub fn worker_bin() -> PathBuf {
             return PathBuf::from(bin);
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        // Cargo gives a test the variables of its own package (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Passed on,
+        // they make build scripts that watch them (ring's watches CARGO_MANIFEST_DIR) rerun, and everything above
+        // them rebuild, here and again in the next outer build: minutes per test binary.
+        let package_vars = std::env::vars().map(|(k, _)| k).filter(|k| {
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&k.as_str())
+        });
+        let mut build = Command::new(cargo);
+        for var in package_vars {
+            build.env_remove(var);
+        }
+        let status = build
             .args(["build", "--quiet", "--workspace", "--bins"])
             .status()
             .expect("run cargo build for the worker binary");
