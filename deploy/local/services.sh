@@ -55,8 +55,9 @@ if docker info >/dev/null 2>&1; then
   exit 0
 fi
 
-# The demo and contract scripts talk to the services with curl.
+# The demo and contract scripts talk to the services with curl; the TLS tests make their certificates with openssl.
 command -v curl >/dev/null || apt_install curl ca-certificates
+command -v openssl >/dev/null || apt_install openssl
 
 # ---- Redis --------------------------------------------------------------------------------------------------
 if ! redis_up; then
