@@ -176,7 +176,8 @@ async fn the_queue_runs_over_tls_to_a_redis_whose_certificate_is_trusted() {
     let dir = tempdir("tls-redis");
     let ca = certificates(&dir, "redis", true);
     let port = free_port();
-    let server = Command::new("redis-server")
+    let mut server = Command::new("redis-server");
+    server
         .args([
             "--port",
             "0",
@@ -198,12 +199,8 @@ async fn the_queue_runs_over_tls_to_a_redis_whose_certificate_is_trusted() {
             "no",
         ])
         .args(["--save", "", "--appendonly", "no"])
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a TLS redis-server");
-    let _server = Killed(server);
+        .current_dir(&dir);
+    let _server = Killed::spawn(&mut server);
     wait_for(
         "the TLS Redis to listen",
         Duration::from_secs(20),
@@ -242,18 +239,15 @@ async fn the_queue_runs_over_tls_to_a_redis_whose_certificate_is_trusted() {
     let before = producer(&url, &prefix, Some(&ca), &["queues", "--json"]);
     let before: serde_json::Value = serde_json::from_slice(&before.stdout).unwrap();
     assert_eq!(before["synthetic"]["pending"], 50);
-    let worker = Command::new(worker_bin())
+    let mut worker = Command::new(worker_bin());
+    worker
         .args(["--stages", "synthetic", "--metrics-addr", "127.0.0.1:0"])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("REDIS_URL", &url)
         .env("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", &prefix)
-        .env("SSL_CERT_FILE", &ca)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a worker");
-    let _worker = Killed(worker);
+        .env("SSL_CERT_FILE", &ca);
+    let _worker = Killed::spawn(&mut worker);
     wait_for(
         "the worker to run every job",
         Duration::from_secs(60),
@@ -272,6 +266,18 @@ async fn the_queue_runs_over_tls_to_a_redis_whose_certificate_is_trusted() {
 
 /// A child process killed when the test ends, passed or not.
 struct Killed(std::process::Child);
+
+impl Killed {
+    /// Starts `cmd` with its output discarded.
+    fn spawn(cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {:?}: {e}", cmd.get_program()));
+        Self(child)
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
