@@ -24,52 +24,41 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// The arguments of `openssl req` that make a new P-256 key without a passphrase.
+const NEW_P256_KEY: &[&str] = &[
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 /// A CA (`<name>-ca.pem`) and, when `server`, a certificate it signed for localhost and 127.0.0.1.
 fn certificates(dir: &Path, name: &str, server: bool) -> PathBuf {
-    let ca = format!("{name}-ca");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.pem"),
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={name} test CA"),
-        ],
+    let (key, pem, subject) = (
+        format!("{name}-ca.key"),
+        format!("{name}-ca.pem"),
+        format!("/CN={name} test CA"),
     );
+    let ca_args = [
+        "-keyout", &key, "-out", &pem, "-days", "1", "-subj", &subject,
+    ];
+    openssl(dir, &[&["req", "-x509"], NEW_P256_KEY, &ca_args].concat());
     if server {
         std::fs::write(
             dir.join("san.ext"),
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
         )
         .unwrap();
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        );
+        let csr_args = [
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ];
+        openssl(dir, &[&["req"], NEW_P256_KEY, &csr_args].concat());
         openssl(
             dir,
             &[
@@ -78,9 +67,9 @@ fn certificates(dir: &Path, name: &str, server: bool) -> PathBuf {
                 "-in",
                 "server.csr",
                 "-CA",
-                &format!("{ca}.pem"),
+                &pem,
                 "-CAkey",
-                &format!("{ca}.key"),
+                &key,
                 "-CAcreateserial",
                 "-out",
                 "server.pem",
@@ -91,7 +80,7 @@ fn certificates(dir: &Path, name: &str, server: bool) -> PathBuf {
             ],
         );
     }
-    dir.join(format!("{ca}.pem"))
+    dir.join(pem)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
