@@ -129,19 +129,24 @@ def container_env(container, configmaps, secrets, where, problems):
     return env
 
 
-def run_settings(producer, env, where, problems, stage=None):
-    """`producer settings` with exactly `env`: the settings a process of that environment would run with; for a
-    worker of `stage` also `worker --stages <stage> --check`, which builds that stage's providers (keys, model)."""
+def run_settings(producer, env, where, problems, stage=None, serve=False):
+    """`producer settings` with exactly `env`: the settings a process of that environment would run with. Then
+    the pre-flight check of what the process starts: `worker --stages <stage> --check` for a worker of `stage`,
+    `producer serve --check` for the API; both build the providers they use (keys, model) without connecting."""
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
     out = subprocess.run([producer, "settings"], env=clean, capture_output=True, text=True)
     if out.returncode != 0:
         problems.add(where, "settings rejected: " + " ".join(out.stderr.split())[-400:])
         return None
+    preflight = None
     if stage is not None:
-        worker = str(Path(producer).with_name("worker"))
-        check = subprocess.run([worker, "--stages", stage, "--check"], env=clean, capture_output=True, text=True)
+        preflight = ([str(Path(producer).with_name("worker")), "--stages", stage, "--check"], f"the {stage} stage")
+    elif serve:
+        preflight = ([producer, "serve", "--check"], "the API")
+    if preflight:
+        check = subprocess.run(preflight[0], env=clean, capture_output=True, text=True)
         if check.returncode != 0:
-            problems.add(where, f"the {stage} stage cannot start: " + " ".join(check.stderr.split())[-400:])
+            problems.add(where, f"{preflight[1]} cannot start: " + " ".join(check.stderr.split())[-400:])
     return json.loads(out.stdout)
 
 
@@ -204,7 +209,7 @@ def check_fleet(overlay, docs, template_secrets, producer, problems):
                 problems.add(where, "the producer's readiness probe must ask /readyz")
             if live.get("path") != "/healthz":
                 problems.add(where, "the producer's liveness probe must ask /healthz (never a dependency)")
-            run_settings(producer, env, f"{where} container {container['name']}", problems)
+            run_settings(producer, env, f"{where} container {container['name']}", problems, serve=True)
             for init in spec.get("initContainers", []):
                 init_env = container_env(init, configmaps, secrets, where, problems)
                 run_settings(producer, init_env, f"{where} init container {init['name']}", problems)
@@ -333,7 +338,8 @@ def check_compose(producer, problems):
                     continue
                 checked += 1
                 stage = name.removeprefix("worker-") if name.startswith("worker-") else None
-                run_settings(producer, {k: str(v) for k, v in env.items()}, where, problems, stage)
+                run_settings(producer, {k: str(v) for k, v in env.items()}, where, problems, stage,
+                             serve=svc.get("command") == ["serve"])
                 if stage:
                     if svc.get("command") != ["--stages", stage]:
                         problems.add(where, f"runs {svc.get('command')}, not the {stage} stage")

@@ -73,6 +73,10 @@ enum Command {
         /// Where to listen (overrides api.listen).
         #[arg(long, env = "LISTEN_ADDR")]
         listen: Option<std::net::SocketAddr>,
+        /// Check the settings and build the providers the API needs (the query embedder), then exit without
+        /// connecting to anything: a pre-flight check for deploy files.
+        #[arg(long)]
+        check: bool,
     },
     /// Creates the database if missing, applies the migrations and registers the embedding model's index.
     Migrate,
@@ -224,10 +228,19 @@ async fn main() -> anyhow::Result<()> {
         settings.log.filter = "warn".into();
     }
     match args.command {
-        Command::Serve { listen } => {
+        Command::Serve { listen, check } => {
             if let Some(listen) = listen {
                 settings.api.listen = listen;
                 settings.validate().context("Invalid settings")?;
+            }
+            if check {
+                upload_pipeline::providers::embedder(&settings, None)
+                    .context("The query embedder cannot start")?;
+                println!(
+                    "serve on {}: settings and providers ready (embedder {:?})",
+                    settings.api.listen, settings.embedding.embedder
+                );
+                return Ok(());
             }
             if std::env::var_os("RUST_LOG").is_none() {
                 settings.log.filter = "info".into();

@@ -1409,12 +1409,20 @@ pub async fn run_server_on(
     metrics: Option<PrometheusHandle>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ServerResult<()> {
-    // Migrations as the admin role; requests as the app role, under row-level security.
-    crate::db::migrate(&settings)
+    // Migrations as the admin role; requests as the app role, under row-level security. With the app role's
+    // credentials only, the migrations were run before (`producer migrate` as the owner).
+    if crate::db::can_migrate(&settings)
         .await
         .map_err(ServerError::Db)?
-        .close()
-        .await;
+    {
+        crate::db::migrate(&settings)
+            .await
+            .map_err(ServerError::Db)?
+            .close()
+            .await;
+    } else {
+        tracing::info!("database_url is the app role's: leaving migrations to `producer migrate`");
+    }
     let pool = crate::db::connect(&settings, 16)
         .await
         .map_err(ServerError::Db)?;
@@ -1426,8 +1434,10 @@ pub async fn run_server_on(
         .map_err(|e| ServerError::Setup(format!("cannot reach Redis for the quota state: {e}")))?;
     let embedder = crate::providers::embedder(&settings, Some(&quota))
         .map_err(|e| ServerError::Setup(e.to_string()))?;
-    let parser = crate::providers::parser(&settings, Some(&quota))
-        .map_err(|e| ServerError::Setup(e.to_string()))?;
+    // The producer pushes and reconciles stages but never parses: it needs no LlamaParse client (nor its key).
+    let parser: std::sync::Arc<dyn crate::providers::Parser> = std::sync::Arc::new(
+        crate::providers::local::LocalParser::new(&settings.pipeline),
+    );
     let pipeline = Pipeline::new(pool, &broker, embedder, parser, settings.clone())
         .map_err(ServerError::Queue)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -89,8 +89,19 @@ pub async fn connect(settings: &Settings, max_connections: u32) -> Result<PgPool
         .await?)
 }
 
+/// Whether these settings hold credentials that may migrate: `database_admin_url`, or a `database_url` that names
+/// the owner (a role that bypasses row-level security). A fleet given only the app role's URL (the Kubernetes
+/// overlays) leaves migrations to `producer migrate`, run before it with the owner's credentials.
+pub async fn can_migrate(settings: &Settings) -> Result<bool, DbError> {
+    if settings.database_admin_url.is_some() {
+        return Ok(true);
+    }
+    bypasses_rls(&options(settings.database_url.expose())?).await
+}
+
 /// Creates the database if missing, applies the migrations, and registers the configured embedding model (its
-/// HNSW index). Idempotent; run by `producer migrate`, by `producer serve` at start-up, and by the tests.
+/// HNSW index). Idempotent; run by `producer migrate`, by `producer serve` at start-up when its credentials may
+/// ([`can_migrate`]), and by the tests.
 pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
     let url = settings
         .database_admin_url

@@ -857,3 +857,39 @@ async fn migrations_give_the_app_role_the_fleets_password_quoted_by_the_server()
     assert!(!scram_matches(&verifier, "another password"));
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_holding_only_the_app_roles_credentials_serves_without_migrating_or_a_parser_key() {
+    let mut s = settings(&unique_prefix("app-only"), &tests::redis_url());
+    let db = TestDb::create(&mut s).await;
+    assert!(upload_pipeline::db::can_migrate(&s).await.unwrap());
+    // As in the Kubernetes overlays: the app role's URL, no admin URL, LlamaParse chosen but its key only with
+    // the parse workers.
+    let mut app = s.clone();
+    app.database_url = upload_pipeline::settings::RedisUrl(format!(
+        "{}/{}",
+        tests::pg_server().replace("postgres@", &format!("{}@", s.database_app_role)),
+        db.name
+    ));
+    app.parsing.parser = upload_pipeline::settings::ParserKind::Llamaparse;
+    assert!(!upload_pipeline::db::can_migrate(&app).await.unwrap());
+    let api = Api::start(&app).await;
+    let user = Uuid::new_v4();
+    let client = api.client(&app, user);
+    let uploaded = client
+        .upload_bytes("notes.txt", "Tide tables for the harbour.", None)
+        .await
+        .unwrap();
+    let doc = client.status(uploaded.document_id).await.unwrap();
+    assert_eq!(doc.filename, "notes.txt");
+    let owner: Uuid =
+        sqlx::query_scalar("SELECT user_id FROM upload_pipeline.documents WHERE id = $1")
+            .bind(uploaded.document_id)
+            .fetch_one(&db.admin)
+            .await
+            .unwrap();
+    assert_eq!(owner, user);
+    api.stop().await;
+    tests::cleanup(&s).await;
+    db.drop_db().await;
+}
