@@ -148,7 +148,7 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
         }
     }
     if let Some(password) = &settings.database_app_password {
-        set_app_password(&pool, &settings.database_app_role, password.expose()).await?;
+        set_app_password(url, &settings.database_app_role, password.expose()).await?;
     }
     // One migrator at a time across the fleet: the advisory lock serialises concurrent start-ups.
     MIGRATOR.run(&pool).await?;
@@ -163,22 +163,30 @@ pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
 
 /// Gives the app role the password the fleet logs in with (`DATABASE_APP_PASSWORD`), so a server that asks for
 /// passwords over the network (any managed Postgres, the pgvector image) lets the API and the workers in. The
-/// statement is built by the server (`format` with `%I` and `%L`), so neither value is ever spliced into SQL here.
-async fn set_app_password(pool: &PgPool, role: &str, password: &str) -> Result<(), DbError> {
+/// statement is built by the server (`format` with `%I` and `%L`), so neither value is ever spliced into SQL here,
+/// and runs on a connection of its own that never logs its statements (the password is in this one).
+async fn set_app_password(url: &str, role: &str, password: &str) -> Result<(), DbError> {
+    use sqlx::ConnectOptions;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options(url)?.disable_statement_logging())
+        .await?;
     let statement: Option<String> = sqlx::query_scalar(
         "SELECT format('ALTER ROLE %I PASSWORD %L', rolname, $2::text) \
          FROM pg_catalog.pg_roles WHERE rolname = $1",
     )
     .bind(role)
     .bind(password)
-    .fetch_optional(pool)
+    .fetch_optional(&pool)
     .await?;
     let Some(statement) = statement else {
         // A role of the operator's own that does not exist yet: connecting will say so.
+        pool.close().await;
         return Ok(());
     };
     for attempt in 1.. {
-        match sqlx::raw_sql(&statement).execute(pool).await {
+        match sqlx::raw_sql(&statement).execute(&pool).await {
             Ok(_) => break,
             // Another migration set it at the same moment.
             Err(sqlx::Error::Database(e))
@@ -186,9 +194,13 @@ async fn set_app_password(pool: &PgPool, role: &str, password: &str) -> Result<(
             {
                 tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                pool.close().await;
+                return Err(e.into());
+            }
         }
     }
+    pool.close().await;
     Ok(())
 }
 
