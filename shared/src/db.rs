@@ -96,7 +96,12 @@ pub async fn can_migrate(settings: &Settings) -> Result<bool, DbError> {
     if settings.database_admin_url.is_some() {
         return Ok(true);
     }
-    bypasses_rls(&options(settings.database_url.expose())?).await
+    let url = settings.database_url.expose();
+    // A database that does not exist yet can only come from migrating (which creates it, or says why not).
+    if !Postgres::database_exists(url).await? {
+        return Ok(true);
+    }
+    bypasses_rls(&options(url)?).await
 }
 
 /// Creates the database if missing, applies the migrations, and registers the configured embedding model (its
