@@ -277,15 +277,17 @@ def check_fleet(overlay, docs, template_secrets, producer, problems):
             problems.add(overlay, f"no worker Deployment for the {stage} stage")
 
 
-def check_k8s(producer, problems, mutate=None):
+OVERLAYS = ("base", "overlays/dev", "overlays/prod")
+
+
+def check_k8s(producer, problems, rendered=None):
+    """Checks every overlay, or the documents of `rendered` ({overlay: docs}) instead of rendering them."""
     template = yaml.safe_load((DEPLOY / "k8s/base/secret.template.yaml").read_text())
     check_schemas([template], problems)
     template_secrets = {template["metadata"]["name"]: secret_values(template)}
     counts = {}
-    for overlay in ("base", "overlays/dev", "overlays/prod"):
-        docs = render(DEPLOY / "k8s" / overlay)
-        if mutate:
-            docs = mutate(overlay, docs)
+    for overlay in rendered or OVERLAYS:
+        docs = rendered[overlay] if rendered else render(DEPLOY / "k8s" / overlay)
         core, custom = check_schemas(docs, problems)
         check_fleet(overlay, docs, template_secrets, producer, problems)
         counts[overlay] = (core, custom)
@@ -456,15 +458,12 @@ def self_test(producer):
         "no disruption budget": (no_pdb, "no PodDisruptionBudget"),
     }
     failed = []
+    prod = render(DEPLOY / "k8s/overlays/prod")
     for label, (breaker, expected) in breaks.items():
-        def mutate(overlay, docs, breaker=breaker):
-            if overlay != "overlays/prod":
-                return docs
-            docs = copy.deepcopy(docs)
-            breaker(docs)
-            return docs
+        docs = copy.deepcopy(prod)
+        breaker(docs)
         problems = Problems()
-        check_k8s(producer, problems, mutate)
+        check_k8s(producer, problems, {"overlays/prod": docs})
         if not any(expected in p for p in problems):
             failed.append(f"{label}: not reported (got {problems[:3]})")
     return len(breaks), failed

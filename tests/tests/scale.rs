@@ -41,6 +41,17 @@ async fn count(db: &tests::TestDb, status: &str) -> usize {
         .unwrap() as usize
 }
 
+/// Test settings of their own (`name`) that embed with `fake`'s OpenAI, with `key`, at 384 dimensions.
+fn embedding_by(fake: &FakeProviders, name: &str, key: &str) -> upload_pipeline::Settings {
+    let mut s = settings(&unique_prefix(name), &tests::redis_url());
+    s.embedding.embedder = EmbedderKind::Openai;
+    s.embedding.model = "text-embedding-3-small".into();
+    s.embedding.dimensions = 384;
+    s.embedding.openai.base_url = fake.openai_url();
+    s.embedding.openai.api_key = Secret(key.into());
+    s
+}
+
 /// Uploads `DOCS` documents and brings them all to the embed stage, with no embed worker running.
 async fn prepare(name: &str, requests_per_minute: u64) -> Run {
     let mut config = FakeConfig {
@@ -58,12 +69,7 @@ async fn prepare(name: &str, requests_per_minute: u64) -> Run {
         });
     }
     let fake = FakeProviders::start(config).await;
-    let mut s = settings(&unique_prefix(name), &tests::redis_url());
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
-    s.embedding.openai.api_key = Secret("sk-scale".into());
+    let mut s = embedding_by(&fake, name, "sk-scale");
     s.worker.concurrency.embed = SLOTS;
     s.quota.openai.requests_per_minute = requests_per_minute;
     s.quota.openai.tokens_per_minute = 0;
@@ -303,12 +309,7 @@ async fn one_replica_per_stage_throughput_and_the_cost_of_a_document() {
         ..Default::default()
     })
     .await;
-    let mut s = settings(&unique_prefix("capacity"), &tests::redis_url());
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
-    s.embedding.openai.api_key = Secret("sk-capacity".into());
+    let mut s = embedding_by(&fake, "capacity", "sk-capacity");
     s.quota.openai.requests_per_minute = 0;
     s.quota.openai.tokens_per_minute = 0;
     let (db, api) = tests::start_api(&mut s).await;
