@@ -79,10 +79,18 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
         crate::metrics::cache_lookups("embedding", hits, rows.len() as u64);
     }
 
+    // The provider is called before the transaction opens: a transaction held across a network call keeps a
+    // pooled connection idle in transaction for the call's length, and its now() (which stamps ready_at and
+    // finished_at) would be the moment before the call, not the commit. `make bench` caught both: documents
+    // reported ready 100-300 ms before they were.
+    let vectors = if rows.is_empty() {
+        Vec::new()
+    } else {
+        let texts: Vec<String> = rows.iter().map(|(_, c, _)| c.clone()).collect();
+        p.embedder.embed(&texts).await?
+    };
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !rows.is_empty() {
-        let texts: Vec<String> = rows.iter().map(|(_, c, _)| c.clone()).collect();
-        let vectors = p.embedder.embed(&texts).await?;
         let ids: Vec<uuid::Uuid> = rows.iter().map(|(id, _, _)| *id).collect();
         let literals: Vec<String> = vectors.iter().map(|v| vector_literal(v)).collect();
         sqlx::query(
