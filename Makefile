@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test deploy-check openapi contract bench-queue bench-quota bench-scale fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test deploy-check openapi contract bench bench-queue bench-quota bench-scale fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,13 +64,16 @@ fmt: ## Format the code
 fuzz: ## Fuzz the parsers, the chunker, token verification and multipart uploads (cargo-fuzz, FUZZ_SECONDS per target; not in CI)
 	@bash fuzz/run.sh
 
+bench: services ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale): tests/bench-results/summary.md, JSON, PNG plots
+	@bash tests/bench/bench.sh $(BENCH_ARGS)
+
 bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)
 	@bash tests/bench/queue.sh
 
 bench-quota: services ## Quota benchmark: four workers vs the fake providers' enforced limits (utilisation, 429 ratio)
 	@bash tests/bench/quota.sh
 
-bench-scale: services ## Scale benchmark: 1, 2 and 4 embed processes (speed-up), 4 under a quota, one replica per stage (docs/capacity.md)
+bench-scale: services ## The scale scenario of make bench at full size: 1, 2 and 4 embed processes, 4 under a quota, one replica per stage (docs/capacity.md)
 	@bash tests/bench/scale.sh
 
 fake-providers: ## Serve fake LlamaParse and OpenAI on 127.0.0.1:9100 (FAKE_PROVIDERS_CONFIG: latency, limits, faults)

@@ -4,17 +4,26 @@
 # Writes tests/bench-results/queue-<stamp>.jsonl (raw lines), queue.json and queue.md (medians and ratios),
 # and prints the summary JSON.
 #
-#   RUNS=5 N=20000 CONCURRENCIES="1 32 100" make bench-queue
+#   RUNS=5 N=20000 LATENCY_SECONDS=10 CONCURRENCIES="1 32 100" make bench-queue
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 RUNS=${RUNS:-3}
 N=${N:-20000}
+LATENCY_SECONDS=${LATENCY_SECONDS:-10}
 CONCURRENCIES=${CONCURRENCIES:-"1 32 100"}
+# The peers' harness is material beside the repository (../shared/bench/peers), not part of it; a clone elsewhere
+# on this machine finds it at /work/shared.
+if [ -z "${PEERS_SRC:-}" ]; then
+  for dir in "$root/../shared/bench/peers" /work/shared/bench/peers; do
+    if [ -f "$dir/bullmq_bench.js" ]; then PEERS_SRC=$dir; break; fi
+  done
+fi
 PEERS_SRC=${PEERS_SRC:-$root/../shared/bench/peers}
-out=$root/tests/bench-results
+out=${OUT:-$root/tests/bench-results}
 mkdir -p "$out"
 
-cargo build --release --quiet -p tests --bin queue-bench
+# The whole workspace, as `make bench` builds it: `-p tests` alone would unify features differently and rebuild.
+cargo build --release --quiet --workspace --bins
 ours=$root/target/release/queue-bench
 
 # The BullMQ harness, installed into target/ (never into the shared folder).
@@ -47,9 +56,9 @@ run_one() { # run_one <label> <run> <command...>
 }
 for run in $(seq "$RUNS"); do
   for c in $CONCURRENCIES; do
-    run_one ours "$run" "$ours" --n "$N" --concurrency "$c"
+    run_one ours "$run" "$ours" --n "$N" --concurrency "$c" --duration "$LATENCY_SECONDS"
     if [ "$have_bullmq" = 1 ]; then
-      run_one bullmq "$run" node "$peers/bullmq_bench.js" --n "$N" --concurrency "$c"
+      run_one bullmq "$run" node "$peers/bullmq_bench.js" --n "$N" --concurrency "$c" --duration "$LATENCY_SECONDS"
     fi
   done
 done

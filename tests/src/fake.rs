@@ -44,6 +44,9 @@ pub struct Latency {
     pub median_ms: f64,
     /// 99th percentile, in milliseconds (at least the median).
     pub p99_ms: f64,
+    /// When set, a uniform draw between these two bounds (milliseconds) instead of the log-normal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range_ms: Option<[f64; 2]>,
 }
 
 impl Latency {
@@ -52,11 +55,33 @@ impl Latency {
         Self {
             median_ms: ms,
             p99_ms: ms,
+            range_ms: None,
+        }
+    }
+
+    /// Uniform between `low_ms` and `high_ms` ("2-8 s per document").
+    pub fn between(low_ms: f64, high_ms: f64) -> Self {
+        Self {
+            median_ms: (low_ms + high_ms) / 2.0,
+            p99_ms: high_ms,
+            range_ms: Some([low_ms, high_ms.max(low_ms)]),
+        }
+    }
+
+    /// Log-normal with this median and 99th percentile.
+    pub fn lognormal(median_ms: f64, p99_ms: f64) -> Self {
+        Self {
+            median_ms,
+            p99_ms,
+            range_ms: None,
         }
     }
 
     /// One draw.
     pub fn sample(&self) -> Duration {
+        if let Some([low, high]) = self.range_ms {
+            return Duration::from_secs_f64((low + (high - low) * rand::random::<f64>()) / 1000.0);
+        }
         if self.median_ms <= 0.0 {
             return Duration::ZERO;
         }
@@ -222,6 +247,8 @@ struct Inner {
     requests: HashMap<String, VecDeque<(Instant, u64)>>,
     tokens: HashMap<String, VecDeque<(Instant, u64)>>,
     uploads: VecDeque<Instant>,
+    /// Fixed answers: an input found here is embedded as this vector instead of by hashing.
+    vectors: Arc<HashMap<String, Vec<f32>>>,
 }
 
 #[derive(Clone, Default)]
@@ -235,8 +262,18 @@ impl Shared {
 
 /// The router, for a server of one's own.
 pub fn router(config: FakeConfig) -> Router {
+    router_with_vectors(config, Arc::default())
+}
+
+/// The router, answering the inputs in `vectors` with those vectors (the search benchmark's corpus has vectors
+/// of a known structure that no text hashes to).
+pub fn router_with_vectors(config: FakeConfig, vectors: Arc<HashMap<String, Vec<f32>>>) -> Router {
     let shared = Shared::default();
-    shared.lock().config = config;
+    {
+        let mut inner = shared.lock();
+        inner.config = config;
+        inner.vectors = vectors;
+    }
     Router::new()
         .route("/v1/embeddings", post(embeddings))
         .route("/openai/v1/embeddings", post(embeddings))
@@ -269,11 +306,19 @@ pub struct FakeProviders {
 impl FakeProviders {
     /// Starts serving `config`.
     pub async fn start(config: FakeConfig) -> Self {
+        Self::start_with_vectors(config, Arc::default()).await
+    }
+
+    /// Starts serving `config`, with fixed vectors for the inputs in `vectors`.
+    pub async fn start_with_vectors(
+        config: FakeConfig,
+        vectors: Arc<HashMap<String, Vec<f32>>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let app = router(config);
+        let app = router_with_vectors(config, vectors);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -814,11 +859,12 @@ async fn embed_request(s: Shared, headers: HeaderMap, body: Value, azure: bool) 
     }
 
     let embedder = HashingEmbedder::new(model, dims);
+    let fixed = s.lock().vectors.clone();
     let data: Vec<Value> = texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let v = embedder.vector(t);
+            let v = fixed.get(t).cloned().unwrap_or_else(|| embedder.vector(t));
             let embedding = if encoding == "base64" {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -1274,10 +1320,7 @@ mod tests {
 
     #[test]
     fn latency_follows_its_median_and_tail() {
-        let l = Latency {
-            median_ms: 10.0,
-            p99_ms: 100.0,
-        };
+        let l = Latency::lognormal(10.0, 100.0);
         let mut draws: Vec<f64> = (0..20_000)
             .map(|_| l.sample().as_secs_f64() * 1000.0)
             .collect();
@@ -1287,6 +1330,11 @@ mod tests {
         assert!((8.0..12.5).contains(&median), "{median}");
         assert!((70.0..140.0).contains(&p99), "{p99}");
         assert_eq!(Latency::default().sample(), Duration::ZERO);
+        let u = Latency::between(2000.0, 8000.0);
+        let draws: Vec<f64> = (0..5_000).map(|_| u.sample().as_secs_f64()).collect();
+        assert!(draws.iter().all(|d| (2.0..=8.0).contains(d)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((4.8..5.2).contains(&mean), "{mean}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Redis servers for tests that restart Redis or measure its memory, worker processes to kill, and waits on
 //! conditions with deadlines (never fixed sleeps).
 
+pub mod bench;
 pub mod fake;
 
 use std::{
@@ -269,6 +270,11 @@ pub fn worker_bin() -> PathBuf {
     BIN.get_or_init(|| {
         if let Ok(bin) = std::env::var("UPLOAD_PIPELINE_WORKER_BIN") {
             return PathBuf::from(bin);
+        }
+        // A binary of this package (the bench), not a test: the worker built beside it, same profile.
+        let exe = std::env::current_exe().expect("executable path");
+        if exe.parent().and_then(|d| d.file_name()) != Some(std::ffi::OsStr::new("deps")) {
+            return exe.with_file_name("worker");
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // Cargo gives a test the variables of its own package (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Passed on,

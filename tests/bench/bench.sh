@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# `make bench`: builds the workspace in release (the workers measured and the bench binary), makes sure a font for
+# the plots is there, and runs every scenario (tests/src/bin/bench.rs). BENCH_ARGS passes options, e.g.
+#   make bench BENCH_ARGS="--scenarios search,pipeline-realistic --realistic-documents 120"
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+if [ -z "${BENCH_FONT:-}" ] && ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1; then
+  echo "installing fonts-dejavu-core for the plots" >&2
+  (apt-get install -y -q fonts-dejavu-core >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q fonts-dejavu-core >/dev/null; })
+fi
+cargo build --release --quiet --workspace --bins
+exec "$root/target/release/bench" "$@"

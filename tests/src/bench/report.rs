@@ -1,0 +1,717 @@
+//! What `make bench` writes: per scenario `<scenario>.json`, a Markdown section `<scenario>.md` and PNG plots;
+//! then `summary.md`, every section present under one heading with the targets table on top, read back from the
+//! JSON files (a scenario run alone refreshes its part and keeps the others).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::{
+    pipeline::{Instant, Realistic},
+    plot::{self, Bars, Level, LineChart, Series},
+    search::Search,
+    stats::{Distribution, fmt},
+};
+
+/// The scenarios, in the order they run and appear.
+pub const SCENARIOS: [&str; 5] = [
+    "queue",
+    "pipeline-instant",
+    "pipeline-realistic",
+    "search",
+    "scale",
+];
+
+fn write(out: &Path, name: &str, text: &str) -> Result<()> {
+    let path = out.join(name);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `<scenario>.json`.
+pub fn json(out: &Path, scenario: &str, value: &impl serde::Serialize) -> Result<()> {
+    write(
+        out,
+        &format!("{scenario}.json"),
+        &serde_json::to_string_pretty(value)?,
+    )
+}
+
+fn dist_row(label: &str, d: &Distribution, unit: &str) -> String {
+    format!(
+        "| {label} | {} | {}{unit} | {}{unit} | {}{unit} | {}{unit} |\n",
+        d.n,
+        d.p50,
+        d.p95,
+        d.p99,
+        fmt(d.max)
+    )
+}
+
+/// A queued and a running row per stage.
+fn stage_rows(md: &mut String, stages: &[super::fleet::StageTimes]) {
+    for s in stages {
+        md.push_str(&dist_row(
+            &format!("{} queued", s.stage),
+            &s.queued_seconds,
+            "",
+        ));
+        md.push_str(&dist_row(
+            &format!("{} running", s.stage),
+            &s.running_seconds,
+            "",
+        ));
+    }
+}
+
+/// A latency distribution plot: one cumulative-share line per series, the p95 level dashed.
+fn cdf(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: Vec<Series>,
+    log_x: bool,
+) -> Result<()> {
+    plot::lines(
+        path,
+        &LineChart {
+            title,
+            x_label,
+            y_label,
+            series,
+            levels: vec![Level {
+                name: "p95".into(),
+                y: 0.95,
+            }],
+            log_x,
+        },
+    )
+}
+
+const DIST_HEADER: &str =
+    "| | n | p50 [95 % CI] | p95 [95 % CI] | p99 [95 % CI] | max |\n|---|---|---|---|---|---|\n";
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", fmt(bytes as f64 / (1024.0 * 1024.0)))
+}
+
+/// The queue scenario's section and plots, from `queue.json` (written by tests/bench/queue.sh).
+pub fn queue(out: &Path) -> Result<()> {
+    let q: Value = serde_json::from_str(&std::fs::read_to_string(out.join("queue.json"))?)?;
+    let rows = q["rows"].as_array().context("queue.json rows")?;
+    let mut concurrencies: Vec<i64> = rows
+        .iter()
+        .filter_map(|r| r["concurrency"].as_i64())
+        .collect();
+    concurrencies.dedup();
+    let series = |peer: &str, field: &str| -> Vec<(f64, f64, f64)> {
+        concurrencies
+            .iter()
+            .map(|c| {
+                rows.iter()
+                    .find(|r| r["peer"] == peer && r["concurrency"].as_i64() == Some(*c))
+                    .map(|r| {
+                        let s = &r[field];
+                        (
+                            s["median"].as_f64().unwrap_or(f64::NAN),
+                            s["min"].as_f64().unwrap_or(f64::NAN),
+                            s["max"].as_f64().unwrap_or(f64::NAN),
+                        )
+                    })
+                    .unwrap_or((f64::NAN, f64::NAN, f64::NAN))
+            })
+            .collect()
+    };
+    let groups: Vec<String> = concurrencies
+        .iter()
+        .map(|c| format!("concurrency {c}"))
+        .collect();
+    plot::bars(
+        &out.join("queue-throughput.png"),
+        &Bars {
+            title: "No-op jobs processed per second (median, whiskers: runs' range)",
+            y_label: "jobs/s (log)",
+            groups: groups.clone(),
+            series: vec![
+                (
+                    "upload-pipeline".into(),
+                    series("ours", "process_jobs_per_s"),
+                ),
+                ("BullMQ".into(), series("bullmq", "process_jobs_per_s")),
+            ],
+        },
+    )?;
+    plot::bars(
+        &out.join("queue-pickup.png"),
+        &Bars {
+            title: "Pickup latency p99 at a fixed offered rate, ms (lower is better)",
+            y_label: "ms (log)",
+            groups,
+            series: vec![
+                ("upload-pipeline".into(), series("ours", "latency_p99_ms")),
+                ("BullMQ".into(), series("bullmq", "latency_p99_ms")),
+            ],
+        },
+    )?;
+    let table = std::fs::read_to_string(out.join("queue.md")).unwrap_or_default();
+    let body = table
+        .lines()
+        .skip_while(|l| l.starts_with('#') || l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    write(
+        out,
+        "queue.section.md",
+        &format!(
+            "## queue: ours vs BullMQ on the same Redis, same run\n\n{body}\n\n\
+             ![throughput](queue-throughput.png) ![pickup](queue-pickup.png)\n"
+        ),
+    )
+}
+
+/// The pipeline-instant section and plot.
+pub fn instant(out: &Path, r: &Instant) -> Result<()> {
+    json(out, "pipeline-instant", r)?;
+    plot::lines(
+        &out.join("pipeline-instant-throughput.png"),
+        &LineChart {
+            title: "pipeline-instant: documents ready per second",
+            x_label: "seconds from the first upload",
+            y_label: "documents/s",
+            series: vec![Series {
+                name: format!("{} documents uploaded at once", r.documents),
+                points: r.ready_per_second.clone(),
+            }],
+            levels: vec![Level {
+                name: "mean".into(),
+                y: r.documents_per_second,
+            }],
+            log_x: false,
+        },
+    )?;
+    let mut md = format!(
+        "## pipeline-instant: what the fleet itself costs\n\n\
+         {} HTML documents ({} chunks) uploaded {} at a time through the API; LlamaParse and OpenAI fakes answer at \
+         once (LlamaParse polled every 20 ms); one release worker process per stage.\n\n\
+         - **{} documents/s, {} chunks/s** end to end ({} s from the first upload to the last document ready).\n\
+         - Worker CPU: **{} ms per document** in all ({}).\n\
+         - Worker memory, idle before the run: {}; after the run: {} (peak {}).\n\
+         - Per document: **{} Redis commands**, **{} Postgres statements** (API and workers, counted on the wire).\n\n",
+        r.documents,
+        r.chunks,
+        r.upload_concurrency,
+        fmt(r.documents_per_second),
+        fmt(r.chunks_per_second),
+        fmt(r.seconds),
+        fmt(r.cpu_seconds_per_document * 1000.0),
+        r.workers
+            .iter()
+            .map(|w| format!("{} {}", w.stage, fmt(w.cpu_ms_per_document)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.workers
+            .iter()
+            .map(|w| format!("{} {}", w.stage, mib(w.idle.rss_bytes)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.workers
+            .iter()
+            .map(|w| format!("{} {}", w.stage, mib(w.after.rss_bytes)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.workers
+            .iter()
+            .map(|w| mib(w.after.peak_rss_bytes))
+            .collect::<Vec<_>>()
+            .join(", "),
+        fmt(r.redis_commands_per_document),
+        fmt(r.postgres_statements_per_document),
+    );
+    md.push_str("Where the time goes, seconds per document and stage:\n\n");
+    md.push_str(DIST_HEADER);
+    md.push_str(&dist_row("upload request (ms)", &r.upload_ms, ""));
+    stage_rows(&mut md, &r.stages);
+    md.push_str(&dist_row(
+        "upload to queryable",
+        &r.upload_to_queryable_seconds,
+        "",
+    ));
+    md.push_str("\n![throughput](pipeline-instant-throughput.png)\n");
+    write(out, "pipeline-instant.section.md", &md)
+}
+
+/// The pipeline-realistic section and plots.
+pub fn realistic(out: &Path, r: &Realistic) -> Result<()> {
+    json(out, "pipeline-realistic", r)?;
+    cdf(
+        &out.join("pipeline-realistic-latency.png"),
+        "pipeline-realistic: upload to queryable (cumulative share)",
+        "seconds",
+        "share of documents",
+        r.rates
+            .iter()
+            .map(|x| Series {
+                name: format!("{} documents/s offered", x.offered_per_second),
+                points: plot::ecdf(&x.latencies),
+            })
+            .collect(),
+        false,
+    )?;
+    plot::lines(
+        &out.join("pipeline-realistic-throughput.png"),
+        &LineChart {
+            title: "pipeline-realistic: offered and ready, documents/s in 10 s buckets",
+            x_label: "seconds from the rate's start",
+            y_label: "documents/s",
+            series: r
+                .rates
+                .iter()
+                .flat_map(|x| {
+                    [
+                        Series {
+                            name: format!("offered {}/s", x.offered_per_second),
+                            points: x.offered_rate_10s.clone(),
+                        },
+                        Series {
+                            name: format!("ready at {}/s", x.offered_per_second),
+                            points: x.ready_rate_10s.clone(),
+                        },
+                    ]
+                })
+                .collect(),
+            levels: vec![],
+            log_x: false,
+        },
+    )?;
+    let mut md = format!(
+        "## pipeline-realistic: what a user waits\n\nProviders: {}.\nFleet: {}.\nUploads arrive as a Poisson \
+         process at each rate in turn.\n\n| offered/s | documents | ready/s | p50 [95 % CI] | p95 [95 % CI] | \
+         p99 [95 % CI] | max | OpenAI requests | OpenAI tokens | LlamaParse uploads | 429s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        r.providers, r.fleet
+    );
+    for x in &r.rates {
+        let d = &x.upload_to_queryable_seconds;
+        md.push_str(&format!(
+            "| {} | {} | {} | {} s | {} s | {} s | {} s | {} % | {} % | {} % | {} of {} |\n",
+            x.offered_per_second,
+            x.documents,
+            fmt(x.completed_per_second),
+            d.p50,
+            d.p95,
+            d.p99,
+            fmt(d.max),
+            fmt(x.openai_request_utilisation * 100.0),
+            fmt(x.openai_token_utilisation * 100.0),
+            fmt(x.llamaparse_upload_utilisation * 100.0),
+            x.rate_limited,
+            x.provider_requests,
+        ));
+    }
+    md.push_str(
+        "\nThe OpenAI, LlamaParse columns: share of each tier-1 limit used over the rate's window (these rates do \
+         not bind the quota; the `scale` scenario saturates one).\n\nWhere the time goes at each rate, seconds:\n\n",
+    );
+    for x in &r.rates {
+        md.push_str(&format!(
+            "{} documents/s:\n\n{DIST_HEADER}",
+            x.offered_per_second
+        ));
+        stage_rows(&mut md, &x.stages);
+        md.push('\n');
+    }
+    md.push_str("![latency](pipeline-realistic-latency.png) ![throughput](pipeline-realistic-throughput.png)\n");
+    write(out, "pipeline-realistic.section.md", &md)
+}
+
+/// The search section and plot.
+pub fn search(out: &Path, r: &Search) -> Result<()> {
+    json(out, "search", r)?;
+    cdf(
+        &out.join("search-latency.png"),
+        "search through the API at 100,000 chunks: latency (cumulative share)",
+        "milliseconds (log)",
+        "share of queries",
+        r.loads
+            .iter()
+            .map(|l| Series {
+                name: format!("concurrency {}", l.concurrency),
+                points: plot::ecdf(&l.latencies),
+            })
+            .collect(),
+        true,
+    )?;
+    let mut md = format!(
+        "## search: {} chunks of {} dimensions, one user, through the API\n\n\
+         {} documents; loaded by COPY in {} s, HNSW index (m 16, ef_construction 64) built in {} s: {} of index, \
+         {} of table. `match_chunks` runs with `hnsw.ef_search` {}. Vectors: a latent model with the structure of real \
+         embeddings (subjects, documents, drifting passages, a power-law spectrum); each query a fresh paraphrase of \
+         one passage, sent as text to the API, which embeds it through its OpenAI client (a local fake answering at \
+         once with the query's vector, no quota) and returns the top 10 with their content (about 2 KB each).\n\n\
+         | concurrency | queries | queries/s | p50 ms [95 % CI] | p95 ms [95 % CI] | p99 ms [95 % CI] | max ms |\n\
+         |---|---|---|---|---|---|---|\n",
+        r.chunks,
+        r.dimensions,
+        r.documents,
+        fmt(r.load_seconds),
+        fmt(r.index_build_seconds),
+        mib(r.index_bytes as u64),
+        mib(r.table_bytes as u64),
+        r.ef_search,
+    );
+    for l in &r.loads {
+        let d = &l.latency_ms;
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            l.concurrency,
+            l.queries,
+            fmt(l.queries_per_second),
+            d.p50,
+            d.p95,
+            d.p99,
+            fmt(d.max)
+        ));
+    }
+    md.push_str(&format!(
+        "\nrecall@10 against an exact scan: **{}** mean over {} queries (per query: median {}, lowest {}).\n\n\
+         ![latency](search-latency.png)\n\n",
+        fmt(r.recall_at_10_mean),
+        r.recall_queries,
+        fmt(r.recall_at_10.median),
+        fmt(r.recall_at_10.min),
+    ));
+    md.push_str(
+        "The index alone, in SQL (the query `match_chunks` runs), by `hnsw.ef_search`:\n\n\
+         | ef_search | recall@10 | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|\n",
+    );
+    for p in &r.ef_sweep {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            p.ef_search,
+            fmt(p.recall_at_10_mean),
+            p.latency_ms.p50,
+            p.latency_ms.p95,
+            p.latency_ms.p99
+        ));
+    }
+    write(out, "search.section.md", &md)
+}
+
+/// The scale section and plots, from the figures of `scale::scale_out` and `scale::capacity`.
+pub fn scale(out: &Path, scale: &Value, capacity: &Value) -> Result<()> {
+    json(
+        out,
+        "scale",
+        &serde_json::json!({ "scale_out": scale, "capacity": capacity }),
+    )?;
+    let rows = scale["unlimited"].as_array().context("scale rows")?;
+    let point = |r: &Value, k: &str| {
+        (
+            r["processes"].as_f64().unwrap_or(0.0),
+            r[k].as_f64().unwrap_or(f64::NAN),
+        )
+    };
+    let one = rows
+        .first()
+        .and_then(|r| r["jobs_per_second_median"].as_f64())
+        .unwrap_or(f64::NAN);
+    plot::lines(
+        &out.join("scale-throughput.png"),
+        &LineChart {
+            title: "scale: embed jobs/s by worker processes (fake OpenAI, 400 ms)",
+            x_label: "processes",
+            y_label: "jobs/s",
+            series: vec![
+                Series {
+                    name: "measured (median)".into(),
+                    points: rows
+                        .iter()
+                        .map(|r| point(r, "jobs_per_second_median"))
+                        .collect(),
+                },
+                Series {
+                    name: "linear".into(),
+                    points: rows
+                        .iter()
+                        .map(|r| {
+                            let p = r["processes"].as_f64().unwrap_or(0.0);
+                            (p, p * one)
+                        })
+                        .collect(),
+                },
+            ],
+            levels: vec![],
+            log_x: false,
+        },
+    )?;
+    let q = &scale["quota"];
+    let quota = q["quota_requests_per_second"].as_f64().unwrap_or(f64::NAN);
+    let timeline: Vec<(f64, f64)> = q["admitted_timeline"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Admitted requests a second over the trailing 10 s.
+    let rate: Vec<(f64, f64)> = timeline
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i >= 20)
+        .map(|(i, &(t, n))| (t, (n - timeline[i - 20].1) / 10.0))
+        .collect();
+    plot::lines(
+        &out.join("scale-quota.png"),
+        &LineChart {
+            title: "Quota use against the limit: 4 embed processes, 120 requests a minute",
+            x_label: "seconds from the first request",
+            y_label: "requests/s admitted (trailing 10 s)",
+            series: vec![Series {
+                name: "admitted".into(),
+                points: rate,
+            }],
+            levels: vec![Level {
+                name: "quota".into(),
+                y: quota,
+            }],
+            log_x: false,
+        },
+    )?;
+    let mut md = format!(
+        "## scale: 1, 2 and 4 embed processes\n\n{} one-chunk documents per run, fake OpenAI at a fixed {} ms with \
+         no limit, {} embed slots per process, {} runs each (median [range]).\n\n\
+         | processes | jobs/s | speed-up |\n|---|---|---|\n",
+        scale["docs_per_run"], scale["latency_ms"], scale["slots_per_process"], scale["repeats"]
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} [{}-{}] | {}x |\n",
+            r["processes"],
+            fmt(r["jobs_per_second_median"].as_f64().unwrap_or(f64::NAN)),
+            fmt(r["min"].as_f64().unwrap_or(f64::NAN)),
+            fmt(r["max"].as_f64().unwrap_or(f64::NAN)),
+            fmt(r["speedup"].as_f64().unwrap_or(f64::NAN)),
+        ));
+    }
+    md.push_str(&format!(
+        "\nUnder a quota of {} requests a minute, 4 processes, 15 s to 45 s after the first request: {} requests/s \
+         admitted, **{} % of the quota**, {} % of requests answered 429.\n\n",
+        q["requests_per_minute"],
+        fmt(q["steady_requests_per_second"].as_f64().unwrap_or(f64::NAN)),
+        fmt(q["utilisation"].as_f64().unwrap_or(f64::NAN) * 100.0),
+        fmt(q["ratio_429"].as_f64().unwrap_or(f64::NAN) * 100.0),
+    ));
+    if let Some(p) = capacity.get("per_document") {
+        md.push_str("One worker process per stage, alone (150 Markdown documents of six chunks):\n\n| stage | documents/s | CPU ms per document |\n|---|---|---|\n");
+        for stage in ["parse", "chunk", "embed"] {
+            md.push_str(&format!(
+                "| {stage} | {} | {} |\n",
+                fmt(capacity[stage]["documents_per_second"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)),
+                fmt(capacity[stage]["cpu_ms_per_document"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)),
+            ));
+        }
+        md.push_str(&format!(
+            "\nPer document: {} Redis commands, {} Postgres transactions; {} bytes per chunk stored.\n\n",
+            fmt(p["redis_commands"].as_f64().unwrap_or(f64::NAN)),
+            fmt(p["postgres_transactions"].as_f64().unwrap_or(f64::NAN)),
+            fmt(p["chunk_bytes"].as_f64().unwrap_or(f64::NAN)),
+        ));
+    }
+    md.push_str("![throughput](scale-throughput.png) ![quota](scale-quota.png)\n");
+    write(out, "scale.section.md", &md)
+}
+
+fn read(out: &Path, scenario: &str) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(out.join(format!("{scenario}.json"))).ok()?).ok()
+}
+
+/// One target: what, the figure, and whether it is met (`None`: not measured).
+struct Target {
+    what: &'static str,
+    figure: String,
+    met: Option<bool>,
+}
+
+fn targets(out: &Path) -> Vec<Target> {
+    let mut t = Vec::new();
+    let queue = read(out, "queue");
+    for (i, c) in [1, 32, 100].iter().enumerate() {
+        let ratio = queue.as_ref().and_then(|q| {
+            q["ratios"]
+                .as_array()?
+                .iter()
+                .find(|r| r["concurrency"] == *c)
+                .cloned()
+        });
+        let (figure, met) = match ratio.as_ref().map(|r| &r["process_jobs_per_s"]) {
+            Some(r) if r["ratio"].is_number() => (
+                format!(
+                    "{}x [{}-{}]",
+                    fmt(r["ratio"].as_f64().unwrap_or(f64::NAN)),
+                    fmt(r["interval"][0].as_f64().unwrap_or(f64::NAN)),
+                    fmt(r["interval"][1].as_f64().unwrap_or(f64::NAN))
+                ),
+                Some(r["ratio"].as_f64().unwrap_or(0.0) >= 1.0),
+            ),
+            _ => ("not measured".into(), None),
+        };
+        t.push(Target {
+            what: [
+                "queue: processing rate at concurrency 1 >= BullMQ's",
+                "queue: processing rate at concurrency 32 >= BullMQ's",
+                "queue: processing rate at concurrency 100 >= BullMQ's",
+            ][i],
+            figure,
+            met,
+        });
+    }
+    let realistic = read(out, "pipeline-realistic");
+    let at1 = realistic.as_ref().and_then(|r| {
+        r["rates"]
+            .as_array()?
+            .iter()
+            .find(|x| x["offered_per_second"].as_f64() == Some(1.0))
+            .cloned()
+    });
+    t.push(match at1 {
+        Some(x) => {
+            let p95 = &x["upload_to_queryable_seconds"]["p95"];
+            let v = p95["value"].as_f64().unwrap_or(f64::NAN);
+            Target {
+                what: "pipeline-realistic: upload-to-queryable p95 <= 10 s at 1 document/s",
+                figure: format!(
+                    "{} s [{}-{}]",
+                    fmt(v),
+                    fmt(p95["low"].as_f64().unwrap_or(f64::NAN)),
+                    fmt(p95["high"].as_f64().unwrap_or(f64::NAN))
+                ),
+                met: Some(v <= 10.0),
+            }
+        }
+        None => Target {
+            what: "pipeline-realistic: upload-to-queryable p95 <= 10 s at 1 document/s",
+            figure: "not measured".into(),
+            met: None,
+        },
+    });
+    let search = read(out, "search");
+    let (figure, met) = match search.as_ref() {
+        Some(s) => {
+            let p95: Vec<f64> = s["loads"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|l| l["latency_ms"]["p95"]["value"].as_f64())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let recall = s["recall_at_10_mean"].as_f64().unwrap_or(0.0);
+            // Judged at concurrency 1: at 8, two cores run the clients, the API, the fake and Postgres at once and
+            // the figure is the machine's queueing (shown beside it, with the queries/s it reached).
+            let qps8 = s["loads"][1]["queries_per_second"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            (
+                format!(
+                    "p95 {} ms at concurrency 1 ({} ms at 8, {} queries/s: both cores busy); recall@10 {}",
+                    fmt(p95.first().copied().unwrap_or(f64::NAN)),
+                    fmt(p95.get(1).copied().unwrap_or(f64::NAN)),
+                    fmt(qps8),
+                    fmt(recall)
+                ),
+                Some(p95.first().is_some_and(|p| *p <= 20.0) && recall >= 0.95),
+            )
+        }
+        None => ("not measured".into(), None),
+    };
+    t.push(Target {
+        what: "search: p95 <= 20 ms at 100,000 chunks, recall@10 >= 0.95",
+        figure,
+        met,
+    });
+    let scale = read(out, "scale");
+    let (figure, met) = match scale.as_ref().map(|s| &s["scale_out"]["quota"]) {
+        Some(q) if q["utilisation"].is_number() => {
+            let (u, r) = (
+                q["utilisation"].as_f64().unwrap_or(0.0),
+                q["ratio_429"].as_f64().unwrap_or(1.0),
+            );
+            (
+                format!(
+                    "{} % of the quota, {} % 429s",
+                    fmt(u * 100.0),
+                    fmt(r * 100.0)
+                ),
+                Some(u >= 0.95 && r <= 0.001),
+            )
+        }
+        _ => ("not measured".into(), None),
+    };
+    t.push(Target {
+        what: "quota: utilisation >= 95 % with <= 0.1 % 429s",
+        figure,
+        met,
+    });
+    let instant = read(out, "pipeline-instant");
+    let idle: Option<Vec<f64>> = instant.as_ref().and_then(|i| {
+        Some(
+            i["workers"]
+                .as_array()?
+                .iter()
+                .filter_map(|w| w["idle"]["rss_bytes"].as_f64())
+                .collect(),
+        )
+    });
+    t.push(match idle {
+        Some(v) if !v.is_empty() => {
+            let max = v.iter().copied().fold(0.0, f64::max) / (1024.0 * 1024.0);
+            Target {
+                what: "an idle worker under 64 MB resident",
+                figure: format!("largest {} MiB", fmt(max)),
+                met: Some(max < 64.0),
+            }
+        }
+        _ => Target {
+            what: "an idle worker under 64 MB resident",
+            figure: "not measured".into(),
+            met: None,
+        },
+    });
+    t
+}
+
+/// Writes `summary.md`: the targets and every scenario's section present.
+pub fn summary(out: &Path, header: &str) -> Result<bool> {
+    let mut md = format!(
+        "# Benchmarks (`make bench`)\n\n{header}\n\n## Targets\n\n| target | measured | met |\n|---|---|---|\n"
+    );
+    let mut all = true;
+    for t in targets(out) {
+        all &= t.met != Some(false);
+        md.push_str(&format!(
+            "| {} | {} | {} |\n",
+            t.what,
+            t.figure,
+            match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "-",
+            }
+        ));
+    }
+    md.push('\n');
+    for s in SCENARIOS {
+        if let Ok(section) = std::fs::read_to_string(out.join(format!("{s}.section.md"))) {
+            md.push_str(&section);
+            md.push('\n');
+        }
+    }
+    write(out, "summary.md", &md)?;
+    Ok(all)
+}
