@@ -126,6 +126,11 @@ async fn wait_all_ready(
     }
 }
 
+/// Seconds from `from` to `to` (negative when `to` is earlier).
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(0) as f64 / 1e6
+}
+
 fn per_second(times: &[f64], bucket: f64) -> Vec<(f64, f64)> {
     let end = times.iter().copied().fold(0.0, f64::max);
     let buckets = (end / bucket).ceil() as usize + 1;
@@ -177,17 +182,17 @@ pub async fn instant(documents: usize, concurrency: usize) -> Result<Instant> {
         let ready = wait_all_ready(&fleet, &ids, Duration::from_secs(600)).await?;
         let after = fleet.reading().await?;
         let last = ready.iter().map(|r| r.1).max().context("no documents")?;
-        let seconds = (last - t0).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        let seconds = seconds_between(t0, last);
         let chunks: u64 = ready.iter().map(|r| r.2 as u64).sum();
         let sent_at: std::collections::HashMap<Uuid, DateTime<Utc>> =
             sent.iter().map(|s| (s.0, s.1)).collect();
         let latencies: Vec<f64> = ready
             .iter()
-            .map(|r| (r.1 - sent_at[&r.0]).num_microseconds().unwrap_or(0) as f64 / 1e6)
+            .map(|r| seconds_between(sent_at[&r.0], r.1))
             .collect();
         let offsets: Vec<f64> = ready
             .iter()
-            .map(|r| ((r.1 - t0).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0))
+            .map(|r| seconds_between(t0, r.1).max(0.0))
             .collect();
         let n = documents as f64;
         let workers = worker_costs(&before, &after, n);
@@ -376,9 +381,9 @@ async fn offer(fleet: &Fleet, rate: f64, documents: usize, seed: u64) -> Result<
     let sent_at: std::collections::HashMap<Uuid, DateTime<Utc>> = sent.iter().copied().collect();
     let latencies: Vec<f64> = ready
         .iter()
-        .map(|r| (r.1 - sent_at[&r.0]).num_microseconds().unwrap_or(0) as f64 / 1e6)
+        .map(|r| seconds_between(sent_at[&r.0], r.1))
         .collect();
-    let secs = |d: DateTime<Utc>| ((d - t0).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0);
+    let secs = |d: DateTime<Utc>| seconds_between(t0, d).max(0.0);
     let window = window_end.at.duration_since(before.at).as_secs_f64();
     let (f0, f1) = (&before.fake, &window_end.fake);
     let per_minute = |x: u64| x as f64 * 60.0 / window;
