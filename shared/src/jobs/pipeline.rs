@@ -228,9 +228,13 @@ impl From<sqlx::Error> for StageError {
 
 impl From<QueueError> for StageError {
     fn from(e: QueueError) -> Self {
-        Self::Retryable {
-            message: e.to_string(),
-            after: None,
+        if e.is_retryable() {
+            Self::Retryable {
+                message: e.to_string(),
+                after: None,
+            }
+        } else {
+            Self::Permanent(e.to_string())
         }
     }
 }

@@ -87,6 +87,11 @@ impl Embedder for HashingEmbedder {
         self.dimensions
     }
 
+    /// A hash is cheaper to compute again than to look up.
+    fn cacheable(&self) -> bool {
+        false
+    }
+
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a> {
         Box::pin(async move { Ok(texts.iter().map(|t| self.vector(t)).collect()) })
     }

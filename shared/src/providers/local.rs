@@ -133,6 +133,8 @@ impl LocalParser {
             .arg("--parse-memory-mb")
             .arg(self.memory_mb.to_string())
             .env_clear()
+            // An instrumented build (`make coverage`) writes the helper's counters beside its parent's.
+            .envs(std::env::var_os("LLVM_PROFILE_FILE").map(|v| ("LLVM_PROFILE_FILE", v)))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -159,30 +161,37 @@ impl LocalParser {
             }
             Ok(Ok(output)) => output,
         };
+        let past_memory = || {
+            ProviderError::permanent(
+                PARSER,
+                format!(
+                    "{}: parsing needs more than {} MiB of memory",
+                    input.filename, self.memory_mb
+                ),
+            )
+        };
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let memory = stderr.contains("memory allocation") || stderr.contains("out of memory");
+            if stderr.contains("memory allocation") || stderr.contains("out of memory") {
+                return Err(past_memory());
+            }
+            use std::os::unix::process::ExitStatusExt;
+            let how = output
+                .status
+                .signal()
+                .map_or_else(|| output.status.to_string(), |s| format!("signal {s}"));
             return Err(ProviderError::permanent(
                 PARSER,
-                if memory {
-                    format!(
-                        "{}: parsing needs more than {} MiB of memory",
-                        input.filename, self.memory_mb
-                    )
-                } else {
-                    use std::os::unix::process::ExitStatusExt;
-                    format!(
-                        "the parser crashed on this file ({})",
-                        output
-                            .status
-                            .signal()
-                            .map_or_else(|| output.status.to_string(), |s| format!("signal {s}"))
-                    )
-                },
+                format!("the parser crashed on this file ({how})"),
             ));
         }
         match serde_json::from_slice::<HelperAnswer>(&output.stdout) {
             Ok(HelperAnswer::Sections(sections)) => Ok(sections),
+            // A reader that asked for more than the bound allows fails its allocation gracefully (an I/O
+            // "out of memory") instead of aborting: the same bound, reached at another place.
+            Ok(HelperAnswer::Error(e)) if self.memory_mb > 0 && e.contains("out of memory") => {
+                Err(past_memory())
+            }
             Ok(HelperAnswer::Error(e)) => Err(ProviderError::permanent(
                 PARSER,
                 format!("{}: {e}", input.filename),
