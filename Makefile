@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test deploy-check openapi contract bench bench-queue bench-quota bench-scale fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test deploy-check openapi contract coverage bench bench-queue bench-quota bench-scale fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ fmt: ## Format the code
 
 fuzz: ## Fuzz the parsers, the chunker, token verification and multipart uploads (cargo-fuzz, FUZZ_SECONDS per target; not in CI)
 	@bash fuzz/run.sh
+
+coverage: services model ## Line coverage of the workspace with cargo-tarpaulin (same tests as make test): target/coverage/ HTML, a summary per module, the bar on providers, errors, quota and queue, the fault-recovery ratio
+	@bash tests/coverage/coverage.sh
 
 bench: services ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale): tests/bench-results/summary.md, JSON, PNG plots
 	@bash tests/bench/bench.sh $(BENCH_ARGS)

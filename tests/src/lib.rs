@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod fake;
+pub mod scripted;
 
 use std::{
     net::TcpListener,
@@ -312,6 +313,14 @@ pub fn worker_bin() -> PathBuf {
     .clone()
 }
 
+/// `LLVM_PROFILE_FILE` when the tests run instrumented (`make coverage`): a process started with a cleared
+/// environment gets it back, so its counters land where cargo-tarpaulin collects them.
+pub fn coverage_env() -> Option<(&'static str, String)> {
+    std::env::var("LLVM_PROFILE_FILE")
+        .ok()
+        .map(|v| ("LLVM_PROFILE_FILE", v))
+}
+
 /// A `worker` process of the test's.
 pub struct WorkerProcess {
     child: Child,
@@ -337,7 +346,7 @@ impl WorkerProcess {
             toml::to_string(settings).expect("settings serialise to TOML"),
         )
         .expect("worker config file");
-        let env: Vec<(&str, String)> = vec![
+        let mut env: Vec<(&str, String)> = vec![
             ("PATH", std::env::var("PATH").unwrap_or_default()),
             ("RUST_LOG", "info".to_owned()),
             (
@@ -345,6 +354,7 @@ impl WorkerProcess {
                 config_path.to_string_lossy().into_owned(),
             ),
         ];
+        env.extend(coverage_env());
         let child = Command::new(worker_bin())
             // Port 0: the worker binds a port of its own and logs it. A port picked here and bound later could
             // be taken by another test's worker in between, and /healthz would then be answered by the wrong one.
@@ -479,6 +489,17 @@ pub fn sum_metric(body: &str, name: &str, filters: &[&str]) -> f64 {
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
+        // Instrumented (`make coverage`), a worker writes its counters when it exits on its own: a SIGTERM drains
+        // it (bounded by its shutdown grace), where a SIGKILL would lose everything it ran.
+        if coverage_env().is_some() && self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if !std::thread::panicking() {

@@ -151,6 +151,7 @@ fn producer(
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env_clear()
+        .envs(tests::coverage_env())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("REDIS_URL", redis_url)
         .env("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", prefix);
@@ -232,6 +233,7 @@ async fn the_queue_runs_over_tls_to_a_redis_whose_certificate_is_trusted() {
     worker
         .args(["--stages", "synthetic", "--metrics-addr", "127.0.0.1:0"])
         .env_clear()
+        .envs(tests::coverage_env())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("REDIS_URL", &url)
         .env("UPLOAD_PIPELINE__QUEUE__KEY_PREFIX", &prefix)
