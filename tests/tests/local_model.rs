@@ -59,7 +59,21 @@ async fn vectors_match_sentence_transformers() {
 
 #[tokio::test]
 async fn it_finds_meaning_without_shared_words() {
-    let embedder = LocalEmbedder::load(&settings()).unwrap();
+    // Built as a worker builds it, from the whole settings.
+    let mut whole = upload_pipeline::Settings {
+        embedding: settings(),
+        ..Default::default()
+    };
+    whole.embedding.embedder = upload_pipeline::settings::EmbedderKind::Local;
+    let embedder = upload_pipeline::providers::embedder(&whole, None).unwrap();
+    assert_eq!(
+        (
+            embedder.model(),
+            embedder.dimensions(),
+            embedder.cacheable()
+        ),
+        ("all-MiniLM-L6-v2", 384, true)
+    );
     let passages: Vec<String> = [
         "Honeybees communicate the location of flowers with a waggle dance.",
         "Tides are caused by the gravitational pull of the moon and the sun.",
@@ -85,6 +99,11 @@ fn a_missing_model_or_a_width_mismatch_is_a_clear_error() {
     assert!(
         matches!(&err, ProviderError::Permanent { message, .. } if message.contains("make model")),
         "{err:?}"
+    );
+    let loaded = LocalEmbedder::load(&settings()).unwrap();
+    assert_eq!(
+        format!("{loaded:?}"),
+        r#"LocalEmbedder { model: "all-MiniLM-L6-v2", dimensions: 384, .. }"#
     );
     let mut s = settings();
     s.dimensions = 768;

@@ -7,8 +7,9 @@ use tests::{
     wait_for_stats,
 };
 use upload_pipeline::{
+    jobs::pipeline::StageError,
     jobs::synthetic::{FailMode, LogLine, Misbehave, SyntheticJob},
-    queue::Queue,
+    queue::{Queue, QueueError},
 };
 
 fn job(seq: u64, work_ms: u64) -> SyntheticJob {
@@ -201,6 +202,27 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     raw.push(&serde_json::json!({"not": "a synthetic job"}))
         .await
         .unwrap();
+    // An entry some other program added to the stream, without the queue's fields.
+    let client = redis::Client::open(tests::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{prefix}:{{synthetic}}:stream"))
+        .arg("*")
+        .arg("hello")
+        .arg("world")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A panic, a payload that does not decode and a foreign entry take nobody down: the same worker
+    // dead-letters all three.
+    let mut first = WorkerProcess::start(&s, "synthetic");
+    wait_for(
+        "the panicking, undecodable and foreign entries to be dead",
+        Duration::from_secs(60),
+        || async { (queue.stats().await.ok()?.dead == 3).then_some(()) },
+    )
+    .await;
+    assert!(first.is_running(), "{}", first.logs());
     queue
         .push(&failing(3, FailMode::Crash, None, None))
         .await
@@ -210,20 +232,20 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     // A supervisor (as Kubernetes would) restarts the worker each time the crashing job takes it down.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut restarts = 0;
+    let mut first = Some(first);
     let worker = 'supervise: loop {
-        let mut worker = WorkerProcess::start(&s, "synthetic");
+        let mut worker = first
+            .take()
+            .unwrap_or_else(|| WorkerProcess::start(&s, "synthetic"));
         loop {
-            if queue.stats().await.unwrap().dead == 3 {
+            if queue.stats().await.unwrap().dead == 4 {
                 break 'supervise worker;
             }
             if !worker.is_running() {
                 restarts += 1;
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no three dead letters after 60 s"
-            );
+            assert!(Instant::now() < deadline, "no four dead letters after 60 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -248,6 +270,8 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
         undecodable.attempts, 1,
         "decoding cannot succeed later, so it is not retried"
     );
+    let foreign = by_kind("malformed queue entry").expect("the foreign entry is dead");
+    assert_eq!(foreign.attempts, 1, "{foreign:?}");
     let crashing = by_kind("\"crash\"").expect("the crashing job is dead");
     assert!(
         crashing
@@ -661,4 +685,56 @@ async fn queue_names_are_validated() {
         assert!(err.contains("invalid queue name"), "{bad:?}: {err}");
     }
     assert!(b.handle("embed-v2_large").is_ok());
+    // A bad name is permanent: a stage that meets one fails its document instead of retrying forever.
+    let err = b.handle("Parse").unwrap_err();
+    assert!(!err.is_retryable());
+    assert!(matches!(StageError::from(err), StageError::Permanent(_)));
+}
+
+/// Redis's own answers, classified: away, loading, failing over or missing the consumer group is worth another
+/// try; a command Redis refuses for good, or a job that cannot be encoded, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_errors_are_retryable_while_redis_is_away_or_busy_and_permanent_otherwise() {
+    let down = settings(
+        &unique_prefix("errors"),
+        &format!("redis://127.0.0.1:{}", tests::free_port()),
+    );
+    let err = upload_pipeline::queue::Broker::connect(down.redis_url.expose(), down.queue.clone())
+        .await
+        .expect_err("nothing listens there");
+    assert!(err.is_retryable(), "{err}");
+    assert!(matches!(
+        StageError::from(err),
+        StageError::Retryable { .. }
+    ));
+
+    let client = redis::Client::open(tests::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let reply = |code: &'static str| {
+        redis::cmd("EVAL")
+            .arg(format!(
+                "return redis.error_reply('{code} injected by the test')"
+            ))
+            .arg(0)
+            .to_owned()
+    };
+    for (code, retryable) in [
+        ("LOADING", true),
+        ("BUSY", true),
+        ("TRYAGAIN", true),
+        ("MASTERDOWN", true),
+        ("NOGROUP", true),
+        ("WRONGTYPE", false),
+        ("NOSCRIPT", false),
+        ("ERR", false),
+    ] {
+        let e = reply(code)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect_err("an error reply");
+        let err = QueueError::from(e);
+        assert_eq!(err.is_retryable(), retryable, "{code}: {err}");
+    }
+    let unencodable = serde_json::from_str::<u8>("not json").unwrap_err();
+    assert!(!QueueError::Encode(unencodable).is_retryable());
 }

@@ -383,3 +383,85 @@ async fn pauses_probe_resume_defer_and_stop_at_the_daily_budget() {
     );
     tests::cleanup(&s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_redis_gone_the_limiter_lets_calls_through_and_resumes_with_redis() {
+    let mut redis = tests::RedisServer::start().await;
+    let mut s = settings(&unique_prefix("quota-down"), &redis.url());
+    s.quota.max_wait = Duration::from_secs(30);
+    s.quota.openai.daily_tokens = 1_000_000;
+    let quota = Quota::connect(&s).await.unwrap();
+    let limits = vec![Limit {
+        name: "requests",
+        limit: 60.0,
+        window: Duration::from_secs(60),
+    }];
+    let budget = quota.budget("openai", "m", "sk-secret-key", limits, 4);
+    // What an operator's log shows of a budget: the bucket and its limits, never the key.
+    let shown = format!("{budget:?} {quota:?}");
+    assert!(
+        shown.contains("requests") && shown.contains("quota"),
+        "{shown}"
+    );
+    assert!(!shown.contains("sk-secret-key"), "{shown}");
+
+    // About one request a second: the fourth reservation in a row is more than 2 s out, so it sleeps
+    // unreserved first and asks again; all four are granted, none deferred.
+    let mut permits = Vec::new();
+    for _ in 0..4 {
+        permits.push(budget.acquire(&[("requests", 1.0)]).await.unwrap());
+    }
+    for p in permits {
+        budget
+            .settle(p, &[("requests", 1.0)], &[("requests", 50.0)], 10)
+            .await;
+    }
+    let buckets = quota.report().await.unwrap();
+    assert!(
+        buckets
+            .iter()
+            .any(|b| b.key.starts_with("openai:spent:") && b.value == "40"),
+        "today's spend is counted: {buckets:?}"
+    );
+
+    // Redis gone: every call goes through at once (the provider's own 429s still slow the fleet), and settling,
+    // spending, cooling down and pausing only log.
+    redis.stop();
+    let permit = tokio::time::timeout(
+        Duration::from_secs(60),
+        budget.acquire(&[("requests", 1.0)]),
+    )
+    .await
+    .expect("acquire answers without Redis")
+    .expect("a call goes through without Redis");
+    budget.settle(permit, &[], &[("requests", 10.0)], 5).await;
+    let before = budget.concurrency();
+    let permit = budget.acquire(&[("requests", 1.0)]).await.unwrap();
+    let rate_limited = ProviderError::RateLimited {
+        provider: "openai",
+        message: "slow down".into(),
+        retry_after: Some(Duration::from_millis(500)),
+    };
+    budget.settle_error(permit, &rate_limited).await;
+    assert!(
+        budget.concurrency() < before,
+        "a 429 halves this process's concurrency even without Redis"
+    );
+    let permit = budget.acquire(&[("requests", 1.0)]).await.unwrap();
+    let out_of_quota = ProviderError::QuotaExhausted {
+        provider: "openai",
+        message: "insufficient_quota".into(),
+    };
+    budget.settle_error(permit, &out_of_quota).await;
+
+    // Redis back (empty, as after a crash): the pause never reached it, and the budget works as before.
+    redis.restart().await;
+    let permit = wait_for(
+        "the budget with Redis back",
+        Duration::from_secs(30),
+        || async { budget.acquire(&[("requests", 1.0)]).await.ok() },
+    )
+    .await;
+    budget.settle(permit, &[], &[], 0).await;
+    assert!(!quota.is_paused("openai").await.unwrap());
+}

@@ -218,5 +218,31 @@ mod tests {
             None
         );
         assert_eq!(retry_after(&none, ""), None);
+        // A zero or negative Retry-After says nothing; the reset headers or the message still may.
+        let d = retry_after(
+            &headers(&[("retry-after", "0"), ("x-ratelimit-reset-tokens", "250us")]),
+            "",
+        );
+        assert!(
+            d.is_some_and(|d| (249..=250).contains(&d.as_micros())),
+            "{d:?}"
+        );
+        assert_eq!(
+            retry_after(
+                &headers(&[
+                    ("x-ratelimit-reset-requests", " "),
+                    ("x-ratelimit-reset-tokens", "5 fortnights")
+                ]),
+                "Please retry after 2 minutes."
+            ),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        let ns = go_duration("1500ns").unwrap().as_nanos();
+        assert!((1499..=1500).contains(&ns), "{ns}");
+        assert_eq!(go_duration("3d"), None);
     }
 }

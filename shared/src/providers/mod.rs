@@ -238,3 +238,60 @@ pub fn parser(
         )?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_reports_the_operations_of_its_stages_and_providers() {
+        let mut s = Settings::default();
+        s.parsing.parser = ParserKind::Llamaparse;
+        for (kind, embed) in [
+            (EmbedderKind::Openai, vec![("openai", "embed")]),
+            (EmbedderKind::Local, vec![("local", "embed")]),
+            (EmbedderKind::Hashing, vec![]),
+        ] {
+            s.embedding.embedder = kind;
+            assert_eq!(operations(&s, false, true), embed, "{kind:?}");
+        }
+        assert_eq!(operations(&s, true, false).len(), 5);
+        s.parsing.parser = ParserKind::Local;
+        assert_eq!(operations(&s, true, true), vec![("local", "parse")]);
+    }
+
+    #[test]
+    fn a_budget_deferral_is_retryable_after_the_slot_it_names() {
+        let e = ProviderError::Throttled {
+            provider: "openai",
+            retry_after: Duration::from_millis(1500),
+        };
+        assert!(e.is_retryable());
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(e.outcome(), "throttled");
+        assert_eq!(
+            e.to_string(),
+            "openai's budget is in use; next slot in 1500 ms"
+        );
+        let refused = ProviderError::permanent("openai", "bad key");
+        assert_eq!(
+            (refused.retry_after(), refused.outcome()),
+            (None, "permanent")
+        );
+    }
+
+    #[test]
+    fn the_configured_embedder_is_built_without_a_quota_too() {
+        let mut s = Settings::default();
+        s.embedding.embedder = EmbedderKind::Openai;
+        s.embedding.model = "text-embedding-3-small".into();
+        let e = embedder(&s, None).unwrap();
+        assert_eq!((e.model(), e.cacheable()), ("text-embedding-3-small", true));
+        s.embedding.embedder = EmbedderKind::Hashing;
+        let e = embedder(&s, None).unwrap();
+        assert_eq!(
+            (e.dimensions(), e.cacheable()),
+            (s.embedding.dimensions as usize, false)
+        );
+    }
+}

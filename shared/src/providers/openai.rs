@@ -563,6 +563,16 @@ mod tests {
             classify(StatusCode::BAD_REQUEST, &h, ctx, 1, 900),
             Failure::ShorterInputs(512)
         ));
+        let tei = r#"{"error":"Input validation error: `inputs` must have less than 512 tokens. Given: 900","error_type":"validation"}"#;
+        assert!(matches!(
+            classify(StatusCode::PAYLOAD_TOO_LARGE, &h, tei, 1, 900),
+            Failure::ShorterInputs(512)
+        ));
+        let ollama = r#"{"error":"input is too long: the context length is exceeded"}"#;
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &h, ollama, 2, 1000),
+            Failure::ShorterInputs(250)
+        ));
         let req = r#"{"error":{"message":"Requested 310000 tokens, max 300000 tokens per request","type":"max_tokens_per_request","code":"max_tokens_per_request"}}"#;
         assert!(matches!(
             classify(StatusCode::BAD_REQUEST, &h, req, 100, 310000),

@@ -210,6 +210,30 @@ mod tests {
         assert!(
             matches!(Failure::classify(&later), Failure::Retry { after: Some(d), .. } if d == Duration::from_millis(1500))
         );
+        let paused = Failure::classify(&boxed(JobError::defer(
+            "openai paused",
+            Duration::from_secs(30),
+        )));
+        assert_eq!(
+            paused,
+            Failure::Defer {
+                error: "openai paused".into(),
+                after: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(paused.message(), "openai paused");
+        let recorded = Failure::classify(&boxed(JobError::failed("corrupt PDF")));
+        assert_eq!(
+            recorded,
+            Failure::Settled {
+                error: "corrupt PDF".into()
+            }
+        );
+        assert_eq!(recorded.message(), "corrupt PDF");
+        assert_eq!(
+            Failure::classify(&boxed(JobError::permanent("bad file"))).message(),
+            "bad file"
+        );
         let other: BoxDynError = "connection reset".into();
         assert_eq!(
             Failure::classify(&other),
