@@ -869,3 +869,92 @@ async fn llamaparse_job_states_and_failed_pages_are_read_as_the_api_documents_th
         (None, "# Whole\n\nAll of it.")
     );
 }
+
+#[tokio::test]
+async fn the_in_process_parser_refuses_corrupt_files_and_stops_at_its_time_bound() {
+    let mut s = settings("unused", &tests::redis_url());
+    let corrupt = ParseInput {
+        filename: "broken.pdf".into(),
+        kind: DocKind::Pdf,
+        bytes: Arc::new(b"%PDF-1.7\nthis is not a PDF body".to_vec()),
+    };
+    let err = LocalParser::new(&s.pipeline)
+        .parse(&corrupt)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Permanent { message, .. } if message.starts_with("broken.pdf: ")),
+        "{err:?}"
+    );
+    // Two megabytes of HTML take far longer than a millisecond, even in a release build.
+    let html = format!(
+        "<html><body>{}</body></html>",
+        "<p>lighthouse keepers and tides</p>".repeat(60_000)
+    );
+    s.pipeline.parse_timeout = Duration::from_millis(1);
+    s.pipeline.max_chars = 100_000_000;
+    let big = ParseInput {
+        filename: "big.html".into(),
+        kind: DocKind::Html,
+        bytes: Arc::new(html.into_bytes()),
+    };
+    let err = LocalParser::new(&s.pipeline).parse(&big).await.unwrap_err();
+    assert!(err.to_string().contains("longer than"), "{err:?}");
+}
+
+/// The parse helper (`worker --parse-one`) answers a bad kind, an unreadable input or an unwritable output with
+/// a message and exit code 2, never a panic.
+#[test]
+fn the_parse_helper_fails_clearly_on_a_bad_kind_input_or_output() {
+    use std::process::{Command, Stdio};
+    let helper = |kind: &str, stdin: Stdio, stdout: Stdio| {
+        Command::new(tests::worker_bin())
+            .args([
+                "--parse-one",
+                kind,
+                "--parse-max-pages",
+                "10",
+                "--parse-max-chars",
+                "10000",
+            ])
+            .args(["--parse-memory-mb", "0"])
+            .env_clear()
+            .envs(tests::coverage_env())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run the parse helper")
+    };
+    let cases = [
+        (
+            "bogus",
+            Stdio::null(),
+            Stdio::piped(),
+            "unknown document kind \"bogus\"",
+        ),
+        (
+            "text",
+            Stdio::from(std::fs::File::open("/").unwrap()),
+            Stdio::piped(),
+            "cannot read the document",
+        ),
+        (
+            "text",
+            Stdio::null(),
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            ),
+            "cannot write the result",
+        ),
+    ];
+    for (kind, stdin, stdout, says) in cases {
+        let out = helper(kind, stdin, stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{kind}: {stderr}");
+        assert!(stderr.contains(says), "{kind}: {stderr}");
+    }
+}

@@ -223,6 +223,7 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     )
     .await;
     assert!(first.is_running(), "{}", first.logs());
+    drop(first);
     queue
         .push(&failing(3, FailMode::Crash, None, None))
         .await
@@ -232,11 +233,8 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     // A supervisor (as Kubernetes would) restarts the worker each time the crashing job takes it down.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut restarts = 0;
-    let mut first = Some(first);
     let worker = 'supervise: loop {
-        let mut worker = first
-            .take()
-            .unwrap_or_else(|| WorkerProcess::start(&s, "synthetic"));
+        let mut worker = WorkerProcess::start(&s, "synthetic");
         loop {
             if queue.stats().await.unwrap().dead == 4 {
                 break 'supervise worker;
@@ -737,4 +735,78 @@ async fn queue_errors_are_retryable_while_redis_is_away_or_busy_and_permanent_ot
     }
     let unencodable = serde_json::from_str::<u8>("not json").unwrap_err();
     assert!(!QueueError::Encode(unencodable).is_retryable());
+}
+
+/// A worker frozen past `reclaim_after` (a long GC-like pause, SIGSTOP) loses its jobs to a replica; when it
+/// wakes up, it learns it lost the claim and leaves the job to the replica: nothing is acknowledged twice,
+/// dead-lettered or left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_reclaim_after_learns_it_lost_its_job_and_leaves_it_to_the_replica() {
+    let mut s = settings(&unique_prefix("frozen"), &tests::redis_url());
+    s.queue.reclaim_after = Duration::from_millis(1_000);
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
+    let mut sleeper = WorkerProcess::start(&s, "synthetic");
+    sleeper.wait_healthy().await;
+    queue.push(&job(1, 1_500)).await.unwrap();
+    let sleeper_pid = sleeper.pid();
+    wait_for("the job to start", Duration::from_secs(10), || async {
+        let log = synthetic_log(&s, "synthetic").await;
+        log.iter()
+            .any(|l| l.event == "start" && l.pid == sleeper_pid)
+            .then_some(())
+    })
+    .await;
+    sleeper.signal("STOP");
+    let mut replica = WorkerProcess::start(&s, "synthetic");
+    replica.wait_healthy().await;
+    let replica_pid = replica.pid();
+    wait_for(
+        "the replica to finish the job",
+        Duration::from_secs(20),
+        || async {
+            let log = synthetic_log(&s, "synthetic").await;
+            log.iter()
+                .any(|l| l.event == "finish" && l.pid == replica_pid)
+                .then_some(())
+        },
+    )
+    .await;
+    sleeper.signal("CONT");
+    wait_for("the sleeper to notice", Duration::from_secs(20), || async {
+        sleeper.logs().contains("Lost the claim").then_some(())
+    })
+    .await;
+    assert!(sleeper.is_running(), "{}", sleeper.logs());
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.dead),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    let starts = events(&synthetic_log(&s, "synthetic").await, 1, "start").len();
+    assert_eq!(starts, 2, "the frozen run and the replica's, no third");
+    drop((sleeper, replica));
+    cleanup(&s).await;
+}
+
+/// What a broker, a queue and its consumers show in logs: their names and key prefix, never the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_and_consumers_show_their_names_in_logs_and_never_the_connection() {
+    let prefix = unique_prefix("shown");
+    let s = settings(&prefix, &tests::redis_url());
+    let b = broker(&s).await;
+    let queue: Queue<SyntheticJob> = b.queue("synthetic").unwrap();
+    let consumer = queue.consumer("worker-7".to_owned(), 4);
+    let handle = consumer.clone().handle();
+    assert_eq!(handle.name(), "worker-7");
+    let shown = format!(
+        "{b:?} {:?} {queue:?} {consumer:?} {handle:?} {:?}",
+        b.handle("synthetic").unwrap(),
+        consumer.backend()
+    );
+    for part in ["synthetic", "worker-7", prefix.as_str()] {
+        assert!(shown.contains(part), "{part}: {shown}");
+    }
+    assert!(!shown.contains("redis://"), "{shown}");
+    assert_eq!(handle.finish().await.unwrap(), 0);
 }
