@@ -433,9 +433,34 @@ async fn h_a_redis_restart_or_dropped_connection_does_not_end_the_worker() {
     )
     .await;
 
+    // Two jobs end while Redis is away, one done and one failed: the worker keeps trying to acknowledge the
+    // first and to schedule the retry of the second, and carries on when Redis is back.
+    let quiet = |j: SyntheticJob| SyntheticJob {
+        record: false,
+        work_ms: 1_000,
+        ..j
+    };
+    queue.push(&quiet(job(30, 0))).await.unwrap();
+    queue
+        .push(&quiet(failing(31, FailMode::Error, None, None)))
+        .await
+        .unwrap();
+    wait_for("both jobs to run", Duration::from_secs(10), || async {
+        (queue.stats().await.ok()?.in_flight == 2).then_some(())
+    })
+    .await;
+
     // Restart Redis: everything in it is gone, including the consumer group.
     redis.stop();
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the worker notice the outage
+    wait_for(
+        "the acknowledgement and the retry to meet the outage",
+        Duration::from_secs(20),
+        || async {
+            let logs = worker.logs();
+            (logs.contains("\"ack\"") && logs.contains("\"retry\"")).then_some(())
+        },
+    )
+    .await;
     assert!(worker.is_running(), "the worker survives Redis going away");
     redis.restart().await;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();

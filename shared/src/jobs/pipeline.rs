@@ -207,9 +207,10 @@ impl From<ProviderError> for StageError {
     }
 }
 
-impl From<DbError> for StageError {
-    fn from(e: DbError) -> Self {
-        if e.is_retryable() {
+impl StageError {
+    /// Retryable (after the queue's backoff) or permanent, as the cause says.
+    fn classified(retryable: bool, e: impl std::fmt::Display) -> Self {
+        if retryable {
             Self::Retryable {
                 message: e.to_string(),
                 after: None,
@@ -217,6 +218,12 @@ impl From<DbError> for StageError {
         } else {
             Self::Permanent(e.to_string())
         }
+    }
+}
+
+impl From<DbError> for StageError {
+    fn from(e: DbError) -> Self {
+        Self::classified(e.is_retryable(), e)
     }
 }
 
@@ -228,14 +235,7 @@ impl From<sqlx::Error> for StageError {
 
 impl From<QueueError> for StageError {
     fn from(e: QueueError) -> Self {
-        if e.is_retryable() {
-            Self::Retryable {
-                message: e.to_string(),
-                after: None,
-            }
-        } else {
-            Self::Permanent(e.to_string())
-        }
+        Self::classified(e.is_retryable(), e)
     }
 }
 
