@@ -23,8 +23,8 @@ out=${OUT:-$root/tests/bench-results}
 mkdir -p "$out"
 
 # The whole workspace, as `make bench` builds it: `-p tests` alone would unify features differently and rebuild.
-cargo build --release --quiet --workspace --bins
-ours=$root/target/release/queue-bench
+cargo build --profile perf --quiet --workspace --bins
+ours=$root/target/perf/queue-bench
 
 # The BullMQ harness, installed into target/ (never into the shared folder).
 peers=$root/target/bench-peers

@@ -25,13 +25,13 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     queue_jobs: usize,
     /// queue: seconds of the pickup-latency phase (1,000 jobs a second offered; `make bench-queue`: 10).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 3.0)]
     queue_latency_seconds: f64,
     /// pipeline-instant: documents uploaded.
     #[arg(long, default_value_t = 300)]
     instant_documents: usize,
     /// pipeline-realistic: documents offered at each rate (the window is documents / rate).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 40)]
     realistic_documents: usize,
     /// pipeline-realistic: the offered rates, documents a second.
     #[arg(long, default_value = "0.5,1,2", value_delimiter = ',')]
@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     search_queries: usize,
     /// scale: documents per run (`make bench-scale`: 240).
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = 120)]
     scale_documents: usize,
     /// scale: runs per process count (`make bench-scale`: 3).
     #[arg(long, default_value_t = 2)]
