@@ -835,3 +835,40 @@ async fn queues_and_consumers_show_their_names_in_logs_and_never_the_connection(
     assert!(!shown.contains("redis://"), "{shown}");
     assert_eq!(handle.finish().await.unwrap(), 0);
 }
+
+/// A consumer that stops gives back, at once, the jobs it fetched and never started and the ones it still
+/// holds: another worker takes them without waiting for `reclaim_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_consumer_gives_back_every_job_it_fetched_and_never_ran() {
+    use apalis_core::{backend::Backend, worker::context::WorkerContext};
+    let s = settings(&unique_prefix("give-back"), &tests::redis_url());
+    let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
+    queue
+        .push_many(&(0..3).map(|i| job(i, 0)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let consumer = queue.consumer("worker-1".to_owned(), 4);
+    let mut backend = consumer.backend();
+    let ctx = WorkerContext::new("give-back");
+    // One fetch claims all three (four free slots); the worker takes the first and has not started the others.
+    let first = std::future::poll_fn(|cx| backend.poll_next(cx, &ctx)).await;
+    assert!(matches!(first, Some(Ok(_))));
+    assert_eq!(queue.stats().await.unwrap().in_flight, 3);
+    std::future::poll_fn(|cx| backend.poll_close(cx, &ctx))
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.stats().await.unwrap().pending,
+        2,
+        "the unstarted two are back"
+    );
+    drop(first);
+    assert_eq!(
+        consumer.handle().finish().await.unwrap(),
+        1,
+        "and the held one"
+    );
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (3, 0), "{stats:?}");
+    cleanup(&s).await;
+}
