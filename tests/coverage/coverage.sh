@@ -32,7 +32,7 @@ rm -f "$RECOVERY_REPORT"
 status=0
 cargo tarpaulin --engine llvm --workspace --skip-clean --target-dir "$build" \
   --objects "$build/debug/worker" "$build/debug/producer" \
-  --exclude-files 'tests/*' 'fuzz/*' \
+  --exclude-files 'tests/*' 'fuzz/*' 'target/*' \
   --no-fail-fast --timeout 900 --out Html Json --output-dir "$out" --color never || status=$?
 
 python3 tests/coverage/summary.py "$out/tarpaulin-report.json" "$RECOVERY_REPORT" --bar "${COVERAGE_BAR:-95}" \
