@@ -134,6 +134,7 @@ where
         let (Some(delivery), Some(payload)) = (delivery, payload) else {
             return Box::pin(async move { fut.await.map_err(Into::into) });
         };
+        let fut = super::with_claim(delivery.claim.clone(), fut);
         shared.running_started();
         let mut running = Running {
             shared: shared.clone(),

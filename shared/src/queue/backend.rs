@@ -2,7 +2,7 @@
 //! consumer's claims alive, promote due retries and batch acknowledgements.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     future::Future,
     marker::PhantomData,
     pin::Pin,
@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use super::{
-    BATCH, Delivery, Envelope, GROUP, QueueError, QueueHandle, ack::AckLayer, entry_time_ms,
+    BATCH, Claim, Delivery, Envelope, GROUP, QueueError, QueueHandle, ack::AckLayer, entry_time_ms,
     error::Failure, now_ms, scripts,
 };
 use crate::metrics as m;
@@ -79,7 +79,8 @@ impl<T> std::fmt::Debug for Consumer<T> {
 }
 
 enum AckMsg {
-    Ack(String, oneshot::Sender<()>),
+    /// Entry id, job id.
+    Ack(String, String, oneshot::Sender<()>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -90,7 +91,9 @@ pub(crate) struct Shared {
     /// Jobs whose handler is running.
     running: AtomicUsize,
     /// Entry ids this consumer holds (buffered, running or waiting for their ack): the claims it keeps alive.
-    owned: Mutex<HashSet<String>>,
+    owned: Mutex<HashMap<String, Claim>>,
+    /// When the refresher last refreshed every claim (or had none to refresh), ms since the epoch.
+    refreshed_ms: Arc<AtomicU64>,
     acker: mpsc::UnboundedSender<AckMsg>,
     closing: AtomicBool,
     /// Last time (ms since the epoch) the fetch loop or the refresher went round: the worker loop's heartbeat.
@@ -118,7 +121,8 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Consumer<T> {
             name,
             concurrency,
             running: AtomicUsize::new(0),
-            owned: Mutex::new(HashSet::new()),
+            owned: Mutex::new(HashMap::new()),
+            refreshed_ms: Arc::new(AtomicU64::new(now_ms())),
             acker: tx,
             closing: AtomicBool::new(false),
             last_beat_ms: AtomicU64::new(now_ms()),
@@ -218,6 +222,12 @@ impl Shared {
         (self.settings().reclaim_after / 4).max(Duration::from_millis(50))
     }
 
+    /// Whether the claims went unrefreshed long enough for another consumer to take them over.
+    fn claims_lapsed(&self) -> bool {
+        now_ms().saturating_sub(self.refreshed_ms.load(Ordering::Acquire))
+            >= (self.settings().reclaim_after / 2).as_millis() as u64
+    }
+
     pub(crate) fn disown(&self, entry_id: &str) {
         self.owned.lock().expect("owned lock").remove(entry_id);
     }
@@ -234,10 +244,11 @@ impl Shared {
         self.waker.wake();
     }
 
-    /// Acknowledges a finished job; resolves once `XACK` and `XDEL` are written (batched with other acks).
-    pub(crate) async fn ack(&self, entry_id: String) {
+    /// Acknowledges a finished job; resolves once `XACK` and `XDEL` are written and its id has left the live
+    /// set (batched with other acks).
+    pub(crate) async fn ack(&self, entry_id: String, job_id: String) {
         let (tx, rx) = oneshot::channel();
-        if self.acker.send(AckMsg::Ack(entry_id, tx)).is_ok() {
+        if self.acker.send(AckMsg::Ack(entry_id, job_id, tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -245,7 +256,8 @@ impl Shared {
     /// Acknowledges a job that ended (`success`, or `failed` when its handler recorded a permanent failure) and
     /// counts it, with its recovery when an earlier attempt had failed.
     pub(crate) async fn complete(&self, delivery: &Delivery, outcome: &'static str) {
-        self.ack(delivery.entry_id.clone()).await;
+        self.ack(delivery.entry_id.clone(), delivery.job_id.clone())
+            .await;
         let stage = self.queue.name().to_owned();
         metrics::counter!(m::QUEUE_JOBS, "stage" => stage.clone(), "outcome" => outcome)
             .increment(1);
@@ -409,6 +421,8 @@ impl Shared {
             let mut inv = scripts::DEAD.prepare_invoke();
             inv.key(&keys.stream)
                 .key(&keys.dead)
+                .key(&keys.live)
+                .key(&keys.again)
                 .arg(GROUP)
                 .arg(&consumer)
                 .arg(&entry_id)
@@ -430,11 +444,19 @@ impl Shared {
         let max = self.settings().max_deliveries;
         let now = now_ms();
         let mut tasks = Vec::with_capacity(entries.len());
-        {
+        let lapse = self.settings().reclaim_after / 2;
+        let claims: Vec<Claim> = {
             let mut owned = self.owned.lock().expect("owned lock");
-            owned.extend(entries.iter().map(|e| e.id.clone()));
-        }
-        for entry in entries {
+            entries
+                .iter()
+                .map(|e| {
+                    let claim = Claim::new(self.refreshed_ms.clone(), lapse);
+                    owned.insert(e.id.clone(), claim.clone());
+                    claim
+                })
+                .collect()
+        };
+        for (entry, claim) in entries.into_iter().zip(claims) {
             let Some(env) = Envelope::from_fields(entry.fields) else {
                 let env = Envelope {
                     id: entry.id.clone(),
@@ -497,6 +519,7 @@ impl Shared {
                 enqueued_at_ms: env.e.parse().unwrap_or(0),
                 ready_at_ms,
                 last_error: env.err,
+                claim,
             };
             let mut task = TaskBuilder::new(args)
                 .task_id(TaskId::from_string(env.id))
@@ -763,6 +786,8 @@ impl Backoff {
 async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>) {
     let mut conn = shared.queue.broker().connection();
     let stream = shared.queue.keys().stream.clone();
+    let live = shared.queue.keys().live.clone();
+    let again = shared.queue.keys().again.clone();
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -772,28 +797,29 @@ async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>)
                 Err(_) => break,
             }
         }
-        let ids: Vec<&str> = batch
+        let acks: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|m| match m {
-                AckMsg::Ack(id, _) => Some(id.as_str()),
+                AckMsg::Ack(id, job, _) => Some((id.as_str(), job.as_str())),
                 AckMsg::Flush(_) => None,
             })
             .collect();
+        let ids: Vec<&str> = acks.iter().map(|(id, _)| *id).collect();
         if !ids.is_empty() {
             let mut backoff = Backoff::new();
             loop {
-                let res: redis::RedisResult<()> = redis::pipe()
-                    .cmd("XACK")
-                    .arg(&stream)
+                let mut inv = scripts::ACK.prepare_invoke();
+                inv.key(&stream)
+                    .key(&live)
+                    .key(&again)
                     .arg(GROUP)
-                    .arg(&ids)
-                    .ignore()
-                    .cmd("XDEL")
-                    .arg(&stream)
-                    .arg(&ids)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await;
+                    .arg(&shared.name)
+                    .arg(now_ms());
+                for (id, job) in &acks {
+                    inv.arg(*id).arg(*job);
+                }
+                let res: redis::RedisResult<i64> = inv.invoke_async(&mut conn).await;
+                let res = res.map(drop);
                 match res {
                     Ok(()) => break,
                     // The group (or the whole stream) is gone after a Redis restart: nothing left to acknowledge.
@@ -810,7 +836,7 @@ async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>)
             }
         }
         for msg in batch.drain(..) {
-            let (AckMsg::Ack(_, done) | AckMsg::Flush(done)) = msg;
+            let (AckMsg::Ack(_, _, done) | AckMsg::Flush(done)) = msg;
             let _ = done.send(());
         }
     }
@@ -825,9 +851,11 @@ async fn run_refresher(shared: std::sync::Weak<Shared>) {
             .owned
             .lock()
             .expect("owned lock")
-            .iter()
+            .keys()
             .cloned()
             .collect();
+        let started = now_ms();
+        let mut all_refreshed = true;
         let mut conn = s.queue.broker().connection();
         for chunk in ids.chunks(BATCH) {
             let res: redis::RedisResult<Vec<String>> = scripts::REFRESH
@@ -842,14 +870,23 @@ async fn run_refresher(shared: std::sync::Weak<Shared>) {
                     let mut owned = s.owned.lock().expect("owned lock");
                     for id in lost {
                         // Acknowledged since the snapshot: not lost, just done.
-                        if owned.remove(&id) {
+                        if let Some(claim) = owned.remove(&id) {
+                            claim.lose();
                             tracing::warn!(queue = s.queue.name(), consumer = %s.name, entry_id = %id, "Lost the claim on a running job to another consumer");
                             metrics::counter!(m::QUEUE_CLAIMS_LOST, &s.labels()).increment(1);
                         }
                     }
                 }
-                Err(e) => s.redis_error("refresh", &e),
+                Err(e) => {
+                    all_refreshed = false;
+                    s.redis_error("refresh", &e);
+                }
             }
+        }
+        if all_refreshed {
+            s.refreshed_ms.store(started, Ordering::Release);
+        } else if s.claims_lapsed() {
+            tracing::warn!(queue = s.queue.name(), consumer = %s.name, "Could not refresh the claims for half of reclaim_after: another consumer may take the running jobs over, so they stop before their next paid call");
         }
         s.beat();
         drop(s);

@@ -7,6 +7,8 @@
 //! | `stream` | stream + consumer group `workers` | jobs waiting (after the group's last-delivered id) and jobs in flight (its pending entries list) |
 //! | `delayed` | sorted set | envelopes of failed attempts, scored by the time (Redis clock, ms) they are due again |
 //! | `dead` | stream, capped | dead letters: payload, attempts and last error |
+//! | `live` | set | the ids of the jobs that are waiting, in flight or delayed |
+//! | `again` | hash | payloads of live jobs that must run once more when their live copy ends ([`Queue::push_again`]) |
 //!
 //! Delivery is at-least-once:
 //! - workers read with `XREADGROUP ... BLOCK`, so an idle worker wakes the moment a job is pushed;
@@ -17,7 +19,12 @@
 //! - the acknowledgement (`XACK` + `XDEL`, batched) happens after the handler returns, so acknowledged entries leave
 //!   Redis at once and its memory stays bounded;
 //! - every run counts as an attempt (`a` in the envelope plus the stream's delivery count), so a job that keeps
-//!   crashing its process is dead-lettered after `max_deliveries` like one that keeps failing.
+//!   crashing its process is dead-lettered after `max_deliveries` like one that keeps failing;
+//! - a push is deduplicated by job id in the same atomic step as the `XADD`: a job whose id is still waiting, in
+//!   flight or delayed (`live`) is not added again, so re-pushing (the reconciler, a redelivered stage, a retry
+//!   request) never duplicates live work. The id leaves `live` when its job is acknowledged or dead-lettered;
+//! - a handler can tell when its claim was taken over ([`Delivery::claim_lost`]), so it stops before it calls a
+//!   paid provider again.
 //!
 //! Failed attempts go to the `delayed` set with exponential backoff and jitter (or the delay the handler asked
 //! for), and any worker's promoter moves them back into the stream when due. Permanent errors, payloads that do
@@ -67,6 +74,95 @@ pub struct Delivery {
     pub ready_at_ms: u64,
     /// The error of the previous attempt, if there was one.
     pub last_error: Option<String>,
+    /// This consumer's claim on the job, watched while the handler runs.
+    pub claim: Claim,
+}
+
+impl Delivery {
+    /// Whether another consumer may have taken this job over: the claim was found lost, or the consumer could not
+    /// refresh it for half of `reclaim_after` (after which any replica may reclaim it). A handler checks this
+    /// before each paid call and stops (its job is retried) instead of duplicating the other consumer's work.
+    pub fn claim_lost(&self) -> bool {
+        self.claim.is_lost()
+    }
+}
+
+tokio::task_local! {
+    /// The claim of the job the current task runs for (set around every handler by the backend).
+    static CLAIM: Claim;
+}
+
+/// Runs `fut` with `claim` as the current task's claim (see [`current_claim_lost`]).
+pub(crate) async fn with_claim<F: std::future::Future>(claim: Claim, fut: F) -> F::Output {
+    CLAIM.scope(claim, fut).await
+}
+
+/// Whether the job the current task runs for was taken over by another consumer ([`Delivery::claim_lost`]);
+/// `false` outside a job. Provider clients check it before each paid request of a call that makes several.
+pub fn current_claim_lost() -> bool {
+    CLAIM.try_with(Claim::is_lost).unwrap_or(false)
+}
+
+/// A consumer's claim on one delivered job, shared between the handler and the consumer's refresher.
+#[derive(Clone)]
+pub struct Claim(Arc<ClaimState>);
+
+struct ClaimState {
+    lost: std::sync::atomic::AtomicBool,
+    /// When this consumer took the job (read or reclaimed it), ms since the epoch.
+    taken_ms: u64,
+    /// When the consumer last refreshed its claims successfully, ms since the epoch (shared by its claims).
+    refreshed_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// How long without a refresh before another consumer may reclaim the job, in ms.
+    lapse_ms: u64,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl Claim {
+    pub(crate) fn new(refreshed_ms: Arc<std::sync::atomic::AtomicU64>, lapse: Duration) -> Self {
+        Self(Arc::new(ClaimState {
+            lost: std::sync::atomic::AtomicBool::new(false),
+            taken_ms: now_ms(),
+            refreshed_ms,
+            lapse_ms: lapse.as_millis() as u64,
+        }))
+    }
+
+    /// A claim nobody refreshes or takes over (for jobs run outside a consumer, in tests and tools).
+    pub fn detached() -> Self {
+        Self::new(
+            Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            Duration::ZERO,
+        )
+    }
+
+    /// Marks the claim lost (the refresher found another owner).
+    pub(crate) fn lose(&self) {
+        self.0
+            .lost
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// See [`Delivery::claim_lost`].
+    pub fn is_lost(&self) -> bool {
+        if self.0.lost.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        let refreshed = self
+            .0
+            .refreshed_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        // Fresh since the later of its taking and the consumer's last complete refresh.
+        refreshed != u64::MAX
+            && now_ms().saturating_sub(refreshed.max(self.0.taken_ms)) >= self.0.lapse_ms
+    }
 }
 
 /// A job as stored in the stream and in the delayed set.
@@ -126,6 +222,8 @@ pub(crate) struct Keys {
     pub stream: String,
     pub delayed: String,
     pub dead: String,
+    pub live: String,
+    pub again: String,
 }
 
 impl Keys {
@@ -135,6 +233,8 @@ impl Keys {
             stream: format!("{base}:stream"),
             delayed: format!("{base}:delayed"),
             dead: format!("{base}:dead"),
+            live: format!("{base}:live"),
+            again: format!("{base}:again"),
         }
     }
 }
@@ -302,20 +402,47 @@ impl QueueHandle {
         }
     }
 
-    /// Pushes raw envelopes in pipelines of [`BATCH`].
-    async fn push_envelopes(&self, envelopes: &[Envelope]) -> Result<(), QueueError> {
+    /// Pushes (job id, JSON payload) pairs in script calls of at most [`BATCH`]. Ids that are live are not added;
+    /// with `again`, they are marked to run once more after their live copy. Returns the ids that were added.
+    async fn push_jobs(
+        &self,
+        jobs: &[(String, String)],
+        again: bool,
+    ) -> Result<Vec<String>, QueueError> {
         let mut conn = self.conn();
-        for chunk in envelopes.chunks(BATCH) {
-            let mut pipe = redis::pipe();
-            for env in chunk {
-                pipe.xadd(&self.inner.keys.stream, "*", &env.fields())
-                    .ignore();
+        let now = now_ms();
+        let mut added = Vec::new();
+        for chunk in jobs.chunks(BATCH) {
+            let mut inv = scripts::PUSH.prepare_invoke();
+            inv.key(&self.inner.keys.stream)
+                .key(&self.inner.keys.live)
+                .key(&self.inner.keys.again)
+                .arg(now)
+                .arg(if again { "again" } else { "once" });
+            for (id, payload) in chunk {
+                inv.arg(id).arg(payload);
             }
-            pipe.query_async::<()>(&mut conn).await?;
+            let ids: Vec<String> = inv.invoke_async(&mut conn).await?;
+            added.extend(ids);
         }
         metrics::counter!(crate::metrics::QUEUE_PUSHED, "stage" => self.inner.name.to_string())
-            .increment(envelopes.len() as u64);
-        Ok(())
+            .increment(added.len() as u64);
+        Ok(added)
+    }
+
+    /// Which of `job_ids` are live (waiting, in flight or delayed), in order.
+    pub async fn live(&self, job_ids: &[String]) -> Result<Vec<bool>, QueueError> {
+        let mut conn = self.conn();
+        let mut out = Vec::with_capacity(job_ids.len());
+        for chunk in job_ids.chunks(BATCH) {
+            let flags: Vec<i64> = scripts::LIVE
+                .key(&self.inner.keys.live)
+                .arg(chunk)
+                .invoke_async(&mut conn)
+                .await?;
+            out.extend(flags.into_iter().map(|f| f == 1));
+        }
+        Ok(out)
     }
 
     /// Reads the queue's state.
@@ -377,6 +504,7 @@ impl QueueHandle {
                 let n: u64 = scripts::REPLAY
                     .key(&k.dead)
                     .key(&k.stream)
+                    .key(&k.live)
                     .arg(BATCH)
                     .invoke_async(&mut conn)
                     .await?;
@@ -390,6 +518,7 @@ impl QueueHandle {
                 let n: u64 = scripts::REPLAY
                     .key(&k.dead)
                     .key(&k.stream)
+                    .key(&k.live)
                     .arg(BATCH)
                     .arg(chunk)
                     .invoke_async(&mut conn)
@@ -479,50 +608,58 @@ impl<T: Serialize> Queue<T> {
         Ok(id)
     }
 
-    /// Pushes one job under a job id of the caller's (for example a document id and stage).
-    pub async fn push_with_id(&self, id: &str, job: &T) -> Result<(), QueueError> {
-        let env = Envelope::new(
-            id.to_owned(),
-            serde_json::to_string(job).map_err(QueueError::Encode)?,
-        );
-        self.handle.push_envelopes(std::slice::from_ref(&env)).await
+    /// Pushes one job under a job id of the caller's (for example a document id and stage). Returns `false`
+    /// when a job of that id was already waiting, in flight or delayed: it was not pushed twice.
+    pub async fn push_with_id(&self, id: &str, job: &T) -> Result<bool, QueueError> {
+        let payload = serde_json::to_string(job).map_err(QueueError::Encode)?;
+        let added = self
+            .handle
+            .push_jobs(&[(id.to_owned(), payload)], false)
+            .await?;
+        Ok(!added.is_empty())
     }
 
-    /// Pushes many jobs under job ids of the caller's, pipelined in batches.
-    pub async fn push_batch<'a, I>(&self, jobs: I) -> Result<(), QueueError>
+    /// Pushes jobs that must run after whatever copy of them is live: a job id that is not live is pushed; one
+    /// that is (a copy about to end, which may decide to do nothing) is marked to run once more, with fresh
+    /// attempts, when that copy is acknowledged or dead-lettered. For work the caller has just made necessary,
+    /// such as a retry of a failed document. Returns the ids that were added at once.
+    pub async fn push_again<'a, I>(&self, jobs: I) -> Result<Vec<String>, QueueError>
     where
         I: IntoIterator<Item = (&'a str, &'a T)>,
         T: 'a,
     {
-        let envelopes = jobs
-            .into_iter()
-            .map(|(id, job)| {
-                Ok(Envelope::new(
-                    id.to_owned(),
-                    serde_json::to_string(job).map_err(QueueError::Encode)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, QueueError>>()?;
-        self.handle.push_envelopes(&envelopes).await
+        let jobs = encode_jobs(jobs)?;
+        self.handle.push_jobs(&jobs, true).await
     }
 
-    /// Pushes many jobs, pipelined in batches; returns their ids in order.
+    /// Pushes many jobs under job ids of the caller's, in batches, each at most once (see
+    /// [`Queue::push_with_id`]). Returns the ids that were added.
+    pub async fn push_batch<'a, I>(&self, jobs: I) -> Result<Vec<String>, QueueError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a T)>,
+        T: 'a,
+    {
+        let jobs = encode_jobs(jobs)?;
+        self.handle.push_jobs(&jobs, false).await
+    }
+
+    /// Pushes many jobs under new ids, in batches; returns their ids in order.
     pub async fn push_many<'a, I>(&self, jobs: I) -> Result<Vec<String>, QueueError>
     where
         I: IntoIterator<Item = &'a T>,
         T: 'a,
     {
-        let envelopes = jobs
+        let jobs = jobs
             .into_iter()
             .map(|job| {
-                Ok(Envelope::new(
+                Ok((
                     new_job_id(),
                     serde_json::to_string(job).map_err(QueueError::Encode)?,
                 ))
             })
             .collect::<Result<Vec<_>, QueueError>>()?;
-        self.handle.push_envelopes(&envelopes).await?;
-        Ok(envelopes.into_iter().map(|e| e.id).collect())
+        self.handle.push_jobs(&jobs, false).await?;
+        Ok(jobs.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Pushes a job that becomes runnable after `delay`.
@@ -533,16 +670,13 @@ impl<T: Serialize> Queue<T> {
             serde_json::to_string(job).map_err(QueueError::Encode)?,
         );
         let member = serde_json::to_string(&env).map_err(QueueError::Encode)?;
-        let _: () = redis::cmd("EVAL")
-            .arg(
-                "local t = redis.call('TIME') \
-                 redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1]), ARGV[2])",
-            )
-            .arg(1)
-            .arg(&self.handle.keys().delayed)
+        let _: i64 = scripts::PUSH_DELAYED
+            .key(&self.handle.keys().delayed)
+            .key(&self.handle.keys().live)
+            .arg(&id)
             .arg(delay.as_millis() as u64)
             .arg(member)
-            .query_async(&mut self.handle.conn())
+            .invoke_async(&mut self.handle.conn())
             .await?;
         Ok(id)
     }
@@ -554,6 +688,20 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Queue<T> {
     pub fn consumer(&self, name: impl Into<String>, concurrency: usize) -> Consumer<T> {
         Consumer::new(self.handle.clone(), name.into(), concurrency.max(1))
     }
+}
+
+/// (job id, JSON payload) pairs.
+fn encode_jobs<'a, T: Serialize + 'a>(
+    jobs: impl IntoIterator<Item = (&'a str, &'a T)>,
+) -> Result<Vec<(String, String)>, QueueError> {
+    jobs.into_iter()
+        .map(|(id, job)| {
+            Ok((
+                id.to_owned(),
+                serde_json::to_string(job).map_err(QueueError::Encode)?,
+            ))
+        })
+        .collect()
 }
 
 /// A job id: time-ordered (ms since the epoch) with 64 random bits, so ids sort by creation.

@@ -19,4 +19,8 @@ script!(DEAD, "lua/dead.lua");
 script!(PROMOTE, "lua/promote.lua");
 script!(RELEASE, "lua/release.lua");
 script!(STATS, "lua/stats.lua");
+script!(PUSH, "lua/push.lua");
+script!(PUSH_DELAYED, "lua/push_delayed.lua");
+script!(ACK, "lua/ack.lua");
+script!(LIVE, "lua/live.lua");
 script!(REPLAY, "lua/replay.lua");

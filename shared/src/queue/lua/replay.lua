@@ -1,6 +1,7 @@
 -- Moves dead letters back to the queue with a fresh attempt count: the given ids, or up to `limit` of the
--- oldest when no id is given. Returns the number moved.
--- KEYS[1] dead  KEYS[2] stream   ARGV[1] limit  ARGV[2..] dead-letter entry ids (optional)
+-- oldest when no id is given. A dead letter whose job was pushed again meanwhile (its id is live) is only removed,
+-- so a replay never runs a job twice. Returns the number of dead letters taken.
+-- KEYS[1] dead  KEYS[2] stream  KEYS[3] live   ARGV[1] limit  ARGV[2..] dead-letter entry ids (optional)
 local entries = {}
 if #ARGV > 1 then
   for i = 2, #ARGV do
@@ -16,9 +17,12 @@ for _, e in ipairs(entries) do
   local h = {}
   local f = e[2]
   for k = 1, #f, 2 do h[f[k]] = f[k + 1] end
-  local out = {'id', h['id'], 'p', h['p'], 'a', '0', 'e', now}
+  local id = h['id'] or e[1]
+  local out = {'id', id, 'p', h['p'] or '', 'a', '0', 'e', now}
   if h['err'] then out[#out + 1] = 'err'; out[#out + 1] = h['err'] end
-  redis.call('XADD', KEYS[2], '*', unpack(out))
+  if redis.call('SADD', KEYS[3], id) == 1 then
+    redis.call('XADD', KEYS[2], '*', unpack(out))
+  end
   redis.call('XDEL', KEYS[1], e[1])
 end
 return #entries
