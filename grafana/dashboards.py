@@ -175,9 +175,10 @@ PROVIDERS = {
               unit="percentunit", thresholds=[("green", None), ("yellow", 0.9), ("red", 1)], width=8, height=6,
               min_value=0, max_value=1.1),
         panel("Paused providers", "stat",
-              "1 while a provider is paused fleet-wide after running out of quota or credit "
-              "(`producer quota resume <provider>` ends it).",
-              [target("max by (provider) (upload_pipeline_quota_paused_providers)", "{{provider}}")],
+              "1 while a provider is paused fleet-wide, by reason: quota (out of quota or credit) or auth (it "
+              "refused our key). A probe call that succeeds or `producer quota resume <provider>` ends it.",
+              [target("max by (provider, reason) (upload_pipeline_quota_paused_providers)",
+                      "{{provider}} {{reason}}")],
               thresholds=[("green", None), ("red", 1)], width=8, height=6),
         panel("Estimated spend", "stat",
               "Estimated provider spend in US dollars since the processes started (tokens times the configured "

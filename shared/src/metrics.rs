@@ -79,7 +79,10 @@ pub const PROVIDER_OUTCOMES: &[&str] = &[
     "transient",
     "permanent",
     "too_large",
+    "unauthorized",
 ];
+/// Why a provider is paused, for [`QUOTA_PAUSES`] and [`QUOTA_PAUSED`]: out of quota or credit, or a refused key.
+pub const PAUSE_REASONS: &[&str] = &["quota", "auth"];
 /// Operations of [`QUEUE_REDIS_ERRORS`].
 pub const REDIS_OPS: &[&str] = &["ack", "connect", "promote", "read", "reclaim", "refresh"];
 /// Document statuses of [`DOCUMENTS_STORED`].
@@ -184,9 +187,9 @@ pub const QUOTA_WAIT: &str = "upload_pipeline_quota_wait_seconds";
 pub const QUOTA_DEFERRED: &str = "upload_pipeline_quota_deferred_calls_total";
 /// Fleet-wide cool-downs set after a 429, by provider.
 pub const QUOTA_COOLDOWNS: &str = "upload_pipeline_quota_cooldowns_total";
-/// Fleet-wide pauses after the provider ran out of quota or credit, by provider.
+/// Fleet-wide pauses of a provider, by provider and reason ([`PAUSE_REASONS`]).
 pub const QUOTA_PAUSES: &str = "upload_pipeline_quota_pauses_total";
-/// 1 while a provider is paused fleet-wide (read from Redis at scrape time), by provider.
+/// 1 while a provider is paused fleet-wide for a reason (read from Redis at scrape time), by provider and reason.
 pub const QUOTA_PAUSED: &str = "upload_pipeline_quota_paused_providers";
 /// Units reserved from the fleet's budget before calls, by provider and resource (requests, tokens, uploads).
 pub const QUOTA_RESERVED: &str = "upload_pipeline_quota_reserved_units_total";
@@ -413,7 +416,7 @@ pub const CATALOGUE: &[Metric] = &[
     counter(
         PROVIDER_REQUESTS,
         &["provider", "operation", "outcome"],
-        "Requests to external providers, by provider, operation and outcome (ok, rate_limited: a 429, quota, throttled, transient, permanent, too_large).",
+        "Requests to external providers, by provider, operation and outcome (ok, rate_limited: a 429, quota, throttled, transient, permanent, too_large, unauthorized: a 401/403).",
         Both,
     ),
     histogram(
@@ -456,14 +459,14 @@ pub const CATALOGUE: &[Metric] = &[
     ),
     counter(
         QUOTA_PAUSES,
-        &["provider"],
-        "Fleet-wide pauses after the provider ran out of quota or credit, by provider.",
+        &["provider", "reason"],
+        "Fleet-wide pauses of a provider, by provider and reason (quota: out of quota or credit; auth: it refused our key).",
         Worker,
     ),
     gauge(
         QUOTA_PAUSED,
-        &["provider"],
-        "1 while the provider is paused fleet-wide for quota, else 0 (read from Redis at scrape time).",
+        &["provider", "reason"],
+        "1 while the provider is paused fleet-wide for that reason (quota or auth), else 0 (read from Redis at scrape time).",
         Producer,
     ),
     counter(
@@ -645,8 +648,12 @@ pub fn register_series(
             metrics::counter!(PROVIDER_TRUNCATED_INPUTS, "provider" => provider).absolute(0);
         }
         if role == "worker" && matches!(provider, "openai" | "llamaparse") {
-            for name in [QUOTA_DEFERRED, QUOTA_COOLDOWNS, QUOTA_PAUSES, QUOTA_USED] {
+            for name in [QUOTA_DEFERRED, QUOTA_COOLDOWNS, QUOTA_USED] {
                 metrics::counter!(name, "provider" => provider).absolute(0);
+            }
+            for &reason in PAUSE_REASONS {
+                metrics::counter!(QUOTA_PAUSES, "provider" => provider, "reason" => reason)
+                    .absolute(0);
             }
         }
     }
@@ -698,6 +705,8 @@ pub fn catalogue_markdown() -> String {
         ("outcome", PROVIDER_REQUESTS, PROVIDER_OUTCOMES),
         ("status", DOCUMENTS_STORED, DOCUMENT_STATUSES),
         ("op", QUEUE_REDIS_ERRORS, REDIS_OPS),
+        ("reason", QUOTA_PAUSES, PAUSE_REASONS),
+        ("reason", QUOTA_PAUSED, PAUSE_REASONS),
     ] {
         let _ = writeln!(out, "- `{label}` of `{metric}`: {}.", values.join(", "));
     }
@@ -753,15 +762,21 @@ pub async fn refresh_document_gauges(pool: &sqlx::PgPool) {
     }
 }
 
-/// Reads whether each remote provider is paused fleet-wide and sets [`QUOTA_PAUSED`].
+/// Reads whether and why each remote provider is paused fleet-wide and sets [`QUOTA_PAUSED`].
 pub async fn refresh_quota_gauges(quota: &crate::quota::Quota) {
     for provider in ["openai", "llamaparse"] {
-        let paused =
-            tokio::time::timeout(std::time::Duration::from_secs(2), quota.is_paused(provider))
-                .await;
+        let paused = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            quota.pause_reason(provider),
+        )
+        .await;
         match paused {
-            Ok(Ok(p)) => {
-                metrics::gauge!(QUOTA_PAUSED, "provider" => provider).set(if p { 1.0 } else { 0.0 })
+            Ok(Ok(why)) => {
+                for reason in crate::quota::PauseReason::ALL {
+                    let on = why == Some(reason);
+                    metrics::gauge!(QUOTA_PAUSED, "provider" => provider, "reason" => reason.as_str())
+                        .set(if on { 1.0 } else { 0.0 });
+                }
             }
             Ok(Err(e)) => {
                 tracing::warn!(provider, error = %e, "Could not read the quota pause for /metrics")

@@ -7,7 +7,8 @@
 //!   with FastAPI `{"detail": ...}` bodies.
 //! - Faults are injected by rate: 5xx, hangs past the client's timeout, malformed JSON, connections cut
 //!   mid-answer, `insufficient_quota`, and parse jobs that end in error. Quota exhaustion can also be switched
-//!   on and off as a whole (OpenAI `insufficient_quota`, LlamaParse 402).
+//!   on and off as a whole (OpenAI `insufficient_quota`, LlamaParse 402), and so can a revoked key (401 with the
+//!   provider's own body, whatever key is sent).
 //! - Embeddings are deterministic (the hashing embedder at the requested dimensions); parse results come from
 //!   the project's local parsers, page by page.
 //! - `GET /_fake/stats` counts calls; `PUT /_fake/config` replaces the configuration; `POST /_fake/reset` zeroes
@@ -140,6 +141,8 @@ pub struct OpenAiConfig {
     pub faults: Faults,
     /// Every request gets 429 `insufficient_quota` while set.
     pub quota_exhausted: bool,
+    /// Every request gets 401 `invalid_api_key` while set, as if its key had been revoked.
+    pub key_revoked: bool,
     /// The next this many requests get 503, whatever the rates say (deterministic retry tests).
     pub fail_next: u64,
     /// Models served and their native dimensions.
@@ -162,6 +165,7 @@ impl Default for OpenAiConfig {
             retry_after_header: false,
             faults: Faults::default(),
             quota_exhausted: false,
+            key_revoked: false,
             fail_next: 0,
             models: [
                 ("text-embedding-3-small", 1536),
@@ -194,6 +198,8 @@ pub struct LlamaParseConfig {
     pub faults: Faults,
     /// Every upload gets 402 while set (credits exhausted).
     pub credits_exhausted: bool,
+    /// Every request gets 401 while set, as if its key had been revoked.
+    pub key_revoked: bool,
 }
 
 /// The whole configuration.
@@ -540,6 +546,22 @@ async fn embeddings(State(s): State<Shared>, headers: HeaderMap, body: Bytes) ->
     }
 }
 
+/// A key as OpenAI shows it in a 401: its first three and last four characters (all hidden when that would be
+/// most of it).
+fn masked(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() < 12 {
+        return "*".repeat(chars.len());
+    }
+    let (head, tail) = (&chars[..3], &chars[chars.len() - 4..]);
+    format!(
+        "{}{}{}",
+        head.iter().collect::<String>(),
+        "*".repeat(chars.len() - 7),
+        tail.iter().collect::<String>()
+    )
+}
+
 fn request_key(headers: &HeaderMap, azure: bool) -> Option<String> {
     if let (true, Some(k)) = (azure, headers.get("api-key").and_then(|v| v.to_str().ok())) {
         return Some(k.to_owned());
@@ -593,13 +615,26 @@ async fn embed_request(s: Shared, headers: HeaderMap, body: Value, azure: bool) 
     };
     tokio::time::sleep(config.latency.sample()).await;
     let key = request_key(&headers, azure);
-    if !config.keys.is_empty() && !key.as_ref().is_some_and(|k| config.keys.contains(k)) {
-        return openai_error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
-            "invalid_request_error",
-            Some("invalid_api_key"),
-        );
+    let refused = config.key_revoked
+        || (!config.keys.is_empty() && !key.as_ref().is_some_and(|k| config.keys.contains(k)));
+    if refused {
+        return match &key {
+            None => openai_error(
+                StatusCode::UNAUTHORIZED,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) if you're accessing the API from your browser and are prompted for a username and password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
+                "invalid_request_error",
+                None,
+            ),
+            Some(k) => openai_error(
+                StatusCode::UNAUTHORIZED,
+                &format!(
+                    "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
+                    masked(k)
+                ),
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+        };
     }
     let quota = || {
         openai_error(
@@ -897,7 +932,12 @@ async fn llama_gate(s: &Shared, headers: &HeaderMap, upload: bool) -> Option<Res
     let config = s.lock().config.llamaparse.clone();
     tokio::time::sleep(config.latency.sample()).await;
     let key = request_key(headers, false);
-    if !config.keys.is_empty() && !key.as_ref().is_some_and(|k| config.keys.contains(k)) {
+    if key.is_none() && (config.key_revoked || !config.keys.is_empty()) {
+        return Some(detail(StatusCode::UNAUTHORIZED, "Not authenticated"));
+    }
+    if config.key_revoked
+        || (!config.keys.is_empty() && !key.as_ref().is_some_and(|k| config.keys.contains(k)))
+    {
         return Some(detail(
             StatusCode::UNAUTHORIZED,
             "Invalid authentication token",
@@ -1335,6 +1375,15 @@ mod tests {
         assert!(draws.iter().all(|d| (2.0..=8.0).contains(d)));
         let mean = draws.iter().sum::<f64>() / draws.len() as f64;
         assert!((4.8..5.2).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn refused_keys_are_shown_masked() {
+        assert_eq!(
+            masked("sk-SECRET-openai-5f0c1e9a7b3d"),
+            "sk-**********************7b3d"
+        );
+        assert_eq!(masked("sk-wrong"), "********");
     }
 
     #[test]

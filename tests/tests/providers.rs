@@ -137,7 +137,7 @@ async fn azure_deployments_take_the_api_key_header() {
     assert_eq!(embedder(&s).embed(&texts(2)).await.unwrap().len(), 2);
     s.embedding.openai.api_key = upload_pipeline::settings::Secret("wrong".into());
     let err = embedder(&s).embed(&texts(1)).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::Unauthorized { .. }), "{err:?}");
 }
 
 /// Sets `faults` (every request faulty) and returns the client's error.
@@ -195,10 +195,16 @@ async fn openai_faults_are_classified_retryable_or_permanent() {
         "{err:?}"
     );
 
-    s.embedding.openai.api_key = upload_pipeline::settings::Secret("sk-wrong".into());
+    // A refused key is not the document's fault: the stage waits for the key instead of failing.
+    s.embedding.openai.api_key = upload_pipeline::settings::Secret("sk-wrong-key-0000".into());
     fake.configure(&keys()).await;
     let err = embedder(&s).embed(&texts(1)).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    assert!(
+        matches!(&err, ProviderError::Unauthorized { message, .. }
+            if message.contains("Incorrect API key provided: sk-**********0000")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
 }
 
 /// What an error must look like.
@@ -322,7 +328,11 @@ async fn llamaparse_v2_and_v1_return_pages_and_classify_every_fault() {
         let mut wrong = s.clone();
         wrong.parsing.llamaparse.api_key = upload_pipeline::settings::Secret("llx-wrong".into());
         let err = llamaparse(&wrong).parse(&pdf()).await.unwrap_err();
-        assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+        assert!(
+            matches!(&err, ProviderError::Unauthorized { message, .. }
+                if message.contains("Invalid authentication token")),
+            "{api:?}: {err:?}"
+        );
         s.parsing.llamaparse.request_timeout = Duration::from_millis(800);
     }
 }

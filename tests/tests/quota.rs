@@ -1,10 +1,20 @@
 //! Quota-aware concurrency: the fleet shares one budget per provider through Redis. Worker processes against the
 //! fake providers' enforced limits use nearly all of them with almost no 429, take up a killed replica's share,
 //! and one provider's cool-down never slows another. The limiter's pause, probe, resume, daily budget and
-//! deferral are checked against the real Redis.
+//! deferral are checked against the real Redis. No document waits for ever: a batch larger than a low token
+//! budget grants at once is split and every part granted, a large request is served in its turn among small
+//! ones, a place in line left by a killed caller lapses, settings whose single chunk can never fit are refused at
+//! start-up, and a refused key pauses its provider until a probe finds it working again.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use sha2::{Digest, Sha256};
 use tests::{
     WorkerProcess,
     fake::{FakeConfig, FakeProviders, LlamaParseConfig, OpenAiConfig, Stats, Window},
@@ -12,13 +22,14 @@ use tests::{
 };
 use upload_pipeline::{
     Settings,
-    providers::ProviderError,
-    quota::{Limit, Quota},
-    settings::{EmbedderKind, ParserKind, Secret},
+    parsing::DocKind,
+    providers::{Embedder, ParseInput, ProviderError, openai::OpenAiEmbedder},
+    quota::{Limit, PauseReason, Quota},
+    settings::{EmbedderKind, ParserKind, Secret, SettingsError},
 };
 use uuid::Uuid;
 
-/// The two load runs measure utilisation: they take turns, so neither competes with the other for the CPU.
+/// The runs that measure utilisation take turns, so none competes with another for the CPU.
 static LOAD_RUN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const WORDS: &[&str] = &[
@@ -341,7 +352,7 @@ async fn pauses_probe_resume_defer_and_stop_at_the_daily_budget() {
 
     // Out of quota: paused fleet-wide, then one probe per quota_wait; its success ends the pause.
     let fresh = quota.budget("openai", "m2", "sk-c", limits.clone(), 4);
-    fresh.pause("insufficient_quota").await;
+    fresh.pause(PauseReason::Quota, "insufficient_quota").await;
     assert!(matches!(
         fresh.acquire(&[("requests", 1.0)]).await.unwrap_err(),
         ProviderError::QuotaExhausted { .. }
@@ -357,10 +368,35 @@ async fn pauses_probe_resume_defer_and_stop_at_the_daily_budget() {
         .await
         .expect("the pause is over");
 
+    // A refused key pauses the same way, and says so: calls are refused as unauthorized, not out of quota.
+    fresh
+        .pause(
+            PauseReason::Auth,
+            "HTTP 401 Unauthorized: Incorrect API key provided",
+        )
+        .await;
+    assert_eq!(
+        quota.pause_reason("openai").await.unwrap(),
+        Some(PauseReason::Auth)
+    );
+    match fresh.acquire(&[("requests", 1.0)]).await.unwrap_err() {
+        ProviderError::Unauthorized { message, .. } => {
+            assert!(message.contains("refusing our key"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let shown = quota.report().await.unwrap();
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.key == "openai:pause" && r.value.starts_with("auth: HTTP 401")),
+        "{shown:?}"
+    );
+
     // An operator can end a pause too.
-    fresh.pause("insufficient_quota").await;
     assert!(quota.resume("openai").await.unwrap());
     assert!(!quota.resume("openai").await.unwrap());
+    assert_eq!(quota.pause_reason("openai").await.unwrap(), None);
 
     // The daily budget: past it, calls stop until the next day.
     let mut daily = s.clone();
@@ -464,4 +500,438 @@ async fn with_its_redis_gone_the_limiter_lets_calls_through_and_resumes_with_red
     .await;
     budget.settle(permit, &[], &[], 0).await;
     assert!(!quota.is_paused("openai").await.unwrap());
+}
+
+/// The free tier (40,000 tokens and 100 requests a minute) with times scaled down five times: the same limits
+/// per 12 s window, and `quota.max_wait` 6 s instead of the default 30 s.
+const FREE_TOKENS: u64 = 40_000;
+const FREE_REQUESTS: u64 = 100;
+const SCALED_WINDOW: Duration = Duration::from_secs(12);
+const SCALED_MAX_WAIT: Duration = Duration::from_secs(6);
+
+fn free_tier_fake() -> FakeConfig {
+    let mut config = fake_keys();
+    config.openai.tokens = Some(Window {
+        limit: FREE_TOKENS,
+        window_ms: SCALED_WINDOW.as_millis() as u64,
+    });
+    config.openai.requests = Some(Window {
+        limit: FREE_REQUESTS,
+        window_ms: SCALED_WINDOW.as_millis() as u64,
+    });
+    config
+}
+
+fn free_tier_limits() -> Vec<Limit> {
+    vec![
+        Limit {
+            name: "requests",
+            limit: FREE_REQUESTS as f64,
+            window: SCALED_WINDOW,
+        },
+        Limit {
+            name: "tokens",
+            limit: FREE_TOKENS as f64,
+            window: SCALED_WINDOW,
+        },
+    ]
+}
+
+/// `n` texts of `tokens` cl100k tokens each (give or take one where two words meet), unique to `tag`.
+fn chunks(tag: &str, n: usize, tokens: usize) -> Vec<String> {
+    let bpe = upload_pipeline::chunking::tokenizer();
+    (0..n)
+        .map(|i| {
+            let long = text(tag, i, tokens + 180);
+            let ids = bpe.encode_ordinary(&long);
+            bpe.decode(&ids[..tokens.min(ids.len())])
+                .expect("whole tokens decode")
+        })
+        .collect()
+}
+
+/// Tokens of `texts`, counted as the client and the fake count them.
+fn tokens_of(texts: &[String]) -> u64 {
+    let bpe = upload_pipeline::chunking::tokenizer();
+    texts
+        .iter()
+        .map(|t| bpe.encode_ordinary(t).len() as u64)
+        .sum()
+}
+
+/// Embeds `texts` as an embed job does: a deferral sends the job back to the queue for the time it names (the
+/// queue's delay, simulated), then it runs again. Returns how often it was deferred.
+async fn embed_like_a_job(embedder: &OpenAiEmbedder, texts: &[String]) -> u32 {
+    let mut deferrals = 0;
+    loop {
+        match embedder.embed(texts).await {
+            Ok(vectors) => {
+                assert_eq!(vectors.len(), texts.len());
+                return deferrals;
+            }
+            Err(ProviderError::Throttled { retry_after, .. }) => {
+                deferrals += 1;
+                assert!(deferrals < 40, "deferred again and again");
+                tokio::time::sleep(retry_after).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_burst_is_split_and_every_part_is_granted_at_a_40000_token_limit() {
+    let _turn = LOAD_RUN.lock().await;
+    let fake = FakeProviders::start(free_tier_fake()).await;
+    let mut s = base("quota-split", &fake);
+    s.quota.max_wait = SCALED_MAX_WAIT;
+    let quota = Quota::connect(&s).await.unwrap();
+    let budget = quota.budget(
+        "openai",
+        &s.embedding.model,
+        "sk-test",
+        free_tier_limits(),
+        16,
+    );
+    let largest = budget.largest_request("tokens").expect("a token limit");
+    // A full batch, 64 chunks of 512 tokens: 82 % of a window's limit, 40 times the bucket's burst (800), more
+    // than refills within max_wait. Before requests were sized it was deferred again and again.
+    let batch = chunks("split", 64, 512);
+    let total = tokens_of(&batch);
+    assert!(
+        total as f64 > 4.0 * largest,
+        "{total} tokens against requests of at most {largest}"
+    );
+    let embedder = OpenAiEmbedder::with_budget(&s.embedding, budget.clone()).unwrap();
+    let started = Instant::now();
+    let vectors = embedder
+        .embed(&batch)
+        .await
+        .expect("every part is granted, none deferred");
+    let took = started.elapsed();
+    assert_eq!(vectors.len(), 64);
+    let st = fake.stats().await;
+    assert_eq!(
+        st.rate_limited, 0,
+        "no request went over the provider's window"
+    );
+    assert_eq!(st.embedded_tokens, total, "each token paid for once");
+    assert!(
+        st.embedding_requests as f64 >= (total as f64 / largest).ceil(),
+        "{} requests for {total} tokens",
+        st.embedding_requests
+    );
+    // At the budget's pace: the burst at once, then 97.5 % of the provider's rate.
+    let rate = FREE_TOKENS as f64 * 0.975 / SCALED_WINDOW.as_secs_f64();
+    let paced = Duration::from_secs_f64((total as f64 - 800.0) / rate);
+    assert!(
+        took <= paced * 3 / 2 + Duration::from_secs(3),
+        "took {took:?} where the budget allows {paced:?}"
+    );
+
+    // Three such batches at once, as three embed jobs of a worker: each waits its turn or is deferred before it
+    // sent anything, and all of them finish without a 429 and without paying for a part twice.
+    let batches: Vec<Vec<String>> = (0..3)
+        .map(|j| chunks(&format!("split-{j}"), 64, 512))
+        .collect();
+    let expected: u64 = batches.iter().map(|b| tokens_of(b)).sum();
+    let before = fake.stats().await;
+    let started = Instant::now();
+    let deferrals = tokio::time::timeout(
+        Duration::from_secs(180),
+        futures::future::join_all(batches.iter().map(|b| embed_like_a_job(&embedder, b))),
+    )
+    .await
+    .expect("three full batches drain at a 40,000 token limit");
+    let took = started.elapsed();
+    let after = fake.stats().await;
+    assert_eq!(after.rate_limited, before.rate_limited, "{deferrals:?}");
+    assert_eq!(
+        after.embedded_tokens - before.embedded_tokens,
+        expected,
+        "no part paid for twice (deferrals {deferrals:?})"
+    );
+    let utilisation = expected as f64 / (FREE_TOKENS as f64 * took.as_secs_f64() / 12.0);
+    report(
+        "split",
+        serde_json::json!({
+            "tokens": expected, "seconds": took.as_secs_f64(), "utilisation": utilisation,
+            "deferrals": deferrals,
+        }),
+    );
+    assert!(
+        utilisation >= 0.75,
+        "used {:.1} % of the token limit while three batches waited",
+        utilisation * 100.0
+    );
+    tests::cleanup(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_behind_a_stream_of_small_ones_is_served_in_its_turn() {
+    let mut s = settings(&unique_prefix("quota-order"), &tests::redis_url());
+    s.quota.max_wait = Duration::from_secs(10);
+    let quota = Quota::connect(&s).await.unwrap();
+    // 6,000 tokens per 6 s: a burst of 120, about a token a millisecond.
+    let limits = vec![Limit {
+        name: "tokens",
+        limit: 6_000.0,
+        window: Duration::from_secs(6),
+    }];
+    let budget = quota.budget("openai", "m", "sk-order", limits, 64);
+    // Forty callers asking for 50 tokens again and again keep two seconds of refill reserved ahead: a request of
+    // 1,000 that had to find that much free among them never would, and was deferred after max_wait.
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicU64::new(0));
+    let small: Vec<_> = (0..40)
+        .map(|_| {
+            let (budget, stop, granted) = (budget.clone(), stop.clone(), granted.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match budget.acquire(&[("tokens", 50.0)]).await {
+                        Ok(permit) => {
+                            budget.settle(permit, &[], &[], 0).await;
+                            granted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Back to the queue, as a job would go.
+                        Err(ProviderError::Throttled { retry_after, .. }) => {
+                            tokio::time::sleep(retry_after.min(Duration::from_millis(200))).await
+                        }
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(
+        "the small callers to keep the budget busy",
+        Duration::from_secs(30),
+        || async { (granted.load(Ordering::Relaxed) >= 80).then_some(()) },
+    )
+    .await;
+    let started = Instant::now();
+    let permit = budget
+        .acquire(&[("tokens", 1_000.0)])
+        .await
+        .expect("served in its turn, not deferred");
+    let waited = started.elapsed();
+    budget.settle(permit, &[], &[], 0).await;
+    // And the small ones go on after it.
+    let after = granted.load(Ordering::Relaxed);
+    wait_for(
+        "the small callers to be served after it",
+        Duration::from_secs(30),
+        || async { (granted.load(Ordering::Relaxed) >= after + 20).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for task in small {
+        task.await.unwrap();
+    }
+    assert!(waited < s.quota.max_wait, "waited {waited:?}");
+    tests::cleanup(&s).await;
+}
+
+#[tokio::test]
+async fn a_place_in_line_left_by_a_killed_caller_lapses_within_seconds() {
+    let mut s = settings(&unique_prefix("quota-lapse"), &tests::redis_url());
+    s.quota.max_wait = Duration::from_secs(10);
+    let quota = Quota::connect(&s).await.unwrap();
+    let limits = vec![Limit {
+        name: "tokens",
+        limit: 600_000.0,
+        window: Duration::from_secs(60),
+    }];
+    let budget = quota.budget("openai", "m", "sk-lapse", limits, 4);
+    // A replica killed while it sent a part of a call keeps the place in line its next part would have had (a
+    // ticket older than any the line gives out next, asking for nothing): nobody passes it until its lease,
+    // never renewed, ends 3 s from now.
+    let hash = hex::encode(&Sha256::digest(b"sk-lapse")[..6]);
+    let bucket = format!("{}:quota:{{openai}}:m:{hash}", s.queue.key_prefix);
+    let mut conn = redis::Client::open(s.redis_url.expose())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let lease_end = chrono::Utc::now().timestamp_millis() + 3_000;
+    let _: () = redis::pipe()
+        .hset(&bucket, "seq", 10)
+        .ignore()
+        .zadd(format!("{bucket}:line"), 1, lease_end)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let permit = budget
+        .acquire(&[("tokens", 10.0)])
+        .await
+        .expect("granted once the dead caller's ticket lapsed");
+    let waited = started.elapsed();
+    budget.settle(permit, &[], &[], 0).await;
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the line kept the older ticket's place while its lease ran: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(8),
+        "the lapsed ticket let the line move on: {waited:?}"
+    );
+    tests::cleanup(&s).await;
+}
+
+#[tokio::test]
+async fn settings_whose_single_chunk_can_never_fit_the_token_budget_are_refused_at_start_up() {
+    let mut s = settings(&unique_prefix("quota-refused"), &tests::redis_url());
+    s.embedding.embedder = EmbedderKind::Openai;
+    s.embedding.model = "text-embedding-3-small".into();
+    s.embedding.openai.api_key = Secret("sk-test".into());
+    // At 40,000 tokens a minute a request granted within 5 s may cost 1,775 tokens: a chunk of 4,096 never fits.
+    s.quota.openai.tokens_per_minute = 40_000;
+    s.quota.max_wait = Duration::from_secs(5);
+    s.chunking.max_tokens = 4_096;
+    match s.validate() {
+        Err(SettingsError::Invalid { field, reason }) => {
+            assert_eq!(field, "chunking.max_tokens");
+            for named in ["quota.max_wait", "quota.openai.tokens_per_minute", "1775"] {
+                assert!(reason.contains(named), "{named} in: {reason}");
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    // A worker with these settings does not start, and says which fields to change.
+    let mut worker = WorkerProcess::start(&s, "embed");
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success(), "{status}");
+    let logs = worker.logs();
+    for named in [
+        "chunking.max_tokens",
+        "quota.max_wait",
+        "quota.openai.tokens_per_minute",
+    ] {
+        assert!(logs.contains(named), "{named} in: {logs}");
+    }
+    // What the message proposes fits.
+    s.chunking.max_tokens = 1_775;
+    s.validate().expect("a chunk the budget grants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_key_works_again() {
+    let mut config = fake_keys();
+    config.openai.key_revoked = true;
+    let fake = FakeProviders::start(config.clone()).await;
+    let mut s = base("quota-401", &fake);
+    s.pipeline.quota_wait = Duration::from_millis(500);
+    let (db, api) = tests::start_api(&mut s).await;
+    let client = api.client(&s, Uuid::new_v4());
+    let mut ids = Vec::new();
+    for doc in 0..6 {
+        let up = client
+            .upload_bytes(
+                &format!("key-{doc}.md"),
+                text("key", doc, 600).into_bytes(),
+                None,
+            )
+            .await
+            .unwrap();
+        ids.push(up.document_id);
+    }
+    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    worker.wait_healthy().await;
+    let quota = Quota::connect(&s).await.unwrap();
+    wait_for(
+        "OpenAI to be paused fleet-wide for the refused key",
+        Duration::from_secs(60),
+        || async {
+            (quota.pause_reason("openai").await.ok()? == Some(PauseReason::Auth)).then_some(())
+        },
+    )
+    .await;
+    // The pause shows: its metric, an error log line naming the provider, and not one failed document.
+    wait_for(
+        "the worker to count the pause",
+        Duration::from_secs(30),
+        || async {
+            let pauses = worker
+                .metric(
+                    upload_pipeline::metrics::QUOTA_PAUSES,
+                    &["provider=\"openai\"", "reason=\"auth\""],
+                )
+                .await;
+            (pauses >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let logs = worker.logs();
+    assert!(
+        logs.contains("refused our API key") && logs.contains("openai"),
+        "{logs}"
+    );
+    assert!(fake.stats().await.embedding_requests > 0);
+    assert_eq!(failed_documents(&db).await, 0);
+    for id in &ids {
+        let doc = client.status(*id).await.unwrap();
+        assert_ne!(doc.status, "ready", "{doc:?}");
+    }
+
+    // The key works again: the next probe ends the pause, and every document becomes ready.
+    config.openai.key_revoked = false;
+    fake.configure(&config).await;
+    wait_ready(&client, &ids, Duration::from_secs(120)).await;
+    assert_eq!(quota.pause_reason("openai").await.unwrap(), None);
+    assert_eq!(failed_documents(&db).await, 0);
+    drop(worker);
+    tests::teardown(api, &s, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_llamaparse_key_pauses_parsing_until_a_probe_upload_succeeds() {
+    let mut config = fake_keys();
+    config.llamaparse.key_revoked = true;
+    let fake = FakeProviders::start(config.clone()).await;
+    let mut s = base("quota-401-llamaparse", &fake);
+    s.parsing.parser = ParserKind::Llamaparse;
+    s.pipeline.quota_wait = Duration::from_secs(2);
+    let quota = Quota::connect(&s).await.unwrap();
+    let parser = upload_pipeline::providers::parser(&s, Some(&quota)).unwrap();
+    let input = ParseInput {
+        filename: "report.html".into(),
+        kind: DocKind::Html,
+        bytes: Arc::new(
+            b"<html><body><h1>Report</h1><p>The keeper lit the lantern.</p></body></html>".to_vec(),
+        ),
+    };
+    // LlamaCloud's own 401 body, classified as a refused key: not the document's fault, not for good.
+    let err = parser.parse(&input).await.unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Unauthorized { message, .. } if message.contains("Invalid authentication token")),
+        "{err:?}"
+    );
+    assert_eq!(
+        quota.pause_reason("llamaparse").await.unwrap(),
+        Some(PauseReason::Auth)
+    );
+    // Paused: the next call is refused before it reaches LlamaParse, and its document waits too.
+    let uploads = fake.stats().await.parse_uploads;
+    match parser.parse(&input).await.unwrap_err() {
+        ProviderError::Unauthorized { message, .. } => {
+            assert!(message.contains("paused fleet-wide"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.stats().await.parse_uploads, uploads);
+
+    // The key works again: the first probe upload succeeds and ends the pause.
+    config.llamaparse.key_revoked = false;
+    fake.configure(&config).await;
+    let sections = wait_for(
+        "a probe upload to succeed",
+        Duration::from_secs(30),
+        || async { parser.parse(&input).await.ok() },
+    )
+    .await;
+    assert!(!sections.is_empty());
+    assert_eq!(quota.pause_reason("llamaparse").await.unwrap(), None);
+    tests::cleanup(&s).await;
 }

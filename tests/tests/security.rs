@@ -590,7 +590,8 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
 async fn secrets_never_reach_logs_metrics_or_error_bodies() {
     use tests::fake::{FakeConfig, FakeProviders, LlamaParseConfig, OpenAiConfig};
     use upload_pipeline::settings::{EmbedderKind, ParserKind, Secret};
-    // The providers know other keys: every call is refused, and the refusals are logged at error level.
+    // The providers know other keys: every call is refused, the refusals pause both providers and are logged at
+    // error level.
     let fake = FakeProviders::start(FakeConfig {
         openai: OpenAiConfig {
             keys: vec!["sk-the-right-key".into()],
@@ -673,22 +674,25 @@ async fn secrets_never_reach_logs_metrics_or_error_bodies() {
             .document_id,
     ];
     let mut bodies = Vec::new();
+    // A refused key fails no document: both providers are paused and the documents wait for a working key.
+    let quota = upload_pipeline::quota::Quota::connect(&s).await.unwrap();
     tests::wait_for(
-        "both documents to fail on the refused keys",
+        "both providers to be paused on the refused keys",
         Duration::from_secs(90),
         || async {
-            let mut done = Vec::new();
-            for id in ids {
-                let d = client.status(id).await.ok()?;
-                (d.status == "failed").then_some(())?;
-                done.push(serde_json::to_string(&d).unwrap());
+            for provider in ["llamaparse", "openai"] {
+                let why = quota.pause_reason(provider).await.ok()?;
+                (why == Some(upload_pipeline::quota::PauseReason::Auth)).then_some(())?;
             }
-            Some(done)
+            Some(())
         },
     )
-    .await
-    .into_iter()
-    .for_each(|d| bodies.push(d));
+    .await;
+    for id in ids {
+        let d = client.status(id).await.unwrap();
+        assert_ne!(d.status, "failed", "{d:?}");
+        bodies.push(serde_json::to_string(&d).unwrap());
+    }
     // Error bodies of the API: bad tokens, a token signed with a guessed secret, bad input.
     use reqwest::Method;
     for token in [

@@ -3,8 +3,9 @@
 //!
 //! One parse is an upload, polls with a growing wait (`poll_interval`, `+poll_interval` each time, at most
 //! `poll_interval_max`) until the job ends or `job_timeout` passes, then one read of the per-page Markdown, so page
-//! numbers reach the chunks. Failures are classified: 401/403 permanent (and logged loudly), 402 quota, 429 rate
-//! limit, 5xx and network trouble transient, a job that ends in error permanent with the provider's reason.
+//! numbers reach the chunks. Failures are classified: 401/403 a refused key (the provider is paused fleet-wide
+//! until a probe upload succeeds, whichever call met it), 402 quota, 429 rate limit, 5xx and network trouble
+//! transient, a job that ends in error permanent with the provider's reason.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use serde_json::Value;
 use super::{ParseFuture, ParseInput, Parser, ProviderError, http, local::LocalParser};
 use crate::{
     parsing::{DocKind, Section},
-    quota::{Budget, Limit, Quota},
+    quota::{Budget, Limit, PauseReason, Quota},
     settings::{LlamaParseApi, LlamaParseSettings, Settings},
 };
 
@@ -108,12 +109,34 @@ impl LlamaParse {
             return self.upload(input).await;
         };
         let permit = budget.acquire(&[("uploads", 1.0)]).await?;
+        // The wait for the budget may have outlived the job's claim: the upload is paid, so a job another
+        // consumer took over stops here.
+        if crate::queue::current_claim_lost() {
+            return Err(ProviderError::transient(
+                PROVIDER,
+                "the job's claim was taken over by another consumer; stopping before the upload",
+            ));
+        }
         let uploaded = self.upload(input).await;
         match &uploaded {
             Ok(_) => budget.settle(permit, &[], &[], 0).await,
             Err(e) => budget.settle_error(permit, e).await,
         }
         uploaded
+    }
+
+    /// A refused key met by a poll or a result read pauses the provider as a refused upload does (its settling
+    /// does that).
+    async fn pause_if_refused<T>(
+        &self,
+        result: Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        if let (Err(ProviderError::Unauthorized { message, .. }), Some(budget)) =
+            (&result, &self.budget)
+        {
+            budget.pause(PauseReason::Auth, message).await;
+        }
+        result
     }
 
     fn remote(kind: DocKind) -> bool {
@@ -307,7 +330,8 @@ impl LlamaParse {
             loop {
                 tokio::time::sleep(wait).await;
                 wait = (wait + self.poll_interval).min(self.poll_interval_max);
-                match self.state(&id).await? {
+                let state = self.state(&id).await;
+                match self.pause_if_refused(state).await? {
                     JobState::Done => break,
                     JobState::Failed(e) => return Err(e),
                     JobState::Running if Instant::now() >= deadline => {
@@ -322,7 +346,8 @@ impl LlamaParse {
                     JobState::Running => {}
                 }
             }
-            let sections = self.result(&id).await?;
+            let read = self.result(&id).await;
+            let sections = self.pause_if_refused(read).await?;
             if let Some(budget) = &self.budget {
                 budget.add_spent(sections.len() as u64).await;
             }
@@ -350,11 +375,11 @@ fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str
     let message = detail(body);
     match status.as_u16() {
         401 | 403 => {
-            tracing::error!(status = status.as_u16(), %message, "LlamaParse refused our key: check parsing.llamaparse.api_key and its region");
-            ProviderError::permanent(
-                PROVIDER,
-                format!("HTTP {status}: the key was refused: {message}"),
-            )
+            tracing::warn!(status = status.as_u16(), %message, "LlamaParse refused our key: check parsing.llamaparse.api_key and its region");
+            ProviderError::Unauthorized {
+                provider: PROVIDER,
+                message: format!("HTTP {status}: {message}"),
+            }
         }
         402 => ProviderError::QuotaExhausted {
             provider: PROVIDER,

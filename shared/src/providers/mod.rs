@@ -83,6 +83,16 @@ pub enum ProviderError {
         /// The provider's message.
         message: String,
     },
+    /// The provider refused our key (401/403: revoked, rotated, of another region or project). Not the
+    /// document's fault and not for good: the provider is paused fleet-wide and the stage waits until a probe call
+    /// finds the key working again or an operator resumes it.
+    #[error("{provider} refused our key: {message}")]
+    Unauthorized {
+        /// Which provider.
+        provider: &'static str,
+        /// The provider's message.
+        message: String,
+    },
     /// A timeout, connection failure, malformed answer or server error: worth retrying.
     #[error("{provider} failed: {message}")]
     Transient {
@@ -100,8 +110,8 @@ pub enum ProviderError {
         /// When a slot frees up.
         retry_after: Duration,
     },
-    /// The request or the document itself is refused (bad key, unsupported file, failed parse job): retrying
-    /// sends the same thing again.
+    /// The request or the document itself is refused (unsupported file, bad request, failed parse job):
+    /// retrying sends the same thing again.
     #[error("{message}")]
     Permanent {
         /// Which provider.
@@ -112,7 +122,8 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
-    /// Whether another attempt can succeed.
+    /// Whether another attempt soon can succeed. Out of quota and a refused key are neither retryable nor
+    /// permanent: the stage waits for the provider's pause to end.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -135,6 +146,7 @@ impl ProviderError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Throttled { .. } => "throttled",
             Self::QuotaExhausted { .. } => "quota",
+            Self::Unauthorized { .. } => "unauthorized",
             Self::Transient { .. } => "transient",
             Self::Permanent { .. } => "permanent",
         }
@@ -273,10 +285,25 @@ mod tests {
             e.to_string(),
             "openai's budget is in use; next slot in 1500 ms"
         );
-        let refused = ProviderError::permanent("openai", "bad key");
+        let refused = ProviderError::permanent("openai", "bad input");
         assert_eq!(
             (refused.retry_after(), refused.outcome()),
             (None, "permanent")
+        );
+    }
+
+    #[test]
+    fn a_refused_key_is_neither_retried_soon_nor_permanent() {
+        let e = ProviderError::Unauthorized {
+            provider: "openai",
+            message: "HTTP 401 Unauthorized: Incorrect API key provided".into(),
+        };
+        assert!(!e.is_retryable());
+        assert_eq!((e.retry_after(), e.outcome()), (None, "unauthorized"));
+        assert!(crate::metrics::PROVIDER_OUTCOMES.contains(&e.outcome()));
+        assert_eq!(
+            e.to_string(),
+            "openai refused our key: HTTP 401 Unauthorized: Incorrect API key provided"
         );
     }
 

@@ -4,8 +4,11 @@
 //! Texts are packed into requests within the provider's limits (inputs and tokens per request, tokens per
 //! input; over-long inputs are truncated with a warning). Smaller limits are learnt from the answers: 413 and
 //! 422 shrink the batch, a context-length 400 shrinks the per-input limit, `max_tokens_per_request` the request
-//! budget; what is learnt holds for the life of the process. Answers are read tolerantly: errors nested or flat,
-//! `code` a string, a number or null, vectors as floats or base64, results in any order, usage missing.
+//! budget; what is learnt holds for the life of the process. With a fleet budget no request costs more tokens
+//! than [`Budget::largest_request`]: a large batch at a low token limit goes as several requests, one after the
+//! other in the same [`Turn`](crate::quota::Turn), each granted within `quota.max_wait`. A refused key (401/403)
+//! pauses the provider fleet-wide. Answers are read tolerantly: errors nested or flat, `code` a string, a number
+//! or null, vectors as floats or base64, results in any order, usage missing.
 //! The client never sleeps or retries on its own: a retryable error goes back to the queue with the time the
 //! provider named.
 
@@ -21,7 +24,7 @@ use tiktoken_rs::CoreBPE;
 
 use super::{EmbedFuture, Embedder, ProviderError, http};
 use crate::{
-    quota::{Budget, Limit, Permit, Quota},
+    quota::{Budget, Permit, Quota, openai_limits},
     settings::{ApiStyle, EmbeddingSettings, EncodingFormat, Settings},
 };
 
@@ -123,30 +126,27 @@ impl OpenAiEmbedder {
         })
     }
 
-    /// A client whose calls take their share of the fleet's budget for this model and key first.
+    /// A client whose calls take their share of the fleet's budget for this model and key first
+    /// (`quota.openai`).
     pub fn with_quota(settings: &Settings, quota: &Quota) -> Result<Self, ProviderError> {
-        let mut me = Self::new(&settings.embedding)?;
-        let q = &settings.quota.openai;
-        let minute = std::time::Duration::from_secs(60);
-        let limits = [
-            ("requests", q.requests_per_minute),
-            ("tokens", q.tokens_per_minute),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(name, n)| Limit {
-            name,
-            limit: n as f64,
-            window: minute,
-        })
-        .collect();
-        me.budget = Some(quota.budget(
+        let e = &settings.embedding;
+        let budget = quota.budget(
             "openai",
-            &me.model,
-            &me.api_key,
-            limits,
+            &e.model,
+            e.openai.api_key.expose(),
+            openai_limits(&settings.quota.openai),
             settings.worker.concurrency.embed,
-        ));
+        );
+        Self::with_budget(e, budget)
+    }
+
+    /// A client whose calls take their share of `budget` first, its requests sized to what the budget can grant.
+    pub fn with_budget(
+        settings: &EmbeddingSettings,
+        budget: Budget,
+    ) -> Result<Self, ProviderError> {
+        let mut me = Self::new(settings)?;
+        me.budget = Some(budget);
         Ok(me)
     }
 
@@ -177,16 +177,47 @@ impl OpenAiEmbedder {
     async fn embed_all(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ProviderError> {
         let mut out = Vec::with_capacity(texts.len());
         let mut adaptations = 0;
+        // One place in the fleet's line for all the requests of this call.
+        let mut turn = self.budget.as_ref().map(Budget::turn);
+        // No request asks for more tokens than the budget grants within quota.max_wait.
+        let budget_tokens = self
+            .budget
+            .as_ref()
+            .and_then(|b| b.largest_request("tokens"))
+            .map_or(usize::MAX, |t| (t.floor() as usize).max(1));
+        // The texts as sent (cut to the per-input limit) and their tokens, again when that limit is learnt.
+        let mut fitted: Vec<(String, usize, bool)> = Vec::new();
+        let mut fitted_for = 0;
         while out.len() < texts.len() {
             let (max_inputs, max_tokens, max_input_tokens) = self.limits();
+            let (max_inputs, max_tokens) =
+                (max_inputs.max(1), max_tokens.min(budget_tokens).max(1));
+            if fitted_for != max_input_tokens {
+                fitted = texts
+                    .iter()
+                    .map(|t| self.fit(t, max_input_tokens))
+                    .collect();
+                fitted_for = max_input_tokens;
+            }
+            // When tokens decide how many requests are left, they get about the same number each: a small last
+            // request would leave part of the provider's window unused.
+            let rest = &fitted[out.len()..];
+            let rest_tokens: usize = rest.iter().map(|(_, n, _)| n).sum();
+            let by_tokens = rest_tokens.div_ceil(max_tokens);
+            let target = if by_tokens > rest.len().div_ceil(max_inputs) {
+                rest_tokens.div_ceil(by_tokens)
+            } else {
+                usize::MAX
+            };
             let mut batch = Vec::new();
             let mut tokens = 0;
-            for text in &texts[out.len()..] {
-                let (fitted, n, truncated) = self.fit(text, max_input_tokens);
-                if !batch.is_empty() && (batch.len() >= max_inputs || tokens + n > max_tokens) {
+            for (text, n, truncated) in rest {
+                if !batch.is_empty()
+                    && (batch.len() >= max_inputs || tokens >= target || tokens + n > max_tokens)
+                {
                     break;
                 }
-                if truncated {
+                if *truncated {
                     tracing::warn!(
                         limit = max_input_tokens,
                         "An input is longer than the embedding model takes; its end is left out of its vector"
@@ -194,16 +225,25 @@ impl OpenAiEmbedder {
                     metrics::counter!(crate::metrics::PROVIDER_TRUNCATED_INPUTS, "provider" => "openai")
                         .increment(1);
                 }
-                batch.push(fitted);
+                batch.push(text.clone());
                 tokens += n;
             }
-            let permit = match &self.budget {
-                Some(b) => Some(
-                    b.acquire(&[("requests", 1.0), ("tokens", tokens as f64)])
+            let more = out.len() + batch.len() < texts.len();
+            let permit = match turn.as_mut() {
+                Some(turn) => Some(
+                    turn.acquire(&[("requests", 1.0), ("tokens", tokens as f64)], more)
                         .await?,
                 ),
                 None => None,
             };
+            // Each request is paid, and the wait for the budget may have outlived the job's claim: a job another
+            // consumer took over stops here instead of repeating its work.
+            if crate::queue::current_claim_lost() {
+                return Err(ProviderError::transient(
+                    PROVIDER,
+                    "the job's claim was taken over by another consumer; stopping before the next request",
+                ));
+            }
             match self.request(&batch, tokens, permit).await {
                 Ok(vectors) => out.extend(vectors),
                 Err(Failure::Error(e)) => return Err(e),
@@ -355,7 +395,7 @@ impl OpenAiEmbedder {
 }
 
 /// Settles a reservation from the answer: tokens used (or none, for a refused request), the provider's remaining
-/// counts, a fleet-wide cool-down on 429 and a pause on `insufficient_quota`.
+/// counts, a fleet-wide cool-down on 429 and a pause on `insufficient_quota` or a refused key.
 async fn settle(
     budget: &Budget,
     permit: Permit,
@@ -470,11 +510,11 @@ fn classify(
             return Failure::FewerInputs(named_limit(&message, 1, inputs).unwrap_or(inputs / 2));
         }
         401 | 403 => {
-            tracing::error!(status = status.as_u16(), %message, "The embeddings API refused our key: check embedding.openai.api_key");
-            ProviderError::permanent(
-                PROVIDER,
-                format!("HTTP {status}: the key was refused: {message}"),
-            )
+            tracing::warn!(status = status.as_u16(), %message, "The embeddings API refused our key: check embedding.openai.api_key");
+            ProviderError::Unauthorized {
+                provider: PROVIDER,
+                message: format!("HTTP {status}: {message}"),
+            }
         }
         408 | 409 | 424 | 425 | 500..=599 => {
             ProviderError::transient(PROVIDER, format!("HTTP {status}: {message}"))
@@ -543,7 +583,15 @@ mod tests {
             ))
             .is_retryable()
         );
-        assert!(!error(classify(StatusCode::UNAUTHORIZED, &h, "{}", 1, 1)).is_retryable());
+        let refused = r#"{"error":{"message":"Incorrect API key provided: sk-te**st. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            let e = error(classify(status, &h, refused, 1, 1));
+            assert!(
+                matches!(&e, ProviderError::Unauthorized { message, .. } if message.contains("Incorrect API key")),
+                "{e:?}"
+            );
+            assert!(!e.is_retryable());
+        }
     }
 
     #[test]

@@ -5,33 +5,46 @@
 //!   for LlamaParse), refilled at 97.5 % of the provider's rate with a burst of 2 % of its limit, so no sliding
 //!   window of the provider's length ever sees more than its limit. A call reserves its cost before it goes out
 //!   (tokens counted with the tokenizer) in one atomic script; a reservation may put the bucket in debt, and the
-//!   caller then waits its turn (the wait is counted) instead of failing. Calls reserve at most two seconds
-//!   ahead of their turn (a replica killed while waiting takes little budget with it); further out they sleep and
-//!   ask again. A wait longer than `quota.max_wait` defers the job to the queue instead of holding a worker slot.
+//!   caller then waits its turn (the wait is counted) instead of failing. A request larger than the burst goes
+//!   when the bucket is full, leaves it in debt for the next caller to wait out, and also waits until the
+//!   provider's window has room for it (a log of what was sent per hundredth of the window), since the bucket
+//!   alone would let a window see the limit plus that request.
+//! - **Order**: callers are served in the order they came. One that cannot reserve now takes a ticket, a place
+//!   in a line kept in Redis, and reservations are made in ticket order only (each ask reserves for every waiting
+//!   ticket whose turn has come, which picks its grant up when it next asks), so a large request is never starved
+//!   by small ones. Reservations are made at most two seconds ahead of a request's turn (a replica killed while
+//!   waiting takes little budget with it); callers renew their ticket each time they ask, and a killed replica's
+//!   ticket lapses in two seconds. A wait longer than `quota.max_wait` defers the job to the queue instead of
+//!   holding a worker slot.
+//! - **Sizing**: [`Budget::largest_request`] is the largest request that, first in line, is granted within
+//!   `quota.max_wait`, and at most a tenth of the limit (whole requests then fill nine tenths of any window);
+//!   clients split bigger work evenly into parts of one [`Turn`], which keeps its place in line from part to part,
+//!   so a call is not deferred half-way after paying for its first parts. Settings whose single request can never
+//!   fit are refused at start-up.
 //! - **Feedback**: the answer's usage corrects the reservation; `x-ratelimit-remaining-*` lowers the bucket to what
 //!   the provider says remains; a 429 sets a fleet-wide cool-down (its Retry-After, else a second) that every
-//!   replica honours; `insufficient_quota` pauses the provider fleet-wide, letting one probe call through every
-//!   `pipeline.quota_wait` until one succeeds, or `producer quota resume <provider>`.
+//!   replica honours; `insufficient_quota` (reason `quota`) and a refused key, 401/403 (reason `auth`), pause the
+//!   provider fleet-wide, letting one probe call through every `pipeline.quota_wait` until one succeeds, or
+//!   `producer quota resume <provider>`. Documents wait meanwhile; none fails for it.
 //! - **Concurrency** per process converges with AIMD: halved on a 429, grown by one per window of successes.
 //! - **Cost**: a daily token budget per provider stops calls (jobs are deferred, never failed) until the next UTC
 //!   day; tokens and their estimated cost are metrics.
 //!
-//! Redis trouble never stops the work: the limiter then lets calls through (logged), and the provider's own 429s
-//! still slow the fleet down.
+//! Every key of a provider's budgets carries the provider as a hash tag (`<prefix>:quota:{openai}:…`), so the
+//! scripts touch one Redis Cluster slot. Redis trouble never stops the work: the limiter then lets calls through
+//! (logged), and the provider's own 429s still slow the fleet down.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+mod aimd;
+mod budget;
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use std::time::Duration;
+
+use redis::{AsyncCommands, aio::ConnectionManager};
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
 
-use crate::{
-    providers::ProviderError,
-    settings::{QuotaSettings, Settings},
-};
+pub use budget::{Budget, Permit, Turn};
+
+use crate::settings::{EmbedderKind, OpenAiQuota, QuotaSettings, Settings};
 
 /// Share of the provider's rate the buckets refill at.
 const RATE_SHARE: f64 = 0.975;
@@ -39,13 +52,12 @@ const RATE_SHARE: f64 = 0.975;
 const RESERVE_AHEAD: Duration = Duration::from_secs(2);
 /// Share of the provider's limit a bucket holds at most (its burst).
 const BURST_SHARE: f64 = 0.02;
-
-static ACQUIRE: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("acquire.lua")));
-static SETTLE: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("settle.lua")));
-static COOLDOWN: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("cooldown.lua")));
+/// Share of what refills within `quota.max_wait` (beyond the look-ahead) one request may need: the rest is the
+/// margin for the debt the request before it left.
+const SIZING_SHARE: f64 = 0.5;
+/// Share of the provider's limit one request should need at most: whole requests then fill at least the rest
+/// of any window (a sliding window holding the limit less one request).
+const WINDOW_SHARE: f64 = 0.1;
 
 /// One dimension of a budget: at most `limit` units per `window`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,6 +82,128 @@ impl Limit {
             .min(self.limit + 0.99 - self.capacity())
             .max(0.5);
         per_window / self.window.as_millis().max(1) as f64
+    }
+
+    /// The largest cost one request may have so that, first in line, it is granted within `max_wait` however
+    /// deep the request before it (no larger) left the bucket in debt: the burst, plus half of what refills in
+    /// `max_wait` beyond the two-second look-ahead, and never more than the limit. First in line, a request waits
+    /// at most the previous one's cost over the rate plus the look-ahead, which stays within `max_wait` when
+    /// `max_wait` is at least twice the burst's refill time plus the look-ahead (4.5 s for a one-minute window).
+    pub fn largest_request(&self, max_wait: Duration) -> f64 {
+        let refill = max_wait.saturating_sub(RESERVE_AHEAD).as_millis() as f64 * self.rate_per_ms();
+        (self.capacity() + refill * SIZING_SHARE).min(self.limit)
+    }
+}
+
+/// The limits of an OpenAI-compatible embeddings budget: `requests` and `tokens` per minute, those set above 0.
+pub fn openai_limits(quota: &OpenAiQuota) -> Vec<Limit> {
+    [
+        ("requests", quota.requests_per_minute),
+        ("tokens", quota.tokens_per_minute),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(name, n)| Limit {
+        name,
+        limit: n as f64,
+        window: Duration::from_secs(60),
+    })
+    .collect()
+}
+
+/// Checks that the smallest embeddings request the settings can make, one chunk, fits the OpenAI token budget:
+/// first in line, it must be granted within `quota.max_wait`, or its document would be deferred for ever. `None`
+/// when it fits; else the field to name and a reason that says what to change (start-up validation refuses the
+/// settings with it).
+pub(crate) fn oversized_request(settings: &Settings) -> Option<(&'static str, String)> {
+    if settings.embedding.embedder != EmbedderKind::Openai {
+        return None;
+    }
+    let tokens = openai_limits(&settings.quota.openai)
+        .into_iter()
+        .find(|l| l.name == "tokens")?;
+    let max_wait = settings.quota.max_wait;
+    // Longer chunks are cut to the model's input limit before they are sent.
+    let (chunk, per_input) = (
+        settings.chunking.max_tokens,
+        settings.embedding.openai.max_input_tokens,
+    );
+    let (field, cost) = if chunk <= per_input {
+        ("chunking.max_tokens", chunk as f64)
+    } else {
+        ("embedding.openai.max_input_tokens", per_input as f64)
+    };
+    let largest = tokens.largest_request(max_wait);
+    if cost <= largest {
+        return None;
+    }
+    let fits_with =
+        |limit: f64, wait: Duration| Limit { limit, ..tokens }.largest_request(wait) >= cost;
+    let fitting = largest.floor();
+    let mut changes = vec![format!("lower {field} to {fitting} or less")];
+    if let Some(w) = (1..=600u64)
+        .map(Duration::from_secs)
+        .find(|w| fits_with(tokens.limit, *w))
+    {
+        changes.push(format!("raise quota.max_wait to {w:?}"));
+    }
+    // The smallest whole limit that fits: double until it does, then halve the gap.
+    let (mut low, mut high) = (tokens.limit, tokens.limit.max(1.0) * 2.0);
+    while !fits_with(high, max_wait) {
+        low = high;
+        high *= 2.0;
+    }
+    while high - low > 1.0 {
+        let mid = ((low + high) / 2.0).floor();
+        if fits_with(mid, max_wait) {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    changes.push(format!(
+        "raise quota.openai.tokens_per_minute to {high} if the key's limit is that high"
+    ));
+    Some((
+        field,
+        format!(
+            "one chunk of {cost} tokens is one embeddings request, and at quota.openai.tokens_per_minute = {} a \
+             request granted within quota.max_wait ({max_wait:?}) may cost at most {fitting} tokens: its documents \
+             would be deferred for ever. Change one: {}",
+            tokens.limit,
+            changes.join("; or "),
+        ),
+    ))
+}
+
+/// Why a provider is paused fleet-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseReason {
+    /// It ran out of quota or credit (OpenAI `insufficient_quota`, LlamaParse 402).
+    Quota,
+    /// It refused our key (401/403): revoked, rotated, or of another region or project.
+    Auth,
+}
+
+impl PauseReason {
+    /// Every reason, in the order of [`crate::metrics::PAUSE_REASONS`].
+    pub const ALL: [PauseReason; 2] = [PauseReason::Quota, PauseReason::Auth];
+
+    /// Its metric label, and the first word of the pause key's value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Quota => "quota",
+            PauseReason::Auth => "auth",
+        }
+    }
+
+    /// The reason a pause key's value (`<reason>: <message>`) names; any other value is a quota pause.
+    fn of(value: &str) -> Self {
+        if value.starts_with("auth:") {
+            PauseReason::Auth
+        } else {
+            PauseReason::Quota
+        }
     }
 }
 
@@ -108,6 +242,11 @@ impl Quota {
         }
     }
 
+    /// Where `provider`'s keys start: its name is their hash tag.
+    fn provider_base(&self, provider: &str) -> String {
+        format!("{}:{{{provider}}}", self.prefix)
+    }
+
     /// The budget of `provider`'s `model` under `api_key` (hashed; keys never reach Redis), with these limits and
     /// a per-process concurrency ceiling of `concurrency`.
     pub fn budget(
@@ -127,32 +266,38 @@ impl Quota {
                 self.settings.openai.usd_per_million_tokens,
             ),
         };
-        let base = format!("{}:{provider}", self.prefix);
         for l in &limits {
             let labels = [("provider", provider), ("resource", l.name)];
             metrics::gauge!(crate::metrics::QUOTA_LIMIT, &labels).set(l.limit);
             metrics::gauge!(crate::metrics::QUOTA_WINDOW, &labels).set(l.window.as_secs_f64());
             metrics::counter!(crate::metrics::QUOTA_RESERVED, &labels).absolute(0);
         }
-        Budget {
-            inner: Arc::new(BudgetInner {
-                conn: self.conn.clone(),
-                provider,
-                bucket: format!("{base}:{model}:{key_hash}"),
+        let base = self.provider_base(provider);
+        let bucket = format!("{base}:{model}:{key_hash}");
+        Budget::new(budget::BudgetParts {
+            conn: self.conn.clone(),
+            provider,
+            keys: budget::Keys {
+                cooldown: format!("{bucket}:cooldown"),
+                line: format!("{bucket}:line"),
+                asks: format!("{bucket}:asks"),
+                sent: format!("{bucket}:sent"),
+                bucket,
                 pause: format!("{base}:pause"),
                 probe: format!("{base}:probe"),
                 spent: format!("{base}:spent"),
-                limits,
-                max_wait: self.settings.max_wait,
-                probe_every: self.quota_wait,
-                daily_units,
-                usd_per_million,
-                aimd: Aimd::new(concurrency),
-            }),
-        }
+            },
+            limits,
+            max_wait: self.settings.max_wait,
+            probe_every: self.quota_wait,
+            daily_units,
+            usd_per_million,
+            concurrency,
+        })
     }
 
-    /// The budgets of the settings' providers, for `producer quota`.
+    /// The budgets of the settings' providers, for `producer quota`: bucket levels, callers in line, cool-downs,
+    /// pauses and today's spend.
     pub async fn report(&self) -> Result<Vec<BudgetState>, redis::RedisError> {
         let mut conn = self.conn.clone();
         let mut keys: Vec<String> = Vec::new();
@@ -165,6 +310,10 @@ impl Quota {
         keys.sort();
         let mut out = Vec::new();
         for key in keys {
+            // The costs of the callers in line (their count shows on the line itself) and the log of what was sent.
+            if key.ends_with(":asks") || key.ends_with(":sent") {
+                continue;
+            }
             let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await?;
             let value = match kind.as_str() {
                 "hash" => {
@@ -176,6 +325,10 @@ impl Quota {
                         .collect::<Vec<_>>()
                         .join(" ")
                 }
+                "zset" => {
+                    let waiting: u64 = conn.zcard(&key).await?;
+                    format!("{waiting} in line")
+                }
                 "string" => conn.get::<_, String>(&key).await?,
                 other => other.to_owned(),
             };
@@ -183,7 +336,7 @@ impl Quota {
             out.push(BudgetState {
                 key: key
                     .trim_start_matches(&format!("{}:", self.prefix))
-                    .to_owned(),
+                    .replace(['{', '}'], ""),
                 value,
                 ttl_ms,
             });
@@ -191,21 +344,29 @@ impl Quota {
         Ok(out)
     }
 
-    /// Whether `provider` is paused fleet-wide for quota.
+    /// Whether `provider` is paused fleet-wide, for quota or for a refused key.
     pub async fn is_paused(&self, provider: &str) -> Result<bool, redis::RedisError> {
+        Ok(self.pause_reason(provider).await?.is_some())
+    }
+
+    /// Why `provider` is paused fleet-wide, if it is.
+    pub async fn pause_reason(
+        &self,
+        provider: &str,
+    ) -> Result<Option<PauseReason>, redis::RedisError> {
         let mut conn = self.conn.clone();
-        conn.exists(format!("{}:{provider}:pause", self.prefix))
-            .await
+        let value: Option<String> = conn
+            .get(format!("{}:pause", self.provider_base(provider)))
+            .await?;
+        Ok(value.as_deref().map(PauseReason::of))
     }
 
     /// Ends a provider's pause (`producer quota resume <provider>`); true if it was paused.
     pub async fn resume(&self, provider: &str) -> Result<bool, redis::RedisError> {
         let mut conn = self.conn.clone();
+        let base = self.provider_base(provider);
         let removed: i64 = conn
-            .del(&[
-                format!("{}:{provider}:pause", self.prefix),
-                format!("{}:{provider}:probe", self.prefix),
-            ])
+            .del(&[format!("{base}:pause"), format!("{base}:probe")])
             .await?;
         Ok(removed > 0)
     }
@@ -214,383 +375,14 @@ impl Quota {
 /// One entry of `producer quota`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetState {
-    /// The key below the quota prefix: `<provider>:<model>:<key hash>` (bucket levels), `…:cooldown`,
-    /// `<provider>:pause`, `<provider>:spent:<day>`.
+    /// The key below the quota prefix, without its hash tag's braces: `<provider>:<model>:<key hash>` (bucket
+    /// levels), `…:line` (callers waiting in line), `…:cooldown`, `<provider>:pause`, `<provider>:probe`,
+    /// `<provider>:spent:<day>`.
     pub key: String,
-    /// Levels, the cool-down's end, the pause reason or the day's spend.
+    /// Levels, the number in line, the cool-down's end, the pause's reason and message, or the day's spend.
     pub value: String,
     /// Time to live in ms (-1: none).
     pub ttl_ms: i64,
-}
-
-/// A budget shared by the fleet; cheap to clone.
-#[derive(Clone)]
-pub struct Budget {
-    inner: Arc<BudgetInner>,
-}
-
-struct BudgetInner {
-    conn: ConnectionManager,
-    provider: &'static str,
-    bucket: String,
-    pause: String,
-    probe: String,
-    spent: String,
-    limits: Vec<Limit>,
-    max_wait: Duration,
-    probe_every: Duration,
-    /// Tokens (embeddings) or pages (LlamaParse) per UTC day; 0 is no cap.
-    daily_units: u64,
-    usd_per_million: f64,
-    aimd: Arc<Aimd>,
-}
-
-impl std::fmt::Debug for Budget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Budget")
-            .field("bucket", &self.inner.bucket)
-            .field("limits", &self.inner.limits)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A reservation: hold it while the call runs, then give it to [`Budget::settle`].
-#[derive(Debug)]
-pub struct Permit {
-    costs: Vec<(&'static str, f64)>,
-    probe: bool,
-    _slot: Slot,
-}
-
-impl Budget {
-    /// Reserves `costs` (dimension name, units) before a call: waits for the fleet's budget and this process's
-    /// concurrency, or fails with a deferral when the wait would exceed `quota.max_wait`, the provider is paused,
-    /// or today's budget is spent.
-    pub async fn acquire(&self, costs: &[(&'static str, f64)]) -> Result<Permit, ProviderError> {
-        let b = &*self.inner;
-        let started = Instant::now();
-        let slot = b.aimd.acquire().await;
-        if b.daily_units > 0 {
-            let spent = self.spent_today().await;
-            if spent >= b.daily_units {
-                return Err(ProviderError::QuotaExhausted {
-                    provider: b.provider,
-                    message: format!(
-                        "today's budget of {} is spent ({spent}); calls resume at 00:00 UTC",
-                        b.daily_units
-                    ),
-                });
-            }
-        }
-        let dims: Vec<(&Limit, f64)> = b
-            .limits
-            .iter()
-            .filter_map(|l| {
-                costs
-                    .iter()
-                    .find(|(n, _)| *n == l.name)
-                    .map(|(_, c)| (l, *c))
-            })
-            .collect();
-        let mut conn = b.conn.clone();
-        // Reserve at most RESERVE_AHEAD before the call can go: a replica killed while it waits then takes at most
-        // that much of the fleet's budget with it. Longer waits sleep unreserved and ask again.
-        let (status, wait_ms) = loop {
-            let left = b.max_wait.saturating_sub(started.elapsed());
-            let mut invocation = ACQUIRE.prepare_invoke();
-            invocation
-                .key(&b.bucket)
-                .key(format!("{}:cooldown", b.bucket))
-                .key(&b.pause)
-                .key(&b.probe)
-                .arg(left.min(RESERVE_AHEAD).as_millis() as u64)
-                .arg(b.probe_every.as_millis().max(1) as u64)
-                .arg(dims.len());
-            for (limit, cost) in &dims {
-                invocation
-                    .arg(limit.name)
-                    .arg(limit.capacity())
-                    .arg(limit.rate_per_ms())
-                    .arg(*cost);
-            }
-            let answer: Result<(i64, i64), _> = invocation.invoke_async(&mut conn).await;
-            match answer {
-                Ok((0, wait_ms)) if Duration::from_millis(wait_ms as u64) <= left => {
-                    let early = Duration::from_millis(wait_ms as u64).saturating_sub(RESERVE_AHEAD);
-                    tokio::time::sleep(early.max(Duration::from_millis(20))).await;
-                }
-                Ok(a) => break a,
-                Err(e) => {
-                    tracing::warn!(provider = b.provider, error = %e, "The fleet's quota state is unreachable; calling without it");
-                    break (1, 0);
-                }
-            }
-        };
-        if matches!(status, 1 | 3) {
-            for (limit, cost) in &dims {
-                metrics::counter!(crate::metrics::QUOTA_RESERVED, "provider" => b.provider, "resource" => limit.name)
-                    .increment(cost.ceil() as u64);
-            }
-        }
-        let permit = |probe| Permit {
-            costs: costs.to_vec(),
-            probe,
-            _slot: slot,
-        };
-        match status {
-            1 => {
-                if wait_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
-                }
-                crate::metrics::quota_waited(b.provider, started.elapsed());
-                Ok(permit(false))
-            }
-            3 => {
-                tracing::info!(
-                    provider = b.provider,
-                    "The provider is paused for quota; this call probes whether it is back"
-                );
-                Ok(permit(true))
-            }
-            2 => Err(ProviderError::QuotaExhausted {
-                provider: b.provider,
-                message: "the provider is paused fleet-wide after running out of quota (`producer quota resume` ends it)".into(),
-            }),
-            _ => {
-                metrics::counter!(crate::metrics::QUOTA_DEFERRED, "provider" => b.provider)
-                    .increment(1);
-                Err(ProviderError::Throttled {
-                    provider: b.provider,
-                    retry_after: Duration::from_millis(wait_ms.max(1) as u64),
-                })
-            }
-        }
-    }
-
-    /// Settles a call that got an answer: corrects each dimension by what it really cost (`actual`, by name;
-    /// absent dimensions cost what was reserved), lowers buckets to the provider's `remaining` counts, grows
-    /// the process's concurrency, ends a pause the call probed, and adds `spent` to today's budget.
-    pub async fn settle(
-        &self,
-        permit: Permit,
-        actual: &[(&'static str, f64)],
-        remaining: &[(&'static str, f64)],
-        spent: u64,
-    ) {
-        let b = &*self.inner;
-        b.aimd.success();
-        let mut conn = b.conn.clone();
-        for limit in &b.limits {
-            let reserved = permit
-                .costs
-                .iter()
-                .find(|(n, _)| *n == limit.name)
-                .map_or(0.0, |(_, c)| *c);
-            let used = actual
-                .iter()
-                .find(|(n, _)| *n == limit.name)
-                .map_or(reserved, |(_, c)| *c);
-            let left = remaining
-                .iter()
-                .find(|(n, _)| *n == limit.name)
-                .map_or(-1.0, |(_, r)| *r);
-            if left >= 0.0 {
-                metrics::gauge!(crate::metrics::QUOTA_REMAINING, "provider" => b.provider, "resource" => limit.name)
-                    .set(left);
-            }
-            if (reserved - used).abs() < f64::EPSILON && left < 0.0 {
-                continue;
-            }
-            let r: Result<i64, _> = SETTLE
-                .key(&b.bucket)
-                .arg(limit.name)
-                .arg(limit.capacity())
-                .arg(limit.rate_per_ms())
-                .arg(reserved - used)
-                .arg(left)
-                .invoke_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(provider = b.provider, error = %e, "Could not settle a reservation");
-            }
-        }
-        self.add_spent(spent).await;
-        if permit.probe {
-            let r: Result<i64, _> = conn.del(&[&b.pause, &b.probe]).await;
-            if r.is_ok() {
-                tracing::info!(
-                    provider = b.provider,
-                    "The probe succeeded: the provider's quota is back, the pause is over"
-                );
-            }
-        }
-    }
-
-    /// Counts `units` (tokens, pages) against today's budget and the usage and cost metrics.
-    pub async fn add_spent(&self, units: u64) {
-        let b = &*self.inner;
-        if units == 0 {
-            return;
-        }
-        crate::metrics::quota_spent(b.provider, units, b.usd_per_million);
-        if b.daily_units > 0 {
-            let key = format!("{}:{}", b.spent, chrono::Utc::now().format("%Y-%m-%d"));
-            let mut conn = b.conn.clone();
-            let r: Result<(), _> = redis::pipe()
-                .incr(&key, units)
-                .ignore()
-                .expire(&key, 2 * 86_400)
-                .ignore()
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(provider = b.provider, error = %e, "Could not count today's spend");
-            }
-        }
-    }
-
-    /// Settles a call by how it ended: a 429 cools the fleet down, running out of quota pauses the provider,
-    /// anything else only gives the slot back.
-    pub async fn settle_error(&self, permit: Permit, error: &ProviderError) {
-        match error {
-            ProviderError::RateLimited { retry_after, .. } => self.cool_down(*retry_after).await,
-            ProviderError::QuotaExhausted { message, .. } => self.pause(message).await,
-            _ => {}
-        }
-        drop(permit);
-    }
-
-    /// The provider answered 429: every replica waits `retry_after` (one second when it did not say), and this
-    /// process halves its concurrency.
-    pub async fn cool_down(&self, retry_after: Option<Duration>) {
-        let b = &*self.inner;
-        b.aimd.back_off();
-        let ms = retry_after
-            .unwrap_or(Duration::from_secs(1))
-            .as_millis()
-            .max(1) as u64;
-        metrics::counter!(crate::metrics::QUOTA_COOLDOWNS, "provider" => b.provider).increment(1);
-        let mut conn = b.conn.clone();
-        let r: Result<i64, _> = COOLDOWN
-            .key(format!("{}:cooldown", b.bucket))
-            .arg(ms)
-            .invoke_async(&mut conn)
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(provider = b.provider, error = %e, "Could not share a cool-down with the fleet");
-        }
-    }
-
-    /// The provider is out of quota or credit: pause it fleet-wide until a probe succeeds or an operator resumes.
-    pub async fn pause(&self, reason: &str) {
-        let b = &*self.inner;
-        let mut conn = b.conn.clone();
-        // The probe lock starts now, so the next probe comes one interval later.
-        let r: Result<(), _> = redis::pipe()
-            .set(&b.pause, reason)
-            .ignore()
-            .pset_ex(&b.probe, 1, b.probe_every.as_millis().max(1) as u64)
-            .ignore()
-            .query_async(&mut conn)
-            .await;
-        metrics::counter!(crate::metrics::QUOTA_PAUSES, "provider" => b.provider).increment(1);
-        match r {
-            Ok(()) => {
-                tracing::error!(provider = b.provider, %reason, "Out of quota: the provider is paused fleet-wide; its documents wait")
-            }
-            Err(e) => {
-                tracing::warn!(provider = b.provider, error = %e, "Could not pause the provider")
-            }
-        }
-    }
-
-    async fn spent_today(&self) -> u64 {
-        let b = &*self.inner;
-        let key = format!("{}:{}", b.spent, chrono::Utc::now().format("%Y-%m-%d"));
-        let mut conn = b.conn.clone();
-        conn.get::<_, Option<u64>>(&key)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-    }
-
-    /// This process's current concurrency limit.
-    pub fn concurrency(&self) -> usize {
-        self.inner.aimd.limit()
-    }
-}
-
-/// Additive-increase, multiplicative-decrease concurrency for one process: halved on a 429, grown by one per
-/// `limit` successes, between 1 and the ceiling.
-#[derive(Debug)]
-struct Aimd {
-    state: Mutex<AimdState>,
-    freed: Notify,
-    ceiling: f64,
-}
-
-#[derive(Debug)]
-struct AimdState {
-    limit: f64,
-    in_flight: usize,
-}
-
-/// A slot of the process's concurrency, given back on drop.
-#[derive(Debug)]
-struct Slot(Arc<Aimd>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.in_flight = s.in_flight.saturating_sub(1);
-        drop(s);
-        self.0.freed.notify_one();
-    }
-}
-
-impl Aimd {
-    fn new(ceiling: usize) -> Arc<Self> {
-        let ceiling = ceiling.max(1) as f64;
-        Arc::new(Self {
-            state: Mutex::new(AimdState {
-                limit: ceiling,
-                in_flight: 0,
-            }),
-            freed: Notify::new(),
-            ceiling,
-        })
-    }
-
-    fn limit(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).limit as usize
-    }
-
-    async fn acquire(self: &Arc<Self>) -> Slot {
-        loop {
-            let notified = self.freed.notified();
-            {
-                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                if (s.in_flight as f64) < s.limit.floor().max(1.0) {
-                    s.in_flight += 1;
-                    return Slot(self.clone());
-                }
-            }
-            notified.await;
-        }
-    }
-
-    fn success(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.limit = (s.limit + 1.0 / s.limit.max(1.0)).min(self.ceiling);
-        drop(s);
-        self.freed.notify_one();
-    }
-
-    fn back_off(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.limit = (s.limit / 2.0).max(1.0);
-    }
 }
 
 #[cfg(test)]
@@ -617,34 +409,96 @@ mod tests {
         assert!(most.floor() <= 10.0 && most >= 10.0, "{most}");
     }
 
-    #[tokio::test]
-    async fn aimd_halves_on_429_and_grows_back_one_per_window() {
-        let a = Aimd::new(16);
-        assert_eq!(a.limit(), 16);
-        a.back_off();
-        a.back_off();
-        assert_eq!(a.limit(), 4);
-        // One per window of successes: from 4, five successes reach 5.
-        for _ in 0..5 {
-            a.success();
-        }
-        assert_eq!(a.limit(), 5);
-        for _ in 0..10 {
-            a.back_off();
-        }
-        assert_eq!(a.limit(), 1, "never below one");
-        // Slots: the second waits until the first is dropped.
-        let first = a.acquire().await;
-        let waiting = {
-            let a = a.clone();
-            tokio::spawn(async move { a.acquire().await })
+    #[test]
+    fn the_largest_request_first_in_line_is_granted_within_max_wait() {
+        // A free-tier key: 40,000 tokens a minute, the default 30 s wait.
+        let tokens = Limit {
+            name: "tokens",
+            limit: 40_000.0,
+            window: Duration::from_secs(60),
         };
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        drop(first);
-        let _second = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("freed")
-            .unwrap();
+        let max_wait = Duration::from_secs(30);
+        let largest = tokens.largest_request(max_wait);
+        // 800 of burst and half of 28 s of refill at 650 a second.
+        assert!((largest - 9_900.0).abs() < 1.0, "{largest}");
+        // First in line after a request as large, in debt by the look-ahead too: still within max_wait.
+        let rate = tokens.rate_per_ms();
+        let worst_wait_ms = largest / rate + RESERVE_AHEAD.as_millis() as f64;
+        assert!(
+            worst_wait_ms <= max_wait.as_millis() as f64,
+            "{worst_wait_ms}"
+        );
+        // Below the look-ahead only the burst is left; one request always fits.
+        let requests = Limit {
+            name: "requests",
+            limit: 3.0,
+            window: Duration::from_secs(60),
+        };
+        assert!(requests.largest_request(Duration::from_millis(200)) >= 1.0);
+        // Never more than the limit, however long the wait.
+        assert_eq!(tokens.largest_request(Duration::from_secs(600)), 40_000.0);
+    }
+
+    #[test]
+    fn openai_limits_leave_out_the_dimensions_set_to_zero() {
+        let mut q = OpenAiQuota::default();
+        let names: Vec<_> = openai_limits(&q).iter().map(|l| l.name).collect();
+        assert_eq!(names, ["requests", "tokens"]);
+        q.requests_per_minute = 0;
+        let names: Vec<_> = openai_limits(&q).iter().map(|l| l.name).collect();
+        assert_eq!(names, ["tokens"]);
+    }
+
+    #[test]
+    fn settings_whose_single_chunk_never_fits_the_token_budget_name_the_fields_to_change() {
+        let mut s = Settings::default();
+        s.embedding.embedder = EmbedderKind::Openai;
+        s.quota.openai.tokens_per_minute = 40_000;
+        s.chunking.max_tokens = 512;
+        assert_eq!(oversized_request(&s), None);
+        // A 5 s wait at 40,000 a minute grants 800 + 975 tokens at most.
+        s.quota.max_wait = Duration::from_secs(5);
+        s.chunking.max_tokens = 4_096;
+        let (field, reason) = oversized_request(&s).expect("refused");
+        assert_eq!(field, "chunking.max_tokens");
+        for named in ["quota.max_wait", "quota.openai.tokens_per_minute", "1775"] {
+            assert!(reason.contains(named), "{named}: {reason}");
+        }
+        // The advice holds: each change alone makes it fit.
+        let mut fixed = s.clone();
+        fixed.chunking.max_tokens = 1_775;
+        assert_eq!(oversized_request(&fixed), None);
+        let mut fixed = s.clone();
+        fixed.quota.max_wait = Duration::from_secs(13);
+        assert_eq!(oversized_request(&fixed), None, "{reason}");
+        assert!(reason.contains("raise quota.max_wait to 13s"), "{reason}");
+        let mut fixed = s.clone();
+        fixed.quota.openai.tokens_per_minute = 92_305;
+        assert_eq!(oversized_request(&fixed), None, "{reason}");
+        assert!(reason.contains("tokens_per_minute to 92305 "), "{reason}");
+        // Inputs are cut to the model's limit first: then that limit is the one to lower.
+        s.embedding.openai.max_input_tokens = 2_048;
+        assert_eq!(
+            oversized_request(&s).map(|(f, _)| f),
+            Some("embedding.openai.max_input_tokens")
+        );
+        // Another embedder, or no token limit: nothing to check.
+        s.quota.openai.tokens_per_minute = 0;
+        assert_eq!(oversized_request(&s), None);
+        s.quota.openai.tokens_per_minute = 40_000;
+        s.embedding.embedder = EmbedderKind::Hashing;
+        assert_eq!(oversized_request(&s), None);
+    }
+
+    #[test]
+    fn pause_reasons_are_read_back_from_the_pause_value_and_match_the_metric_labels() {
+        assert_eq!(PauseReason::of("auth: HTTP 401"), PauseReason::Auth);
+        assert_eq!(
+            PauseReason::of("quota: insufficient_quota"),
+            PauseReason::Quota
+        );
+        assert_eq!(PauseReason::of("insufficient_quota"), PauseReason::Quota);
+        let labels: Vec<&str> = PauseReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, crate::metrics::PAUSE_REASONS);
     }
 }

@@ -1,0 +1,552 @@
+//! One budget shared by the fleet: reservations served in order, settled by the answers; cool-downs and pauses.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+
+use super::{
+    Limit, PauseReason, RESERVE_AHEAD, WINDOW_SHARE,
+    aimd::{Aimd, Slot},
+};
+use crate::providers::ProviderError;
+
+/// How long a ticket keeps its place in line without its holder asking again: a replica killed while it waits
+/// holds the line up for at most this long. A live caller whose lease ran out takes its place back when it asks.
+const TICKET_LEASE: Duration = Duration::from_secs(2);
+/// A caller in line asks again at least this often, renewing its lease.
+const ASK_EVERY: Duration = Duration::from_millis(500);
+/// And at most this often: reservations are made two seconds ahead, so asking a little late loses no budget.
+const ASK_AT_MOST: Duration = Duration::from_millis(100);
+
+/// Answers of `acquire.lua`.
+const DEFERRED: i64 = 0;
+const RESERVED: i64 = 1;
+const PAUSED: i64 = 2;
+const PROBE: i64 = 3;
+const IN_LINE: i64 = 4;
+
+static ACQUIRE: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("acquire.lua")));
+static SETTLE: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("settle.lua")));
+static COOLDOWN: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("cooldown.lua")));
+static PAUSE: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("pause.lua")));
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// The Redis keys of one budget. All carry the provider's hash tag: one Redis Cluster slot holds them.
+pub(super) struct Keys {
+    /// Bucket levels per dimension and the ticket sequence (hash).
+    pub(super) bucket: String,
+    /// The end of a fleet-wide cool-down, ms.
+    pub(super) cooldown: String,
+    /// Tickets in line, scored by the end of their lease (sorted set).
+    pub(super) line: String,
+    /// What each ticket in line asks for, and when a granted one may send (hash).
+    pub(super) asks: String,
+    /// Units sent per slot of the provider's window, per dimension (hash).
+    pub(super) sent: String,
+    /// The provider's pause: `<reason>: <message>`.
+    pub(super) pause: String,
+    /// The provider's probe lock.
+    pub(super) probe: String,
+    /// The provider's spend, per UTC day (`<spent>:<day>`).
+    pub(super) spent: String,
+}
+
+/// What [`Budget::new`] builds a budget from.
+pub(super) struct BudgetParts {
+    pub(super) conn: ConnectionManager,
+    pub(super) provider: &'static str,
+    pub(super) keys: Keys,
+    pub(super) limits: Vec<Limit>,
+    pub(super) max_wait: Duration,
+    pub(super) probe_every: Duration,
+    pub(super) daily_units: u64,
+    pub(super) usd_per_million: f64,
+    pub(super) concurrency: usize,
+}
+
+/// A budget shared by the fleet; cheap to clone.
+#[derive(Clone)]
+pub struct Budget {
+    inner: Arc<BudgetInner>,
+}
+
+struct BudgetInner {
+    conn: ConnectionManager,
+    provider: &'static str,
+    keys: Keys,
+    limits: Vec<Limit>,
+    max_wait: Duration,
+    probe_every: Duration,
+    /// Tokens (embeddings) or pages (LlamaParse) per UTC day; 0 is no cap.
+    daily_units: u64,
+    usd_per_million: f64,
+    aimd: Arc<Aimd>,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("bucket", &self.inner.keys.bucket)
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reservation: hold it while the call runs, then give it to [`Budget::settle`] or [`Budget::settle_error`].
+#[derive(Debug)]
+pub struct Permit {
+    costs: Vec<(&'static str, f64)>,
+    /// The call probes whether a pause for this reason can end.
+    probe: Option<PauseReason>,
+    _slot: Slot,
+}
+
+/// A call's place in the fleet's line for a budget ([`Budget::turn`]), kept from one part of the call to the next:
+/// a part that follows one this turn reserved goes first, so a call split in parts is not deferred half-way,
+/// after paying for its first parts. Dropping it gives the place up.
+#[derive(Debug)]
+pub struct Turn {
+    budget: Budget,
+    /// The ticket, once the line gave one (0: none yet).
+    ticket: u64,
+    /// Whether the ticket is in line now (and must be given back when the turn ends).
+    held: bool,
+    /// Whether a request of this turn was reserved already: its later parts wait longer rather than be deferred.
+    started: bool,
+}
+
+impl Budget {
+    pub(super) fn new(parts: BudgetParts) -> Self {
+        Self {
+            inner: Arc::new(BudgetInner {
+                conn: parts.conn,
+                provider: parts.provider,
+                keys: parts.keys,
+                limits: parts.limits,
+                max_wait: parts.max_wait,
+                probe_every: parts.probe_every,
+                daily_units: parts.daily_units,
+                usd_per_million: parts.usd_per_million,
+                aimd: Aimd::new(parts.concurrency),
+            }),
+        }
+    }
+
+    /// A place in line for a call of several requests: reserve each with [`Turn::acquire`].
+    pub fn turn(&self) -> Turn {
+        Turn {
+            budget: self.clone(),
+            ticket: 0,
+            held: false,
+            started: false,
+        }
+    }
+
+    /// Reserves `costs` (dimension name, units) for one call: waits its turn for the fleet's budget and for this
+    /// process's concurrency, or fails with a deferral when the wait would exceed `quota.max_wait`, the provider
+    /// is paused, or today's budget is spent.
+    pub async fn acquire(&self, costs: &[(&'static str, f64)]) -> Result<Permit, ProviderError> {
+        self.turn().acquire(costs, false).await
+    }
+
+    /// The largest cost, in `dimension`'s units, one request should have: what first in line is granted within
+    /// `quota.max_wait` ([`Limit::largest_request`]), and at most a tenth of the limit, so that whole requests
+    /// fill at least nine tenths of any window of the provider. Larger work goes as several requests of one
+    /// [`Turn`]. `None` when the budget does not limit `dimension`.
+    pub fn largest_request(&self, dimension: &str) -> Option<f64> {
+        let b = &*self.inner;
+        b.limits.iter().find(|l| l.name == dimension).map(|l| {
+            l.largest_request(b.max_wait)
+                .min(l.limit * WINDOW_SHARE)
+                .max(1.0)
+        })
+    }
+
+    /// Settles a call that got an answer: corrects each dimension by what it really cost (`actual`, by name;
+    /// absent dimensions cost what was reserved), lowers buckets to the provider's `remaining` counts, grows
+    /// the process's concurrency, ends a pause the call probed, and adds `spent` to today's budget.
+    pub async fn settle(
+        &self,
+        permit: Permit,
+        actual: &[(&'static str, f64)],
+        remaining: &[(&'static str, f64)],
+        spent: u64,
+    ) {
+        let b = &*self.inner;
+        b.aimd.success();
+        let mut conn = b.conn.clone();
+        for limit in &b.limits {
+            let reserved = permit
+                .costs
+                .iter()
+                .find(|(n, _)| *n == limit.name)
+                .map_or(0.0, |(_, c)| *c);
+            let used = actual
+                .iter()
+                .find(|(n, _)| *n == limit.name)
+                .map_or(reserved, |(_, c)| *c);
+            let left = remaining
+                .iter()
+                .find(|(n, _)| *n == limit.name)
+                .map_or(-1.0, |(_, r)| *r);
+            if left >= 0.0 {
+                metrics::gauge!(crate::metrics::QUOTA_REMAINING, "provider" => b.provider, "resource" => limit.name)
+                    .set(left);
+            }
+            if (reserved - used).abs() < f64::EPSILON && left < 0.0 {
+                continue;
+            }
+            let r: Result<i64, _> = SETTLE
+                .key(&b.keys.bucket)
+                .arg(limit.name)
+                .arg(limit.capacity())
+                .arg(limit.rate_per_ms())
+                .arg(reserved - used)
+                .arg(left)
+                .invoke_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(provider = b.provider, error = %e, "Could not settle a reservation");
+            }
+        }
+        self.add_spent(spent).await;
+        if let Some(reason) = permit.probe {
+            let r: Result<i64, _> = conn.del(&[&b.keys.pause, &b.keys.probe]).await;
+            if r.is_ok() {
+                match reason {
+                    PauseReason::Quota => tracing::info!(
+                        provider = b.provider,
+                        "The probe succeeded: the provider's quota is back, the pause is over"
+                    ),
+                    PauseReason::Auth => tracing::info!(
+                        provider = b.provider,
+                        "The probe succeeded: the provider accepts our key again, the pause is over"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Counts `units` (tokens, pages) against today's budget and the usage and cost metrics.
+    pub async fn add_spent(&self, units: u64) {
+        let b = &*self.inner;
+        if units == 0 {
+            return;
+        }
+        crate::metrics::quota_spent(b.provider, units, b.usd_per_million);
+        if b.daily_units > 0 {
+            let key = format!("{}:{}", b.keys.spent, chrono::Utc::now().format("%Y-%m-%d"));
+            let mut conn = b.conn.clone();
+            let r: Result<(), _> = redis::pipe()
+                .incr(&key, units)
+                .ignore()
+                .expire(&key, 2 * 86_400)
+                .ignore()
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(provider = b.provider, error = %e, "Could not count today's spend");
+            }
+        }
+    }
+
+    /// Settles a call by how it ended: a 429 cools the fleet down, running out of quota or a refused key pauses
+    /// the provider, anything else only gives the slot back.
+    pub async fn settle_error(&self, permit: Permit, error: &ProviderError) {
+        match error {
+            ProviderError::RateLimited { retry_after, .. } => self.cool_down(*retry_after).await,
+            ProviderError::QuotaExhausted { message, .. } => {
+                self.pause(PauseReason::Quota, message).await
+            }
+            ProviderError::Unauthorized { message, .. } => {
+                self.pause(PauseReason::Auth, message).await
+            }
+            _ => {}
+        }
+        drop(permit);
+    }
+
+    /// The provider answered 429: every replica waits `retry_after` (one second when it did not say), and this
+    /// process halves its concurrency.
+    pub async fn cool_down(&self, retry_after: Option<Duration>) {
+        let b = &*self.inner;
+        b.aimd.back_off();
+        let ms = millis(retry_after.unwrap_or(Duration::from_secs(1))).max(1);
+        metrics::counter!(crate::metrics::QUOTA_COOLDOWNS, "provider" => b.provider).increment(1);
+        let mut conn = b.conn.clone();
+        let r: Result<i64, _> = COOLDOWN
+            .key(&b.keys.cooldown)
+            .arg(ms)
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(provider = b.provider, error = %e, "Could not share a cool-down with the fleet");
+        }
+    }
+
+    /// Pauses the provider fleet-wide until a probe call succeeds or an operator resumes it: it ran out of quota or
+    /// credit (`Quota`), or refused our key (`Auth`). Its documents wait meanwhile. A pause already in force for
+    /// the same reason (a probe that failed) only restarts the probe interval.
+    pub async fn pause(&self, reason: PauseReason, message: &str) {
+        let b = &*self.inner;
+        let mut conn = b.conn.clone();
+        let r: Result<i64, _> = PAUSE
+            .key(&b.keys.pause)
+            .key(&b.keys.probe)
+            .arg(format!("{}: {message}", reason.as_str()))
+            .arg(reason.as_str())
+            .arg(millis(b.probe_every).max(1))
+            .invoke_async(&mut conn)
+            .await;
+        if let Ok(0) = r {
+            tracing::warn!(
+                provider = b.provider,
+                reason = reason.as_str(),
+                %message,
+                "The probe call failed: the provider stays paused fleet-wide"
+            );
+            return;
+        }
+        metrics::counter!(crate::metrics::QUOTA_PAUSES, "provider" => b.provider, "reason" => reason.as_str())
+            .increment(1);
+        if let Err(e) = &r {
+            tracing::warn!(provider = b.provider, error = %e, "Could not pause the provider fleet-wide");
+        }
+        match reason {
+            PauseReason::Quota => tracing::error!(
+                provider = b.provider,
+                %message,
+                "Out of quota: the provider is paused fleet-wide; its documents wait"
+            ),
+            PauseReason::Auth => tracing::error!(
+                provider = b.provider,
+                %message,
+                probe_every_s = b.probe_every.as_secs_f64(),
+                "The provider refused our API key: it is paused fleet-wide and its documents wait. Fix the key; a \
+                 probe call tests it every pipeline.quota_wait, or `producer quota resume <provider>` ends the pause"
+            ),
+        }
+    }
+
+    /// The error of a call refused because the provider is paused for `reason`.
+    fn paused(&self, reason: PauseReason) -> ProviderError {
+        let b = &*self.inner;
+        let resume = format!(
+            "a probe call every {:.1} s tests it; `producer quota resume {}` ends it",
+            b.probe_every.as_secs_f64(),
+            b.provider
+        );
+        match reason {
+            PauseReason::Quota => ProviderError::QuotaExhausted {
+                provider: b.provider,
+                message: format!(
+                    "the provider is paused fleet-wide after running out of quota ({resume})"
+                ),
+            },
+            PauseReason::Auth => ProviderError::Unauthorized {
+                provider: b.provider,
+                message: format!(
+                    "the provider is paused fleet-wide after refusing our key ({resume})"
+                ),
+            },
+        }
+    }
+
+    async fn spent_today(&self) -> u64 {
+        let b = &*self.inner;
+        let key = format!("{}:{}", b.keys.spent, chrono::Utc::now().format("%Y-%m-%d"));
+        let mut conn = b.conn.clone();
+        conn.get::<_, Option<u64>>(&key)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// This process's current concurrency limit.
+    pub fn concurrency(&self) -> usize {
+        self.inner.aimd.limit()
+    }
+}
+
+impl Turn {
+    /// Reserves the `costs` of this call's next request (see [`Budget::acquire`]). With `more`, another request
+    /// of the call follows and keeps the place first in line; the last request of a call passes `false`.
+    pub async fn acquire(
+        &mut self,
+        costs: &[(&'static str, f64)],
+        more: bool,
+    ) -> Result<Permit, ProviderError> {
+        let budget = self.budget.clone();
+        let b = &*budget.inner;
+        let started = Instant::now();
+        // A later part of a started call waits up to a whole window of the provider rather than be deferred, which
+        // would pay for its earlier parts again: first in line, it is never further away than that.
+        let patience = if self.started {
+            b.limits
+                .iter()
+                .map(|l| l.window)
+                .fold(b.max_wait, Duration::max)
+        } else {
+            b.max_wait
+        };
+        let slot = b.aimd.acquire().await;
+        if b.daily_units > 0 {
+            let spent = budget.spent_today().await;
+            if spent >= b.daily_units {
+                return Err(ProviderError::QuotaExhausted {
+                    provider: b.provider,
+                    message: format!(
+                        "today's budget of {} is spent ({spent}); calls resume at 00:00 UTC",
+                        b.daily_units
+                    ),
+                });
+            }
+        }
+        let dims: Vec<(&Limit, f64)> = b
+            .limits
+            .iter()
+            .filter_map(|l| {
+                costs
+                    .iter()
+                    .find(|(n, _)| *n == l.name)
+                    .map(|(_, c)| (l, *c))
+            })
+            .collect();
+        let mut conn = b.conn.clone();
+        // Reserve at most RESERVE_AHEAD before the call can go: a replica killed while it waits then takes at most
+        // that much of the fleet's budget with it. Further out, wait in line and ask again.
+        let (status, wait_ms, reason) = loop {
+            let left = patience.saturating_sub(started.elapsed());
+            let mut invocation = ACQUIRE.prepare_invoke();
+            invocation
+                .key(&b.keys.bucket)
+                .key(&b.keys.cooldown)
+                .key(&b.keys.pause)
+                .key(&b.keys.probe)
+                .key(&b.keys.line)
+                .key(&b.keys.asks)
+                .key(&b.keys.sent)
+                .arg(millis(left.min(RESERVE_AHEAD)))
+                .arg(millis(left))
+                .arg(millis(b.probe_every).max(1))
+                .arg(millis(TICKET_LEASE))
+                .arg(self.ticket)
+                .arg(u32::from(more))
+                .arg(millis(RESERVE_AHEAD))
+                .arg(dims.len());
+            for (limit, cost) in &dims {
+                invocation
+                    .arg(limit.name)
+                    .arg(limit.capacity())
+                    .arg(limit.rate_per_ms())
+                    .arg(*cost)
+                    .arg(limit.limit)
+                    .arg(millis(limit.window).max(1));
+            }
+            let answer: Result<(i64, i64, i64, String), _> =
+                invocation.invoke_async(&mut conn).await;
+            match answer {
+                Ok((IN_LINE, wait_ms, ticket, _)) => {
+                    self.ticket = ticket.max(0) as u64;
+                    self.held = true;
+                    let turn_in = Duration::from_millis(wait_ms.max(0) as u64);
+                    tokio::time::sleep(
+                        turn_in
+                            .saturating_sub(RESERVE_AHEAD)
+                            .clamp(ASK_AT_MOST, ASK_EVERY),
+                    )
+                    .await;
+                }
+                Ok((status, wait_ms, ticket, reason)) => {
+                    if ticket > 0 {
+                        self.ticket = ticket as u64;
+                    }
+                    self.held = status == RESERVED && more;
+                    self.started |= status == RESERVED;
+                    break (status, wait_ms, reason);
+                }
+                Err(e) => {
+                    tracing::warn!(provider = b.provider, error = %e, "The fleet's quota state is unreachable; calling without it");
+                    break (RESERVED, 0, String::new());
+                }
+            }
+        };
+        if matches!(status, RESERVED | PROBE) {
+            for (limit, cost) in &dims {
+                metrics::counter!(crate::metrics::QUOTA_RESERVED, "provider" => b.provider, "resource" => limit.name)
+                    .increment(cost.ceil() as u64);
+            }
+        }
+        let permit = |probe| Permit {
+            costs: costs.to_vec(),
+            probe,
+            _slot: slot,
+        };
+        match status {
+            RESERVED => {
+                if wait_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
+                }
+                crate::metrics::quota_waited(b.provider, started.elapsed());
+                Ok(permit(None))
+            }
+            PROBE => {
+                let reason = PauseReason::of(&reason);
+                tracing::info!(
+                    provider = b.provider,
+                    reason = reason.as_str(),
+                    "The provider is paused fleet-wide; this call probes whether it is back"
+                );
+                Ok(permit(Some(reason)))
+            }
+            PAUSED => Err(budget.paused(PauseReason::of(&reason))),
+            _ => {
+                debug_assert_eq!(status, DEFERRED);
+                metrics::counter!(crate::metrics::QUOTA_DEFERRED, "provider" => b.provider)
+                    .increment(1);
+                Err(ProviderError::Throttled {
+                    provider: b.provider,
+                    retry_after: Duration::from_millis(wait_ms.max(1) as u64),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Turn {
+    /// Gives the place in line back at once, rather than holding the line up until its lease lapses.
+    fn drop(&mut self) {
+        if !self.held || self.ticket == 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let b = self.budget.inner.clone();
+        let ticket = self.ticket;
+        runtime.spawn(async move {
+            let mut conn = b.conn.clone();
+            let r: Result<(), _> = redis::pipe()
+                .zrem(&b.keys.line, ticket)
+                .ignore()
+                .hdel(&b.keys.asks, &[ticket.to_string(), format!("at:{ticket}")])
+                .ignore()
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(provider = b.provider, error = %e, "Could not leave the budget's line; the ticket lapses");
+            }
+        });
+    }
+}
