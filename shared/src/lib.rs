@@ -18,6 +18,7 @@
 //! | [`queue`] | the durable Redis Streams queue and its apalis backend: at-least-once delivery, retries, dead letters |
 //! | [`runtime`] | the worker runtime: one apalis worker per stage, health, metrics, restarts, graceful drain |
 //! | [`jobs`] | the stages, their queue names, and the jobs their queues carry |
+//! | [`retry`] | failed documents: re-running one from the stage that gave up, and the failures by stage and reason |
 //! | [`shutdown`] | the SIGTERM / SIGINT future |
 //!
 //! The transport ([`queue`]) knows nothing of documents: it moves typed jobs and guarantees that each is run
@@ -29,6 +30,7 @@ pub mod chunking;
 pub mod client;
 pub mod db;
 pub mod documents;
+pub mod helper;
 pub mod jobs;
 pub mod metrics;
 pub mod parsing;
@@ -37,6 +39,7 @@ pub mod queue;
 pub mod quota;
 pub mod ratelimit;
 pub mod reconciler;
+pub mod retry;
 pub mod runtime;
 pub mod settings;
 pub mod shutdown;

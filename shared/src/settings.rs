@@ -297,6 +297,8 @@ impl Default for LocalModelSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaSettings {
     /// Longest a call waits in-process for its budget; a longer wait defers the job to the queue instead.
+    /// Embedding requests are sized so that one is granted within it; a single chunk that never could be
+    /// (`chunking.max_tokens` against `quota.openai.tokens_per_minute`) is refused at start-up.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Embeddings (OpenAI-compatible).
@@ -502,11 +504,13 @@ impl Default for ChunkingSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineSettings {
-    /// A stage left queued or running this long is pushed again by the reconciler (lost queue entry, Redis
-    /// outage between commit and push, crashed worker after a Redis restart).
+    /// A stage untouched this long (running stages touch their row every third of it) is checked by the
+    /// reconciler, which pushes its job again when it is nowhere in Redis (Redis down between commit and push).
+    /// Pushes are deduplicated by job id, so a short value never duplicates work. Must exceed
+    /// `pipeline.reconcile_interval`.
     #[serde(with = "humantime_serde")]
     pub reconcile_after: Duration,
-    /// How often the reconciler looks.
+    /// How often the reconciler looks (a Redis that lost its data is noticed within one interval).
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
     /// Most pages a document may have.
@@ -528,8 +532,8 @@ pub struct PipelineSettings {
 impl Default for PipelineSettings {
     fn default() -> Self {
         Self {
-            reconcile_after: Duration::from_secs(300),
-            reconcile_interval: Duration::from_secs(15),
+            reconcile_after: Duration::from_secs(30),
+            reconcile_interval: Duration::from_secs(10),
             max_pages: 2_000,
             max_chars: 20_000_000,
             parse_timeout: Duration::from_secs(120),
@@ -927,12 +931,27 @@ impl Settings {
         {
             return invalid("pipeline.quota_wait", "must be between 1ms and 1h");
         }
+        let pl = &self.pipeline;
+        if pl.reconcile_interval.is_zero() {
+            return invalid("pipeline.reconcile_interval", "must be above zero");
+        }
+        if pl.reconcile_after <= pl.reconcile_interval {
+            return invalid(
+                "pipeline.reconcile_after",
+                "must exceed pipeline.reconcile_interval: the reconciler looks every reconcile_interval for \
+                 stages untouched for reconcile_after (running stages touch theirs every third of it)",
+            );
+        }
         let c = &self.chunking;
         if c.max_tokens < 16 || c.overlap_tokens >= c.max_tokens || c.max_chunks == 0 {
             return invalid(
                 "chunking",
                 "max_tokens must be at least 16 and above overlap_tokens; max_chunks above 0",
             );
+        }
+        // A chunk the token budget can never grant within quota.max_wait would keep its document waiting for ever.
+        if let Some((field, reason)) = crate::quota::oversized_request(self) {
+            return Err(SettingsError::Invalid { field, reason });
         }
         let q = &self.queue;
         if q.key_prefix.is_empty()

@@ -43,11 +43,34 @@ struct Args {
     /// Internal: the helper's address-space bound in MiB (0: none).
     #[arg(long, hide = true, default_value_t = 0)]
     parse_memory_mb: u64,
+    /// Internal: chunk one document's parsed sections (JSON) from stdin in a bounded helper process, print JSON,
+    /// exit.
+    #[arg(long, hide = true)]
+    chunk_one: bool,
+    /// Internal: the chunk helper's most tokens per chunk.
+    #[arg(long, hide = true, default_value_t = 0)]
+    chunk_max_tokens: usize,
+    /// Internal: the chunk helper's overlap in tokens.
+    #[arg(long, hide = true, default_value_t = 0)]
+    chunk_overlap_tokens: usize,
+    /// Internal: the chunk helper's most chunks per document.
+    #[arg(long, hide = true, default_value_t = 0)]
+    chunk_max_chunks: usize,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // The parse helper runs before anything else starts (no runtime, no threads, no connections).
+    // The parse and chunk helpers run before anything else starts (no runtime, no threads, no connections).
+    if args.chunk_one {
+        std::process::exit(upload_pipeline::helper::chunk_helper_main(
+            upload_pipeline::helper::ChunkSizes {
+                max_tokens: args.chunk_max_tokens,
+                overlap_tokens: args.chunk_overlap_tokens,
+                max_chunks: args.chunk_max_chunks,
+            },
+            args.parse_memory_mb,
+        ));
+    }
     if let Some(kind) = &args.parse_one {
         std::process::exit(providers::local::parse_helper_main(
             kind,
@@ -104,10 +127,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::connect(settings.clone())
         .await
         .context("Failed to connect to Redis")?;
-    // Local parsing happens in helper processes of this binary, bounded in time and memory.
-    if stages.contains(&Stage::Parse) {
+    // Local parsing and chunking happen in helper processes of this binary, bounded in time and memory.
+    if stages.contains(&Stage::Parse) || stages.contains(&Stage::Chunk) {
         let exe = std::env::current_exe().context("Failed to find the worker executable")?;
-        providers::local::use_parse_helper(exe);
+        upload_pipeline::helper::register(exe);
     }
     let pipeline = if jobs::needs_pipeline(&stages) {
         let slots: usize = stages

@@ -1,12 +1,16 @@
 //! The chunk stage: parsed sections to chunks (upserted by document and index), then embed jobs in batches so a
 //! long document spreads over every embed replica.
 
-use super::pipeline::{
-    Pipeline, StageError, StageJob, advance, current, lock_document, settle_failure, start,
+use super::{
+    Stage,
+    pipeline::{
+        Heartbeat, Pipeline, StageError, StageJob, advance, current, lock_document, settle_failure,
+        start,
+    },
 };
 use crate::{
-    chunking::{self, ChunkError},
     db,
+    helper::{ChunkFailure, ChunkSizes, chunk_bounded},
     parsing::Section,
     queue::{Delivery, JobError},
 };
@@ -16,7 +20,9 @@ use crate::{
 pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), JobError> {
     match chunk(&p, &job, &delivery).await {
         Ok(()) => Ok(()),
-        Err(e) => settle_failure(&p, job.user_id, job.document_id, "chunk", &delivery, e).await,
+        Err(e) => {
+            settle_failure(&p, job.user_id, job.document_id, Stage::Chunk, &delivery, e).await
+        }
     }
 }
 
@@ -40,15 +46,21 @@ async fn unembedded(
 
 async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), StageError> {
     let (doc, user) = (job.document_id, job.user_id);
-    let Some(now) = current(&p.pool, user, doc, "chunk").await? else {
+    let Some(now) = current(&p.pool, user, doc, Stage::Chunk).await? else {
         return Ok(());
     };
     if now.job_state.as_deref() == Some("done") {
-        let missing = unembedded(p, user, doc).await?;
-        p.push_embed(doc, user, &missing).await?;
+        if now.status == Stage::Embed.document_status() {
+            let missing = unembedded(p, user, doc).await?;
+            p.push_embed(doc, user, &missing).await?;
+        }
         return Ok(());
     }
-    start(&p.pool, user, doc, "chunk", "chunking", delivery.attempt).await?;
+    if !start(&p.pool, user, doc, Stage::Chunk, delivery.attempt).await? {
+        tracing::info!(document_id = %doc, status = %now.status, "Nothing to chunk: the document or its chunk stage has moved on");
+        return Ok(());
+    }
+    let _heartbeat = Heartbeat::start(p, user, doc, Stage::Chunk);
 
     let mut tx = db::begin_as(&p.pool, user).await?;
     let sections: Option<(sqlx::types::Json<Vec<Section>>,)> = sqlx::query_as(
@@ -64,25 +76,24 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
             after: None,
         });
     };
-    let cfg = p.settings.chunking.clone();
-    // Bounded like parsing: some deeply nested Markdown (1,500 nested list levels in 2 MB) keeps the splitter busy
-    // for many minutes; the document fails instead of holding this job slot.
-    let limit = p.settings.pipeline.parse_timeout;
-    let splitting = tokio::task::spawn_blocking(move || {
-        chunking::chunk(
-            &sections,
-            cfg.max_tokens,
-            cfg.overlap_tokens,
-            cfg.max_chunks,
-        )
-    });
-    let chunks = tokio::time::timeout(limit, splitting)
+    let cfg = &p.settings.chunking;
+    let sizes = ChunkSizes {
+        max_tokens: cfg.max_tokens,
+        overlap_tokens: cfg.overlap_tokens,
+        max_chunks: cfg.max_chunks,
+    };
+    // Bounded like parsing, in a helper process killed at the deadline: some deeply nested Markdown (1,500 nested
+    // list levels in 2 MB) keeps the splitter busy for many minutes; the document fails and its core is free.
+    let pl = &p.settings.pipeline;
+    let chunks = chunk_bounded(sections, sizes, pl.parse_memory_mb, pl.parse_timeout)
         .await
-        .map_err(|_| {
-            StageError::Permanent(format!("chunking took longer than {} s", limit.as_secs()))
-        })?
-        .map_err(|e| StageError::Permanent(format!("the chunker crashed on this document: {e}")))?
-        .map_err(|e: ChunkError| StageError::Permanent(e.to_string()))?;
+        .map_err(|e| match e {
+            ChunkFailure::Document(m) => StageError::Permanent(m),
+            ChunkFailure::Unavailable(message) => StageError::Retryable {
+                message,
+                after: None,
+            },
+        })?;
     if chunks.is_empty() {
         return Err(StageError::Permanent(
             "the document has no text to index".into(),
@@ -91,6 +102,10 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
 
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !lock_document(&mut tx, doc).await? {
+        return Ok(());
+    }
+    if !advance(&mut tx, user, doc, Stage::Chunk).await? {
+        tracing::info!(document_id = %doc, "Chunked, but the chunk stage is no longer this job's; nothing written");
         return Ok(());
     }
     let indices: Vec<i32> = chunks.iter().map(|c| c.index as i32).collect();
@@ -128,12 +143,18 @@ async fn chunk(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
         .bind(chunks.len() as i32)
         .execute(&mut *tx)
         .await?;
-    advance(&mut tx, user, doc, "chunk", "embed", "embedding").await?;
     tx.commit().await?;
     tracing::info!(document_id = %doc, chunks = chunks.len(), "Chunked");
-    let missing = unembedded(p, user, doc).await?;
-    if let Err(e) = p.push_embed(doc, user, &missing).await {
-        tracing::warn!(document_id = %doc, error = %e, "Could not push the embed jobs; the reconciler will");
+    let pushed = async {
+        let missing = unembedded(p, user, doc).await?;
+        p.push_embed(doc, user, &missing).await?;
+        Ok::<_, StageError>(())
+    };
+    if let Err(e) = pushed.await {
+        // Not acknowledged: the redelivery finds the stage done and pushes the missing embed jobs.
+        return Err(StageError::Unfinished(format!(
+            "chunked, but the embed jobs could not be pushed: {e}"
+        )));
     }
     Ok(())
 }

@@ -2,8 +2,12 @@
 //! (decided in SQL under the document's row lock) and records its upload-to-queryable time. Vectors of a
 //! cacheable embedder are kept by (model, dimensions, text SHA-256): a text seen before costs no second call.
 
-use super::pipeline::{
-    EmbedJob, Pipeline, StageError, current, lock_document, settle_failure, start,
+use super::{
+    Stage,
+    pipeline::{
+        EmbedJob, Heartbeat, Pipeline, StageError, current, ensure_claim, lock_document,
+        settle_failure, start,
+    },
 };
 use crate::{
     db,
@@ -14,7 +18,9 @@ use crate::{
 pub async fn run(p: Pipeline, job: EmbedJob, delivery: Delivery) -> Result<(), JobError> {
     match embed(&p, &job, &delivery).await {
         Ok(()) => Ok(()),
-        Err(e) => settle_failure(&p, job.user_id, job.document_id, "embed", &delivery, e).await,
+        Err(e) => {
+            settle_failure(&p, job.user_id, job.document_id, Stage::Embed, &delivery, e).await
+        }
     }
 }
 
@@ -34,13 +40,17 @@ fn vector_literal(v: &[f32]) -> String {
 async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), StageError> {
     let (doc, user) = (job.document_id, job.user_id);
     let model = p.embedder.model().to_owned();
-    let Some(now) = current(&p.pool, user, doc, "embed").await? else {
+    let Some(now) = current(&p.pool, user, doc, Stage::Embed).await? else {
         return Ok(());
     };
-    if now.status == "ready" {
+    // A ready document needs nothing; a failed one stays failed (a batch that gave up failed it, and no sibling
+    // batch may bring it back): only a retry request re-opens it.
+    if now.status != Stage::Embed.document_status()
+        || !start(&p.pool, user, doc, Stage::Embed, delivery.attempt).await?
+    {
         return Ok(());
     }
-    start(&p.pool, user, doc, "embed", "embedding", delivery.attempt).await?;
+    let _heartbeat = Heartbeat::start(p, user, doc, Stage::Embed);
 
     let cacheable = p.embedder.cacheable();
     let dims = p.embedder.dimensions() as i32;
@@ -87,23 +97,26 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
         Vec::new()
     } else {
         let texts: Vec<String> = rows.iter().map(|(_, c, _)| c.clone()).collect();
+        ensure_claim(delivery)?;
         p.embedder.embed(&texts).await?
     };
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !rows.is_empty() {
         let ids: Vec<uuid::Uuid> = rows.iter().map(|(id, _, _)| *id).collect();
         let literals: Vec<String> = vectors.iter().map(|v| vector_literal(v)).collect();
+        let hashes: Vec<&str> = rows.iter().map(|(_, _, h)| h.as_str()).collect();
+        // A vector lands only on the text it was computed from: a chunk re-chunked meanwhile keeps no stale vector.
         sqlx::query(
             "UPDATE upload_pipeline.document_chunks c SET embedding = v.e::vector, embedding_model = $3 \
-             FROM UNNEST($1::uuid[], $2::text[]) AS v(id, e) WHERE c.id = v.id",
+             FROM UNNEST($1::uuid[], $2::text[], $4::text[]) AS v(id, e, h) WHERE c.id = v.id AND c.content_sha256 = v.h",
         )
         .bind(&ids)
         .bind(&literals)
         .bind(&model)
+        .bind(&hashes)
         .execute(&mut *tx)
         .await?;
         if cacheable {
-            let hashes: Vec<&str> = rows.iter().map(|(_, _, h)| h.as_str()).collect();
             sqlx::query(
                 "INSERT INTO upload_pipeline.embedding_cache (model, dimensions, text_sha256, embedding) \
                  SELECT $1, $2, v.h, v.e::vector FROM UNNEST($3::text[], $4::text[]) AS v(h, e) \
@@ -123,7 +136,7 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
     }
     let ready: Option<(f64,)> = sqlx::query_as(
         "UPDATE upload_pipeline.documents d SET status = 'ready', ready_at = now(), updated_at = now() \
-         WHERE d.id = $1 AND d.status <> 'ready' AND d.chunks_total IS NOT NULL AND NOT EXISTS ( \
+         WHERE d.id = $1 AND d.status = 'embedding' AND d.chunks_total IS NOT NULL AND NOT EXISTS ( \
            SELECT 1 FROM upload_pipeline.document_chunks c WHERE c.document_id = d.id \
            AND (c.embedding IS NULL OR c.embedding_model IS DISTINCT FROM $2)) \
          RETURNING extract(epoch FROM now() - d.created_at)::float8",
@@ -135,7 +148,7 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
     if ready.is_some() {
         sqlx::query(
             "UPDATE upload_pipeline.upload_jobs SET state = 'done', last_error = NULL, finished_at = now(), updated_at = now() \
-             WHERE document_id = $1 AND stage = 'embed'",
+             WHERE document_id = $1 AND stage = 'embed' AND state IN ('queued', 'running', 'failed')",
         )
         .bind(doc)
         .execute(&mut *tx)

@@ -46,6 +46,36 @@ impl Stage {
         }
     }
 
+    /// The document's status while this stage is due or running (`parsing`, `chunking`, `embedding`).
+    pub const fn document_status(self) -> &'static str {
+        match self {
+            Stage::Parse => "parsing",
+            Stage::Chunk => "chunking",
+            Stage::Embed => "embedding",
+            Stage::Synthetic => "synthetic",
+        }
+    }
+
+    /// The document statuses from which this stage may start: its own, and `queued` for the first stage.
+    /// A `ready` or `failed` document is never moved by a stage (only a retry request re-opens a failure).
+    pub fn startable_from(self) -> &'static [&'static str] {
+        match self {
+            Stage::Parse => &["queued", "parsing"],
+            Stage::Chunk => &["chunking"],
+            Stage::Embed => &["embedding"],
+            Stage::Synthetic => &[],
+        }
+    }
+
+    /// The stage after this one in the document pipeline.
+    pub const fn next(self) -> Option<Stage> {
+        match self {
+            Stage::Parse => Some(Stage::Chunk),
+            Stage::Chunk => Some(Stage::Embed),
+            Stage::Embed | Stage::Synthetic => None,
+        }
+    }
+
     /// This stage's concurrency per worker process, from the settings.
     pub fn concurrency(self, settings: &crate::settings::StageConcurrency) -> usize {
         match self {

@@ -3,8 +3,12 @@
 
 use std::sync::Arc;
 
-use super::pipeline::{
-    Pipeline, StageError, StageJob, advance, current, lock_document, settle_failure, start,
+use super::{
+    Stage,
+    pipeline::{
+        Heartbeat, Pipeline, StageError, StageJob, advance, current, ensure_claim, lock_document,
+        settle_failure, start,
+    },
 };
 use crate::{
     db,
@@ -17,22 +21,31 @@ use crate::{
 pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), JobError> {
     match parse(&p, &job, &delivery).await {
         Ok(()) => Ok(()),
-        Err(e) => settle_failure(&p, job.user_id, job.document_id, "parse", &delivery, e).await,
+        Err(e) => {
+            settle_failure(&p, job.user_id, job.document_id, Stage::Parse, &delivery, e).await
+        }
     }
 }
 
 async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), StageError> {
     let (doc, user) = (job.document_id, job.user_id);
-    let Some(now) = current(&p.pool, user, doc, "parse").await? else {
+    let Some(now) = current(&p.pool, user, doc, Stage::Parse).await? else {
         tracing::info!(document_id = %doc, "The document was deleted; nothing to parse");
         return Ok(());
     };
     if now.job_state.as_deref() == Some("done") {
-        // Delivered again after the stage committed (the ack was lost): make sure the next stage runs.
-        p.push_chunk(doc, user).await?;
+        // Delivered again after the stage committed (the ack or the next push was lost): make sure the next
+        // stage runs (the push is a no-op when its job is live).
+        if now.status == Stage::Chunk.document_status() {
+            p.push_chunk(doc, user).await?;
+        }
         return Ok(());
     }
-    start(&p.pool, user, doc, "parse", "parsing", delivery.attempt).await?;
+    if !start(&p.pool, user, doc, Stage::Parse, delivery.attempt).await? {
+        tracing::info!(document_id = %doc, status = %now.status, "Nothing to parse: the document or its parse stage has moved on");
+        return Ok(());
+    }
+    let _heartbeat = Heartbeat::start(p, user, doc, Stage::Parse);
 
     let mut tx = db::begin_as(&p.pool, user).await?;
     let row: Option<(String, String, String, Vec<u8>)> = sqlx::query_as(
@@ -44,7 +57,11 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     .await?;
     tx.commit().await?;
     let Some((filename, content_type, sha256, bytes)) = row else {
-        return Ok(());
+        // A deleted document takes its stage row with it (this job found it above): bytes missing under a live
+        // row cannot come back by waiting.
+        return Err(StageError::Permanent(
+            "the uploaded bytes of this document are missing".into(),
+        ));
     };
     let kind = DocKind::from_content_type(&content_type).ok_or_else(|| {
         StageError::Permanent(format!("no parser for content type {content_type}"))
@@ -64,12 +81,18 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
                 kind,
                 bytes: Arc::new(bytes),
             };
+            ensure_claim(delivery)?;
             p.parser.parse(&input).await?
         }
     };
 
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !lock_document(&mut tx, doc).await? {
+        return Ok(());
+    }
+    if !advance(&mut tx, user, doc, Stage::Parse).await? {
+        // Another copy finished first, or the document failed or was retried meanwhile: write nothing.
+        tracing::info!(document_id = %doc, "Parsed, but the parse stage is no longer this job's; nothing written");
         return Ok(());
     }
     sqlx::query(
@@ -93,11 +116,13 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
         .execute(&mut *tx)
         .await?;
     }
-    advance(&mut tx, user, doc, "parse", "chunk", "chunking").await?;
     tx.commit().await?;
     tracing::info!(document_id = %doc, sections = sections.len(), %parser, "Parsed");
     if let Err(e) = p.push_chunk(doc, user).await {
-        tracing::warn!(document_id = %doc, error = %e, "Could not push the chunk job; the reconciler will");
+        // The job is not acknowledged: its redelivery finds the stage done and pushes the chunk job.
+        return Err(StageError::Unfinished(format!(
+            "parsed, but the chunk job could not be pushed: {e}"
+        )));
     }
     Ok(())
 }

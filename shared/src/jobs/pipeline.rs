@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::Stage;
 use crate::{
     db::{self, DbError},
     providers::{Embedder, Parser, ProviderError},
@@ -92,13 +93,14 @@ impl Pipeline {
         })
     }
 
-    /// Pushes the parse job of a document (after its upload committed).
-    pub async fn push_parse(&self, document_id: Uuid, user_id: Uuid) -> Result<(), QueueError> {
+    /// Pushes the parse job of a document (after its upload committed). Returns `false` when it was already
+    /// waiting, in flight or delayed (pushes are deduplicated by job id).
+    pub async fn push_parse(&self, document_id: Uuid, user_id: Uuid) -> Result<bool, QueueError> {
         Self::push_stage(&self.parse, "parse", document_id, user_id).await
     }
 
-    /// Pushes the chunk job of a document.
-    pub async fn push_chunk(&self, document_id: Uuid, user_id: Uuid) -> Result<(), QueueError> {
+    /// Pushes the chunk job of a document; `false` when it was already live.
+    pub async fn push_chunk(&self, document_id: Uuid, user_id: Uuid) -> Result<bool, QueueError> {
         Self::push_stage(&self.chunk, "chunk", document_id, user_id).await
     }
 
@@ -108,7 +110,7 @@ impl Pipeline {
         stage: &str,
         document_id: Uuid,
         user_id: Uuid,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let job = StageJob {
             document_id,
             user_id,
@@ -120,13 +122,67 @@ impl Pipeline {
     }
 
     /// Pushes embed jobs covering the given chunk indices, in batches of `embedding.batch_size`; with no index,
-    /// one job that only checks whether the document is complete.
+    /// one job that only checks whether the document is complete. Batches already live are not pushed again;
+    /// returns how many were added.
     pub async fn push_embed(
         &self,
         document_id: Uuid,
         user_id: Uuid,
         indices: &[u32],
-    ) -> Result<(), QueueError> {
+    ) -> Result<usize, QueueError> {
+        let jobs = self.embed_jobs(document_id, user_id, indices);
+        Ok(self
+            .embed
+            .push_batch(jobs.iter().map(|(id, job)| (id.as_str(), job)))
+            .await?
+            .len())
+    }
+
+    /// Pushes the job(s) of a stage that was just queued again (a retry of a failed document): a copy still
+    /// live (a failed job whose failure is being settled, a sibling embed batch about to skip) is followed by one
+    /// more run instead of swallowing the push ([`Queue::push_again`]). Embed pushes the batches of the chunks
+    /// still without a vector. Returns how many jobs were added at once.
+    pub async fn requeue(
+        &self,
+        document_id: Uuid,
+        user_id: Uuid,
+        stage: super::Stage,
+    ) -> Result<usize, StageError> {
+        let job = StageJob {
+            document_id,
+            user_id,
+            v: JOB_VERSION,
+        };
+        let added = match stage {
+            super::Stage::Parse => self
+                .parse
+                .push_again([(format!("{document_id}:parse").as_str(), &job)])
+                .await?
+                .len(),
+            super::Stage::Chunk => self
+                .chunk
+                .push_again([(format!("{document_id}:chunk").as_str(), &job)])
+                .await?
+                .len(),
+            super::Stage::Embed | super::Stage::Synthetic => {
+                let missing = super::chunk::missing_embeddings(self, user_id, document_id).await?;
+                let jobs = self.embed_jobs(document_id, user_id, &missing);
+                self.embed
+                    .push_again(jobs.iter().map(|(id, job)| (id.as_str(), job)))
+                    .await?
+                    .len()
+            }
+        };
+        Ok(added)
+    }
+
+    /// The embed jobs, with their ids, that cover the given chunk indices (see [`Pipeline::push_embed`]).
+    pub fn embed_jobs(
+        &self,
+        document_id: Uuid,
+        user_id: Uuid,
+        indices: &[u32],
+    ) -> Vec<(String, EmbedJob)> {
         let size = self.settings.embedding.batch_size.max(1);
         let mut jobs: Vec<(String, EmbedJob)> = indices
             .chunks(size)
@@ -154,9 +210,7 @@ impl Pipeline {
                 },
             ));
         }
-        self.embed
-            .push_batch(jobs.iter().map(|(id, job)| (id.as_str(), job)))
-            .await
+        jobs
     }
 }
 
@@ -183,6 +237,11 @@ pub enum StageError {
         /// For how long, when known.
         after: Option<std::time::Duration>,
     },
+    /// The job must run again, but this attempt records nothing on the document: its work committed and only
+    /// the next stage's push failed (the redelivery pushes it), or its claim was taken over by another consumer
+    /// (which owns the stage row now).
+    #[error("{0}")]
+    Unfinished(String),
 }
 
 impl From<ProviderError> for StageError {
@@ -199,6 +258,12 @@ impl From<ProviderError> for StageError {
             },
             // Out of quota: the document waits until a probe finds the quota back or an operator resumes.
             ProviderError::QuotaExhausted { .. } => Self::Deferred {
+                after: None,
+                message: e.to_string(),
+            },
+            // A refused key pauses the provider fleet-wide: documents wait for the key to work again (a probe) or
+            // an operator's resume, and never fail for it.
+            ProviderError::Unauthorized { .. } => Self::Deferred {
                 after: None,
                 message: e.to_string(),
             },
@@ -250,7 +315,7 @@ pub(crate) async fn current(
     pool: &PgPool,
     user: Uuid,
     doc: Uuid,
-    stage: &str,
+    stage: Stage,
 ) -> Result<Option<Current>, DbError> {
     let mut tx = db::begin_as(pool, user).await?;
     let row: Option<(String, Option<String>)> = sqlx::query_as(
@@ -258,43 +323,109 @@ pub(crate) async fn current(
          LEFT JOIN upload_pipeline.upload_jobs j ON j.document_id = d.id AND j.stage = $2 WHERE d.id = $1",
     )
     .bind(doc)
-    .bind(stage)
+    .bind(stage.as_str())
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(row.map(|(status, job_state)| Current { status, job_state }))
 }
 
-/// Marks a stage running and the document in that stage's status.
+/// Marks a stage running and the document in that stage's status, as one compare-and-set: only a document in a
+/// status this stage may start from ([`Stage::startable_from`]) and a stage row that is `queued`, `running` or
+/// `failed` are moved. Returns `false`, changing nothing, when either is elsewhere (the document is ready, failed
+/// or deleted, or the stage is done or dead): a late or duplicate copy of the job then has nothing to do.
 pub(crate) async fn start(
     pool: &PgPool,
     user: Uuid,
     doc: Uuid,
-    stage: &str,
-    status: &str,
+    stage: Stage,
     attempt: u32,
-) -> Result<(), DbError> {
+) -> Result<bool, DbError> {
     let mut tx = db::begin_as(pool, user).await?;
-    sqlx::query(
+    let moved = sqlx::query(
+        "UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
+    )
+    .bind(doc)
+    .bind(stage.document_status())
+    .bind(stage.startable_from())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved == 0 {
+        return Ok(false);
+    }
+    let started: Option<(i32,)> = sqlx::query_as(
         "INSERT INTO upload_pipeline.upload_jobs (document_id, stage, user_id, state, attempts, started_at) \
          VALUES ($1, $2, $3, 'running', $4, now()) \
          ON CONFLICT (document_id, stage) DO UPDATE SET state = 'running', attempts = GREATEST(upload_jobs.attempts, $4), \
-         started_at = coalesce(upload_jobs.started_at, now()), updated_at = now()",
+         started_at = coalesce(upload_jobs.started_at, now()), updated_at = now() \
+         WHERE upload_jobs.state IN ('queued', 'running', 'failed') RETURNING attempts",
     )
     .bind(doc)
-    .bind(stage)
+    .bind(stage.as_str())
     .bind(user)
     .bind(attempt as i32)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    sqlx::query(
-        "UPDATE upload_pipeline.documents SET status = $2, error = NULL, updated_at = now() WHERE id = $1 AND status NOT IN ('ready')",
-    )
-    .bind(doc)
-    .bind(status)
-    .execute(&mut *tx)
-    .await?;
+    if started.is_none() {
+        return Ok(false);
+    }
     tx.commit().await?;
+    Ok(true)
+}
+
+/// Keeps a running stage's row fresh while its handler works (a LlamaParse job may take half an hour), so the
+/// reconciler never takes a running stage for a lost one. Stops when dropped.
+pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    /// Touches the stage row every third of `pipeline.reconcile_after` while it is `running`.
+    pub(crate) fn start(p: &Pipeline, user: Uuid, doc: Uuid, stage: Stage) -> Self {
+        let pool = p.pool.clone();
+        let every =
+            (p.settings.pipeline.reconcile_after / 3).max(std::time::Duration::from_millis(50));
+        Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let touched = async {
+                    let mut tx = db::begin_as(&pool, user).await?;
+                    sqlx::query(
+                        "UPDATE upload_pipeline.upload_jobs SET updated_at = now() \
+                         WHERE document_id = $1 AND stage = $2 AND state = 'running'",
+                    )
+                    .bind(doc)
+                    .bind(stage.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok::<_, DbError>(())
+                }
+                .await;
+                if let Err(e) = touched {
+                    tracing::debug!(document_id = %doc, stage = stage.as_str(), error = %e, "Could not refresh a running stage's row");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Stops a handler whose claim another consumer took over, before it calls a paid provider again.
+pub(crate) fn ensure_claim(delivery: &Delivery) -> Result<(), StageError> {
+    if delivery.claim_lost() {
+        return Err(StageError::Unfinished(
+            "the job's claim was taken over by another consumer; stopping before the provider call"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -303,15 +434,24 @@ pub(crate) async fn settle_failure(
     p: &Pipeline,
     job_user: Uuid,
     doc: Uuid,
-    stage: &str,
+    stage: Stage,
     delivery: &Delivery,
     err: StageError,
 ) -> Result<(), JobError> {
     let max = p.settings.queue.max_deliveries;
+    let stage_name = stage.as_str();
+    // Another consumer owns the job now (and its stage row): whatever went wrong here, it decides.
+    let err = match err {
+        StageError::Unfinished(_) => err,
+        other if delivery.claim_lost() => StageError::Unfinished(format!(
+            "the job's claim was taken over by another consumer ({other})"
+        )),
+        other => other,
+    };
     match err {
         StageError::Permanent(reason) => {
-            tracing::warn!(document_id = %doc, stage, %reason, "Document failed permanently");
-            if let Err(e) = fail_document(&p.pool, job_user, doc, stage, &reason).await {
+            tracing::warn!(document_id = %doc, stage = stage_name, %reason, "Document failed permanently");
+            if let Err(e) = fail_document(&p.pool, job_user, doc, stage, &reason, None).await {
                 return Err(JobError::retryable(format!(
                     "could not record the failure ({e}): {reason}"
                 )));
@@ -322,7 +462,7 @@ pub(crate) async fn settle_failure(
             let last = delivery.attempt >= max;
             let gave_up = last.then(|| {
                 format!(
-                    "{stage} gave up after {} attempts: {message}",
+                    "{stage_name} gave up after {} attempts: {message}",
                     delivery.attempt
                 )
             });
@@ -341,7 +481,7 @@ pub(crate) async fn settle_failure(
         }
         StageError::Deferred { message, after } => {
             let wait = after.unwrap_or(p.settings.pipeline.quota_wait);
-            tracing::info!(document_id = %doc, stage, %message, wait_seconds = wait.as_secs_f64(), "The provider's budget is spent for now; the document waits");
+            tracing::info!(document_id = %doc, stage = stage_name, %message, wait_seconds = wait.as_secs_f64(), "The provider's budget is spent for now; the document waits");
             // No attempt is spent: the recorded count stays as it was.
             let at = Attempt {
                 doc,
@@ -353,120 +493,174 @@ pub(crate) async fn settle_failure(
             record_attempt(p, &at, "queued", &waiting, None).await;
             Err(JobError::defer(message, wait))
         }
+        StageError::Unfinished(message) => {
+            // Not the document's fault: no attempt is spent, so a stage that keeps meeting a lost push or claim is
+            // never dead-lettered for it.
+            tracing::info!(document_id = %doc, stage = stage_name, %message, "The job will run again");
+            Err(JobError::defer(message, p.settings.queue.retry_base))
+        }
     }
 }
 
 /// The stage row an attempt belongs to.
-struct Attempt<'a> {
+struct Attempt {
     doc: Uuid,
     user: Uuid,
-    stage: &'a str,
+    stage: Stage,
     /// Attempts made so far (the recorded count never goes down).
     attempts: u32,
 }
 
-/// Records an attempt that did not finish on its stage row, and fails the document when `gave_up` says why. A
-/// failure to record is only logged: the queue's own record decides what happens next, and the next attempt
-/// records again.
+/// Records an attempt that did not finish on its stage row (only while the row is unsettled: a late copy never
+/// reopens a done or dead stage), and fails the document when `gave_up` says why (unless it is ready or failed
+/// already). A failure to record is only logged: the queue's own record decides what happens next, and the next
+/// attempt records again.
 async fn record_attempt(
     p: &Pipeline,
-    at: &Attempt<'_>,
+    at: &Attempt,
     state: &str,
     last_error: &str,
     gave_up: Option<String>,
 ) {
     let recorded = async {
         let mut tx = db::begin_as(&p.pool, at.user).await?;
-        sqlx::query(
-            "UPDATE upload_pipeline.upload_jobs SET state = $3, last_error = $4, attempts = GREATEST(attempts, $5), updated_at = now() \
-             WHERE document_id = $1 AND stage = $2",
+        // The document's row first, as every stage transition locks it: one lock order, no deadlock between batches.
+        if !lock_document(&mut tx, at.doc).await? {
+            return Ok(());
+        }
+        let updated = sqlx::query(
+            "UPDATE upload_pipeline.upload_jobs SET state = $3, last_error = $4, attempts = GREATEST(attempts, $5), \
+             finished_at = CASE WHEN $3 = 'dead' THEN now() END, updated_at = now() \
+             WHERE document_id = $1 AND stage = $2 AND state IN ('queued', 'running', 'failed')",
         )
         .bind(at.doc)
-        .bind(at.stage)
+        .bind(at.stage.as_str())
         .bind(state)
         .bind(last_error)
         .bind(at.attempts as i32)
         .execute(&mut *tx)
-        .await?;
-        if let Some(reason) = gave_up {
-            sqlx::query("UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() WHERE id = $1")
-                .bind(at.doc)
-                .bind(reason)
-                .execute(&mut *tx)
-                .await?;
+        .await?
+        .rows_affected();
+        let mut failed = false;
+        if let (Some(reason), 1..) = (gave_up, updated) {
+            failed = sqlx::query(
+                "UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() \
+                 WHERE id = $1 AND status NOT IN ('ready', 'failed')",
+            )
+            .bind(at.doc)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
         }
         tx.commit().await?;
+        if failed {
+            crate::metrics::document_failed(at.stage.as_str());
+        }
         Ok::<_, DbError>(())
     }
     .await;
     if let Err(e) = recorded {
-        tracing::warn!(document_id = %at.doc, stage = at.stage, error = %e, "Could not record an unfinished attempt");
+        tracing::warn!(document_id = %at.doc, stage = at.stage.as_str(), error = %e, "Could not record an unfinished attempt");
     }
 }
 
-/// Marks the document failed at `stage` with a reason its owner can read.
+/// Marks the document failed at `stage` with a reason its owner can read, as a compare-and-set: only an
+/// unsettled stage row (last touched at `touched`, when given) of a document that is neither ready nor failed.
+/// Returns whether it did.
 pub(crate) async fn fail_document(
     pool: &PgPool,
     user: Uuid,
     doc: Uuid,
-    stage: &str,
+    stage: Stage,
     reason: &str,
-) -> Result<(), DbError> {
+    touched: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<bool, DbError> {
     let mut tx = db::begin_as(pool, user).await?;
-    sqlx::query(
+    // The document's row first, as every stage transition locks it: one lock order, no deadlock between batches.
+    if !lock_document(&mut tx, doc).await? {
+        return Ok(false);
+    }
+    let row = sqlx::query(
         "UPDATE upload_pipeline.upload_jobs SET state = 'dead', last_error = $3, finished_at = now(), updated_at = now() \
-         WHERE document_id = $1 AND stage = $2",
+         WHERE document_id = $1 AND stage = $2 AND state IN ('queued', 'running', 'failed') \
+         AND ($4::timestamptz IS NULL OR updated_at = $4)",
     )
     .bind(doc)
-    .bind(stage)
+    .bind(stage.as_str())
     .bind(reason)
+    .bind(touched)
     .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() WHERE id = $1")
-        .bind(doc)
-        .bind(format!("{stage}: {reason}"))
-        .execute(&mut *tx)
-        .await?;
+    .await?
+    .rows_affected();
+    if row == 0 {
+        return Ok(false);
+    }
+    let failed = sqlx::query(
+        "UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() \
+         WHERE id = $1 AND status NOT IN ('ready', 'failed')",
+    )
+    .bind(doc)
+    .bind(format!("{stage}: {reason}"))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if failed == 0 {
+        return Ok(false);
+    }
     tx.commit().await?;
-    crate::metrics::document_failed(stage);
-    Ok(())
+    crate::metrics::document_failed(stage.as_str());
+    Ok(true)
 }
 
-/// In one transaction: the stage done, the next stage queued, the document in the next status.
+/// In one transaction, as compare-and-sets: the stage `running` -> `done`, the document from this stage's status
+/// to the next stage's, and the next stage queued. Returns `false` when the stage was not running or the document
+/// not in this stage (a late or duplicate copy): the caller then rolls back and writes nothing.
 pub(crate) async fn advance<'c>(
     tx: &mut sqlx::Transaction<'c, sqlx::Postgres>,
     user: Uuid,
     doc: Uuid,
-    stage: &str,
-    next: &str,
-    next_status: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    stage: Stage,
+) -> Result<bool, sqlx::Error> {
+    let Some(next) = stage.next() else {
+        return Ok(false);
+    };
+    let done = sqlx::query(
         "UPDATE upload_pipeline.upload_jobs SET state = 'done', last_error = NULL, finished_at = now(), updated_at = now() \
-         WHERE document_id = $1 AND stage = $2",
+         WHERE document_id = $1 AND stage = $2 AND state = 'running'",
     )
     .bind(doc)
-    .bind(stage)
+    .bind(stage.as_str())
     .execute(&mut **tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if done == 0 {
+        return Ok(false);
+    }
+    let moved = sqlx::query(
+        "UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
+    )
+    .bind(doc)
+    .bind(next.document_status())
+    .bind(stage.document_status())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if moved == 0 {
+        return Ok(false);
+    }
     sqlx::query(
         "INSERT INTO upload_pipeline.upload_jobs (document_id, stage, user_id) VALUES ($1, $2, $3) \
-         ON CONFLICT (document_id, stage) DO UPDATE SET state = 'queued', last_error = NULL, queued_at = now(), \
+         ON CONFLICT (document_id, stage) DO UPDATE SET state = 'queued', last_error = NULL, attempts = 0, queued_at = now(), \
          started_at = NULL, finished_at = NULL, updated_at = now()",
     )
     .bind(doc)
-    .bind(next)
+    .bind(next.as_str())
     .bind(user)
     .execute(&mut **tx)
     .await?;
-    sqlx::query(
-        "UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1",
-    )
-    .bind(doc)
-    .bind(next_status)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Locks the document's row for the rest of the transaction; `false` when it was deleted meanwhile (its jobs then

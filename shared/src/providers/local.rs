@@ -17,14 +17,12 @@ use crate::{
 const PARSER: &str = "the local parser";
 const EMBEDDER: &str = "the local model";
 
-/// The helper executable that parses in a process of its own (the worker binary, registered at start-up).
-static HELPER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-
 /// Makes every [`LocalParser`] of this process parse in a helper process: `exe --parse-one <kind> …`, which
-/// must call [`parse_helper_main`]. A helper that passes `pipeline.parse_timeout` is killed, and one that passes
-/// `pipeline.parse_memory_mb` dies of it, failing the document either way while the worker goes on.
+/// must call [`parse_helper_main`] (see [`crate::helper`], which chunking shares). A helper that passes
+/// `pipeline.parse_timeout` is killed, and one that passes `pipeline.parse_memory_mb` dies of it, failing the
+/// document either way while the worker goes on.
 pub fn use_parse_helper(exe: std::path::PathBuf) {
-    let _ = HELPER.set(exe);
+    crate::helper::register(exe);
 }
 
 /// What a parse helper writes to stdout.
@@ -38,26 +36,22 @@ enum HelperAnswer {
 /// The parse helper process: caps its own address space at `memory_mb` MiB (0: none), reads the document from
 /// stdin, parses it, and writes the sections (or why not) to stdout as JSON. Returns the exit code.
 pub fn parse_helper_main(kind: &str, max_pages: usize, max_chars: usize, memory_mb: u64) -> i32 {
-    use std::io::{Read, Write};
     let Ok(kind) = serde_json::from_value::<DocKind>(serde_json::Value::String(kind.to_owned()))
     else {
         eprintln!("unknown document kind {kind:?}");
         return 2;
     };
-    if memory_mb > 0 {
-        let bytes = memory_mb.saturating_mul(1024 * 1024);
-        if let Err(e) =
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, bytes, bytes)
-        {
-            eprintln!("cannot bound the parser's memory: {e}");
-            return 2;
-        }
-    }
-    let mut input = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
-        eprintln!("cannot read the document: {e}");
+    if let Err(e) = crate::helper::bound_memory(memory_mb) {
+        eprintln!("{e}");
         return 2;
     }
+    let input = match crate::helper::read_input() {
+        Ok(input) => input,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
     let answer = match parsing::parse(
         kind,
         &input,
@@ -69,16 +63,7 @@ pub fn parse_helper_main(kind: &str, max_pages: usize, max_chars: usize, memory_
         Ok(sections) => HelperAnswer::Sections(sections),
         Err(e) => HelperAnswer::Error(e.to_string()),
     };
-    let mut out = std::io::stdout().lock();
-    match serde_json::to_writer(&mut out, &answer)
-        .and_then(|()| out.flush().map_err(serde_json::Error::io))
-    {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("cannot write the result: {e}");
-            2
-        }
-    }
+    crate::helper::write_answer(&answer)
 }
 
 /// The built-in parsers, within `pipeline.parse_timeout` (and `parse_memory_mb` in a helper process).
@@ -118,48 +103,36 @@ impl LocalParser {
         exe: &Path,
         input: &ParseInput,
     ) -> Result<Vec<parsing::Section>, ProviderError> {
-        use tokio::io::AsyncWriteExt;
+        use crate::helper::HelperError;
         let kind = serde_json::to_value(input.kind)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        let mut child = tokio::process::Command::new(exe)
-            .arg("--parse-one")
-            .arg(&kind)
-            .arg("--parse-max-pages")
-            .arg(self.limits.max_pages.to_string())
-            .arg("--parse-max-chars")
-            .arg(self.limits.max_chars.to_string())
-            .arg("--parse-memory-mb")
-            .arg(self.memory_mb.to_string())
-            .env_clear()
-            // An instrumented build (`make coverage`) writes the helper's counters beside its parent's.
-            .envs(std::env::var_os("LLVM_PROFILE_FILE").map(|v| ("LLVM_PROFILE_FILE", v)))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                ProviderError::transient(PARSER, format!("cannot start the parse helper: {e}"))
-            })?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        let bytes = input.bytes.clone();
-        let feed = tokio::spawn(async move {
-            // A helper that dies early closes the pipe; its exit status tells why.
-            let _ = stdin.write_all(&bytes).await;
-        });
-        let output = tokio::time::timeout(self.timeout, child.wait_with_output()).await;
-        feed.abort();
-        let output = match output {
-            Err(_) => return Err(self.too_slow()),
-            Ok(Err(e)) => {
+        let args = [
+            "--parse-one".to_owned(),
+            kind,
+            "--parse-max-pages".to_owned(),
+            self.limits.max_pages.to_string(),
+            "--parse-max-chars".to_owned(),
+            self.limits.max_chars.to_string(),
+            "--parse-memory-mb".to_owned(),
+            self.memory_mb.to_string(),
+        ];
+        let output = match crate::helper::run(exe, &args, input.bytes.clone(), self.timeout).await {
+            Ok(output) => output,
+            Err(HelperError::TimedOut) => return Err(self.too_slow()),
+            Err(HelperError::Start(e)) => {
+                return Err(ProviderError::transient(
+                    PARSER,
+                    format!("cannot start the parse helper: {e}"),
+                ));
+            }
+            Err(HelperError::Wait(e)) => {
                 return Err(ProviderError::transient(
                     PARSER,
                     format!("the parse helper failed: {e}"),
                 ));
             }
-            Ok(Ok(output)) => output,
         };
         let past_memory = || {
             ProviderError::permanent(
@@ -204,7 +177,7 @@ impl LocalParser {
     }
 
     async fn run(&self, input: &ParseInput) -> Result<Vec<parsing::Section>, ProviderError> {
-        if let Some(exe) = HELPER.get() {
+        if let Some(exe) = crate::helper::registered() {
             let started = std::time::Instant::now();
             let result = self.run_isolated(exe, input).await;
             super::observe("local", "parse", started, &result);
