@@ -1,8 +1,10 @@
-//! `producer`: pushes work onto the pipeline's queues and operates them (state, dead letters).
+//! `producer`: pushes work onto the pipeline's queues and operates them (state, failures and retries, dead
+//! letters).
 
 use std::{
     io::IsTerminal,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,6 +20,7 @@ use upload_pipeline::{
         synthetic::{FailMode, Misbehave, SyntheticJob},
     },
     queue::{Broker, QueueStats},
+    retry::{self, FailureFilter},
     telemetry,
 };
 use uuid::Uuid;
@@ -135,6 +138,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lists failed documents of every user: counts by the stage that gave up and its reason, then the newest.
+    Failures {
+        #[command(flatten)]
+        filter: FailureArgs,
+        /// List at most this many documents (the counts cover every match).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queues failed documents again from the stage that gave up, each under its owner's identity, keeping what
+    /// the earlier stages produced; prints how many were re-queued per stage.
+    Retry {
+        /// Only documents in this status (failed documents are the ones a retry re-runs).
+        #[arg(long, default_value = "failed", value_parser = ["failed"])]
+        status: String,
+        #[command(flatten)]
+        filter: FailureArgs,
+    },
     /// Lists, replays or purges a stage's dead letters.
     Dlq {
         #[command(subcommand)]
@@ -170,6 +193,38 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+}
+
+/// Which failed documents `failures` and `retry` act on.
+#[derive(Debug, clap::Args)]
+struct FailureArgs {
+    /// Only documents that failed at this stage: parse, chunk or embed.
+    #[arg(long, value_parser = pipeline_stage)]
+    stage: Option<Stage>,
+    /// Only documents that failed since: an RFC 3339 time (2026-11-30T08:00:00Z) or a duration before now (2h).
+    #[arg(long, value_parser = retry::parse_since)]
+    since: Option<retry::Timestamp>,
+    /// Only this user's documents.
+    #[arg(long)]
+    user: Option<Uuid>,
+}
+
+impl FailureArgs {
+    fn filter(&self) -> FailureFilter {
+        FailureFilter {
+            stage: self.stage,
+            since: self.since,
+            user: self.user,
+        }
+    }
+}
+
+/// A stage of the document pipeline (not `synthetic`, which has no documents).
+fn pipeline_stage(s: &str) -> Result<Stage, String> {
+    s.parse::<Stage>()
+        .ok()
+        .filter(|stage| Stage::PIPELINE.contains(stage))
+        .ok_or_else(|| format!("unknown stage {s:?}: expected parse, chunk or embed"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,6 +369,14 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::Failures {
+            filter,
+            limit,
+            json,
+        } => {
+            telemetry::init_logging(&settings.log).context("Failed to start logging")?;
+            return failures(&settings, &filter.filter(), limit, json).await;
+        }
         _ => {}
     }
     telemetry::init_logging(&settings.log).context("Failed to start logging")?;
@@ -328,8 +391,12 @@ async fn main() -> anyhow::Result<()> {
         | Command::Token { .. }
         | Command::Upload { .. }
         | Command::Status { .. }
-        | Command::Search { .. } => {
+        | Command::Search { .. }
+        | Command::Failures { .. } => {
             unreachable!("handled above")
+        }
+        Command::Retry { status, filter } => {
+            retry_failed(settings, &broker, &status, &filter.filter()).await
         }
         Command::Queues { json } => queues(&broker, json).await,
         Command::Dlq { action } => dlq(&broker, action).await,
@@ -397,6 +464,110 @@ async fn queues(broker: &Broker, json: bool) -> anyhow::Result<()> {
         println!(
             "{stage:<8} {:>10} {:>10} {:>10} {:>10} {age:>12} {:>10}",
             s.pending, s.in_flight, s.delayed, s.dead, s.consumers
+        );
+    }
+    Ok(())
+}
+
+/// One line of at most `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        return line;
+    }
+    let mut cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+async fn failures(
+    settings: &Settings,
+    filter: &FailureFilter,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<()> {
+    let pool = upload_pipeline::db::connect(settings, 2)
+        .await
+        .context("Failed to connect to Postgres")?;
+    let counts = retry::failure_counts(&pool, filter)
+        .await
+        .context("Failed to count the failures (has `producer migrate` run since the upgrade?)")?;
+    let documents = retry::failures(&pool, filter, limit)
+        .await
+        .context("Failed to list the failures")?;
+    pool.close().await;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "counts": counts, "documents": documents })
+        );
+        return Ok(());
+    }
+    if counts.is_empty() {
+        println!("no failed document matches");
+        return Ok(());
+    }
+    let total: i64 = counts.iter().map(|c| c.documents).sum();
+    println!("{total} failed documents by stage and reason:");
+    println!("{:<6} {:>9}  reason", "stage", "documents");
+    for c in &counts {
+        println!(
+            "{:<6} {:>9}  {}",
+            c.stage,
+            c.documents,
+            one_line(c.reason.as_deref().unwrap_or("-"), 200)
+        );
+    }
+    println!("\nthe newest {} of them:", documents.len());
+    for d in &documents {
+        println!(
+            "{}  {}  user {}  {:<5}  {}",
+            d.failed_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            d.document_id,
+            d.user_id,
+            d.stage,
+            one_line(d.error.as_deref().unwrap_or("-"), 160)
+        );
+    }
+    Ok(())
+}
+
+async fn retry_failed(
+    settings: Settings,
+    broker: &Broker,
+    status: &str,
+    filter: &FailureFilter,
+) -> anyhow::Result<()> {
+    let pool = upload_pipeline::db::connect(&settings, 4)
+        .await
+        .context("Failed to connect to Postgres")?;
+    let pipeline = retry::operator_pipeline(pool, broker, Arc::new(settings))
+        .context("Failed to open the stage queues")?;
+    let report = retry::retry_failed(&pipeline, filter)
+        .await
+        .context("Failed to list the failures (has `producer migrate` run since the upgrade?)")?;
+    pipeline.pool.close().await;
+    println!(
+        "re-queued {} {status} document{}",
+        report.total(),
+        if report.total() == 1 { "" } else { "s" }
+    );
+    for (stage, n) in &report.requeued {
+        println!("  {:<6} {n}", stage.as_str());
+    }
+    if report.skipped > 0 {
+        println!(
+            "skipped {} that were no longer {status} (retried or deleted meanwhile)",
+            report.skipped
+        );
+    }
+    for (id, e) in &report.errors {
+        eprintln!("could not retry {id}: {e}");
+    }
+    if !report.errors.is_empty() {
+        bail!(
+            "{} matching documents could not be retried",
+            report.errors.len()
         );
     }
     Ok(())

@@ -3,17 +3,19 @@
 //!
 //! | method and path | does | answers |
 //! |---|---|---|
-//! | `POST /v1/documents` | multipart `file` (+ optional `metadata`, a JSON object); `Idempotency-Key` header | 202 `{document_id, status}`; 200 with `duplicate: true` for bytes uploaded before |
+//! | `POST /v1/documents` | multipart `file` (+ optional `metadata`, a JSON object); `Idempotency-Key` header | 202 `{document_id, status}`; 200 with `duplicate: true` for bytes uploaded before; 202 with `duplicate` and `requeued` true when that earlier document had failed |
 //! | `GET /v1/documents/{id}` | status, error, chunks, per-stage progress | 200, 404 |
+//! | `POST /v1/documents/{id}/retry` | a failed document re-runs from the stage that gave up | 202 `{stage, document}`, 404, 409 `not_failed` |
 //! | `GET /v1/documents?status=&limit=&cursor=` | the caller's documents, newest first | 200 `{documents, next_cursor}` |
 //! | `DELETE /v1/documents/{id}` | removes it with its chunks | 204, 404 |
 //! | `POST /v1/search` | `{query, k}` | 200 `{results, took_ms, embedding_model}` |
+//! | `GET /v1/admin/failures?stage=&since=&user=&limit=` | admin claim: failed documents of every user | 200 `{counts, documents}` |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness; Postgres and Redis reachable; Prometheus | |
 //!
 //! Error codes: `invalid_request` 400, `invalid_json` 400, `empty_file` 400, `invalid_metadata` 400,
-//! `unauthorized` 401, `not_found` 404, `idempotency_conflict` 409, `file_too_large` 413,
+//! `unauthorized` 401, `forbidden` 403, `not_found` 404, `idempotency_conflict` 409, `not_failed` 409, `file_too_large` 413,
 //! `unsupported_media_type` 415, `invalid_document` 422, `invalid_text` 422, `invalid_query` 422, `invalid_k` 422,
-//! `unavailable` 503, `internal` 500.
+//! `rate_limited` 429, `unavailable` 503, `internal` 500.
 
 use std::time::Instant;
 
@@ -43,6 +45,7 @@ use crate::{
     metrics as m,
     parsing::{DocKind, ParseError},
     queue::Broker,
+    retry::{FailedDocument, FailureCount, FailureFilter, RetryOutcome},
 };
 
 /// What the handlers share.
@@ -80,6 +83,8 @@ pub enum ErrorCode {
     NotFound,
     /// 409: the `Idempotency-Key` was used for a different file.
     IdempotencyConflict,
+    /// 409: a retry of a document that is not failed (or whose failed stage was settled meanwhile).
+    NotFailed,
     /// 413: the upload is over `api.max_upload_bytes`.
     FileTooLarge,
     /// 415: a file type the parsers do not read, or a body that is not JSON.
@@ -142,6 +147,14 @@ impl ApiError {
             ErrorCode::NotFound,
             "no such document",
         )
+    }
+
+    fn not_failed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, ErrorCode::NotFailed, message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
 }
 
@@ -278,8 +291,10 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/documents", post(upload).get(list))
         .route("/v1/documents/{id}", get(status).delete(remove))
+        .route("/v1/documents/{id}/retry", post(retry_document))
         .route("/v1/search", post(search))
         .route("/v1/admin/queues", get(admin_queues))
+        .route("/v1/admin/failures", get(admin_failures))
         .route("/v1/admin/dead-letters/{stage}", get(admin_dead_letters))
         .route(
             "/v1/admin/dead-letters/{stage}/{action}",
@@ -357,11 +372,16 @@ struct UploadForm {
 pub struct UploadResponse {
     /// The document.
     pub document_id: Uuid,
-    /// Its status now.
+    /// Its status when the upload was accepted: `queued` for a new document (whatever a worker did since), the
+    /// status of the earlier document for a duplicate, the status it restarts from when it was re-queued.
     pub status: String,
-    /// Present and true when the same user uploaded the same bytes before (answered with 200).
+    /// Present and true when the same user uploaded the same bytes before: the answer is about that document.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// Present and true when that earlier document had failed and is queued again from the stage that gave up
+    /// (answered with 202, like a new upload).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeued: bool,
 }
 
 /// Uploads a document. It is durable before the answer: the document, its bytes and its parse stage are committed
@@ -371,8 +391,8 @@ pub struct UploadResponse {
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries of one upload safe: the same key answers with the document it created")),
     responses(
-        (status = 202, description = "Accepted: a new document (or a retry with a known Idempotency-Key)", body = UploadResponse),
-        (status = 200, description = "The same bytes were uploaded before by this user: that document", body = UploadResponse),
+        (status = 202, description = "Accepted: a new document (`status` is `queued`), a retry with a known Idempotency-Key, or the same bytes as an earlier document of this user that had failed, now queued again from the stage that gave up (`duplicate` and `requeued` true)", body = UploadResponse),
+        (status = 200, description = "The same bytes were uploaded before by this user: that document, with its status", body = UploadResponse),
         (status = 400, description = "`invalid_request`, `empty_file`, `invalid_metadata`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
@@ -540,27 +560,73 @@ async fn upload(
             ),
             UploadError::Db(e) => e.into(),
         })?;
-    let (id, code, label) = match outcome {
+    let (body, code) = match outcome {
         UploadOutcome::Created(id) => {
+            metrics::counter!(m::DOCUMENTS_UPLOADED, "outcome" => "created").increment(1);
             // Durable already: if Redis is down the reconciler pushes the job later.
             if let Err(e) = state.pipeline.push_parse(id, user).await {
                 tracing::warn!(document_id = %id, error = %e, "Could not push the parse job; the reconciler will");
             }
-            (id, StatusCode::ACCEPTED, "created")
+            // The state at acceptance, not a read after the push: a fast worker may have moved it on already.
+            let body = UploadResponse {
+                document_id: id,
+                status: "queued".into(),
+                duplicate: false,
+                requeued: false,
+            };
+            (body, StatusCode::ACCEPTED)
         }
-        UploadOutcome::Replayed(id) => (id, StatusCode::ACCEPTED, "replayed"),
-        UploadOutcome::Duplicate(id) => (id, StatusCode::OK, "duplicate"),
-    };
-    metrics::counter!(m::DOCUMENTS_UPLOADED, "outcome" => label).increment(1);
-    let doc = documents::get(&state.pipeline.pool, user, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let body = UploadResponse {
-        document_id: id,
-        status: doc.status,
-        duplicate: label == "duplicate",
+        UploadOutcome::Replayed(id) => {
+            metrics::counter!(m::DOCUMENTS_UPLOADED, "outcome" => "replayed").increment(1);
+            let body = UploadResponse {
+                document_id: id,
+                status: current_status(&state, user, id).await?,
+                duplicate: false,
+                requeued: false,
+            };
+            (body, StatusCode::ACCEPTED)
+        }
+        UploadOutcome::Duplicate(id) => {
+            metrics::counter!(m::DOCUMENTS_UPLOADED, "outcome" => "duplicate").increment(1);
+            duplicate(&state, user, id).await?
+        }
     };
     Ok((code, Json(body)).into_response())
+}
+
+/// The answer to the same bytes uploaded again: the earlier document, queued again from the stage that gave up
+/// when it had failed (202), as it is otherwise (200).
+async fn duplicate(
+    state: &ApiState,
+    user: Uuid,
+    id: Uuid,
+) -> Result<(UploadResponse, StatusCode), ApiError> {
+    let (status, requeued) = match crate::retry::retry(&state.pipeline, user, id).await? {
+        RetryOutcome::Requeued { document, .. } => (document.status, true),
+        RetryOutcome::NotFailed { status } => (status, false),
+        RetryOutcome::Raced => (current_status(state, user, id).await?, false),
+        RetryOutcome::NotFound => return Err(ApiError::not_found()),
+    };
+    let body = UploadResponse {
+        document_id: id,
+        status,
+        duplicate: true,
+        requeued,
+    };
+    let code = if requeued {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((body, code))
+}
+
+/// A document's status now; 404 when it is gone.
+async fn current_status(state: &ApiState, user: Uuid, id: Uuid) -> Result<String, ApiError> {
+    Ok(documents::get(&state.pipeline.pool, user, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?
+        .status)
 }
 
 /// A document id from the path; one that is not a UUID is as unknown as any other (404).
@@ -621,6 +687,53 @@ async fn remove(
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found())
+    }
+}
+
+/// The answer to a retry.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetryResponse {
+    /// The stage the document re-runs from (`parse`, `chunk` or `embed`); what the stages before it produced is
+    /// kept.
+    pub stage: String,
+    /// The document as the retry left it, before any worker took it up.
+    pub document: Document,
+}
+
+/// Queues a failed document again from the stage that gave up, keeping what the earlier stages produced (parsed
+/// sections, chunks, vectors), and pushes that stage's job.
+#[utoipa::path(
+    post, path = "/v1/documents/{id}/retry", tag = "documents",
+    params(("id" = Uuid, Path, description = "The document")),
+    responses(
+        (status = 202, description = "Queued again from the stage that gave up", body = RetryResponse),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found` (also for another user's document)", body = ErrorBody),
+        (status = 409, description = "`not_failed`: the document is not failed, so there is nothing to retry", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn retry_document(
+    State(state): State<ApiState>,
+    Caller(user): Caller,
+    DocumentId(id): DocumentId,
+) -> Result<Response, ApiError> {
+    match crate::retry::retry(&state.pipeline, user, id).await? {
+        RetryOutcome::Requeued { stage, document } => {
+            let body = RetryResponse {
+                stage: stage.as_str().to_owned(),
+                document: *document,
+            };
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+        RetryOutcome::NotFailed { status } => Err(ApiError::not_failed(format!(
+            "the document is {status}, not failed: there is nothing to retry"
+        ))),
+        RetryOutcome::Raced => Err(ApiError::not_failed(
+            "the document's failed stage was settled while it was being retried; look at its status",
+        )),
+        RetryOutcome::NotFound => Err(ApiError::not_found()),
     }
 }
 
@@ -1200,6 +1313,88 @@ async fn admin_dead_letter_action(
     Ok(Json(Moved { count }).into_response())
 }
 
+/// A stage of the document pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineStage {
+    /// Uploaded bytes to Markdown.
+    Parse,
+    /// Markdown to chunks.
+    Chunk,
+    /// Chunks to vectors.
+    Embed,
+}
+
+impl From<PipelineStage> for Stage {
+    fn from(s: PipelineStage) -> Self {
+        match s {
+            PipelineStage::Parse => Stage::Parse,
+            PipelineStage::Chunk => Stage::Chunk,
+            PipelineStage::Embed => Stage::Embed,
+        }
+    }
+}
+
+/// Filters of the failures listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct FailureQuery {
+    /// Only documents that failed at this stage.
+    #[param(inline)]
+    stage: Option<PipelineStage>,
+    /// Only documents that failed at or after this time (RFC 3339, e.g. `2026-11-30T08:00:00Z`).
+    since: Option<DateTime<Utc>>,
+    /// Only this user's documents.
+    user: Option<Uuid>,
+    /// List at most this many documents (the counts cover every match).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<u32>,
+}
+
+/// Failed documents by stage and reason.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Failures {
+    /// Every matching failed document counted by stage and reason, most frequent first.
+    pub counts: Vec<FailureCount>,
+    /// The matching failed documents, newest failure first, at most `limit`.
+    pub documents: Vec<FailedDocument>,
+}
+
+/// Failed documents of every user: counts by the stage that gave up and its reason, and the newest failures.
+/// `POST /v1/documents/{id}/retry` (as the owner) or `producer retry` re-runs them.
+#[utoipa::path(
+    get, path = "/v1/admin/failures", tag = "admin",
+    params(FailureQuery),
+    responses(
+        (status = 200, description = "Counts and documents", body = Failures),
+        (status = 400, description = "`invalid_request` (stage, since, user or limit)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn admin_failures(
+    State(state): State<ApiState>,
+    Admin(_): Admin,
+    query: Result<Query<FailureQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let filter = FailureFilter {
+        stage: query.stage.map(Stage::from),
+        since: query.since,
+        user: query.user,
+    };
+    let pool = &state.pipeline.pool;
+    let counts = crate::retry::failure_counts(pool, &filter).await?;
+    let documents = crate::retry::failures(pool, &filter, limit).await?;
+    Ok(Json(Failures { counts, documents }).into_response())
+}
+
 /// The fleet's quota state: bucket levels, cool-downs, pauses and today's spend per provider.
 #[utoipa::path(
     get, path = "/v1/admin/quota", tag = "admin",
@@ -1274,13 +1469,13 @@ async fn admin_resume(
                        `Authorization: Bearer <JWT>` (HS256, or RS256/ES256 with a JWKS file; `sub` = the user). Errors are \
                        `{\"error\": {\"code\", \"message\"}}` with the codes of `ErrorCode`."
     ),
-    paths(upload, list, status, remove, search, admin_queues, admin_dead_letters, admin_dead_letter_action, admin_quota, admin_resume, healthz, readyz, render_metrics),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, DeadLetterEntry, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
+    paths(upload, list, status, remove, retry_document, search, admin_queues, admin_failures, admin_dead_letters, admin_dead_letter_action, admin_quota, admin_resume, healthz, readyz, render_metrics),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Document, StageStatus, DocumentPage, DocumentStatus, RetryResponse, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, PipelineStage, Failures, FailureCount, FailedDocument, DeadLetterEntry, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
     modifiers(&BearerAuth),
     tags(
-        (name = "documents", description = "Upload, follow, list and delete documents"),
+        (name = "documents", description = "Upload, follow, list, retry and delete documents"),
         (name = "search", description = "Search the caller's documents"),
-        (name = "admin", description = "Operator endpoints: queues, dead letters, quota (tokens with the admin claim)"),
+        (name = "admin", description = "Operator endpoints: queues, failures, dead letters, quota (tokens with the admin claim)"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -1375,7 +1570,7 @@ mod tests {
             .as_array()
             .unwrap()
             .len();
-        assert_eq!(codes, 17);
+        assert_eq!(codes, 18);
     }
 
     #[test]
@@ -1449,7 +1644,6 @@ pub async fn run_server_on(
     let mut rx = stop_rx.clone();
     let reconciler = tokio::spawn(crate::reconciler::run(
         pipeline.clone(),
-        broker.clone(),
         identity,
         async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -22,8 +22,8 @@ use futures::Stream;
 use uuid::Uuid;
 
 pub use crate::api::{
-    DocumentPage, DocumentStatus, ErrorCode, SearchResponse as SearchResults,
-    UploadResponse as Uploaded,
+    DocumentPage, DocumentStatus, ErrorCode, RetryResponse as Retried,
+    SearchResponse as SearchResults, UploadResponse as Uploaded,
 };
 use crate::{api::ErrorBody, documents::Document};
 
@@ -306,6 +306,23 @@ impl Client {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Queues a failed document again from the stage that gave up, keeping what the earlier stages produced.
+    /// A document that is not failed answers [`ErrorCode::NotFailed`] (409), another user's
+    /// [`ErrorCode::NotFound`].
+    pub async fn retry(&self, id: Uuid) -> Result<Retried, ClientError> {
+        Ok(self
+            .send(
+                || {
+                    self.http
+                        .post(self.url(&format!("/v1/documents/{id}/retry")))
+                },
+                true,
+            )
+            .await?
+            .json()
+            .await?)
     }
 
     /// A page of the caller's documents, newest first.

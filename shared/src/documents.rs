@@ -185,13 +185,24 @@ const DOCUMENT_COLUMNS: &str = "d.id, d.filename, d.content_type, d.size_bytes, 
 /// One document with its stages, or `None` (also when it is another user's).
 pub async fn get(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Option<Document>, DbError> {
     let mut tx = db::begin_as(pool, user).await?;
+    let doc = fetch(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(doc)
+}
+
+/// One document with its stages, read in the caller's transaction (so under its row-level security, and as that
+/// transaction sees it).
+pub(crate) async fn fetch(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+) -> Result<Option<Document>, sqlx::Error> {
     let doc: Option<Document> = sqlx::query_as(&format!(
         "SELECT {DOCUMENT_COLUMNS}, (SELECT count(*) FROM upload_pipeline.document_chunks c \
          WHERE c.document_id = d.id AND c.embedding IS NOT NULL) AS chunks_embedded \
          FROM upload_pipeline.documents d WHERE d.id = $1"
     ))
     .bind(id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
     let Some(mut doc) = doc else { return Ok(None) };
     doc.stages = sqlx::query_as(
@@ -199,9 +210,8 @@ pub async fn get(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Option<Document>
          WHERE document_id = $1 ORDER BY array_position(ARRAY['parse', 'chunk', 'embed'], stage)",
     )
     .bind(id)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
-    tx.commit().await?;
     Ok(Some(doc))
 }
 
