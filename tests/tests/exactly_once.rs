@@ -119,9 +119,10 @@ async fn a_backlog_that_outlives_reconcile_after_makes_no_duplicate_provider_cal
     let docs = wait_ready(&client, &ids, Duration::from_secs(120)).await;
     let started = docs.iter().map(|d| d.created_at).min().unwrap();
     let ended = docs.iter().filter_map(|d| d.ready_at).max().unwrap();
+    // Eight LlamaParse jobs of 300 ms one after the other: at least 2.4 s, over twice reconcile_after.
     assert!(
-        ended - started > chrono::Duration::seconds(3),
-        "the backlog outlived reconcile_after several times ({} ms)",
+        ended - started > chrono::Duration::seconds(2),
+        "the backlog outlived reconcile_after ({} ms)",
         (ended - started).num_milliseconds()
     );
     let stats = fake.stats().await;

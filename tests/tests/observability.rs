@@ -693,7 +693,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
             }
         }
     }
-    assert_eq!(alert_exprs.len(), 14, "alerts loaded: {alert_exprs:?}");
+    assert_eq!(alert_exprs.len(), 15, "alerts loaded: {alert_exprs:?}");
     assert!(unhealthy.is_empty(), "rules in error: {unhealthy:?}");
     let failing = evaluate_all(&prom, &exprs, false).await;
     assert!(
