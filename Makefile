@@ -67,7 +67,7 @@ fuzz: ## Fuzz the parsers, the chunker, token verification and multipart uploads
 coverage: services model ## Line coverage of the workspace with cargo-tarpaulin (same tests as make test): target/coverage/ HTML, a summary per module, the bar on providers, errors, quota and queue, the fault-recovery ratio
 	@bash tests/coverage/coverage.sh
 
-bench: services ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale): tests/bench-results/summary.md, JSON, PNG plots
+bench: services ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale, backlog): tests/bench-results/summary.md, JSON, PNG plots
 	@bash tests/bench/bench.sh $(BENCH_ARGS)
 
 bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)

@@ -2,6 +2,7 @@
 //! against real Postgres, Redis and processes, returns its figures, and `report` turns them into JSON, a Markdown
 //! summary and PNG plots under `tests/bench-results/`.
 
+pub mod backlog;
 pub mod fleet;
 pub mod pgcount;
 pub mod pipeline;

@@ -7,12 +7,13 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tests::bench::{pipeline, report, scale, search};
+use tests::bench::{backlog, pipeline, report, scale, search};
 
 #[derive(Parser, Debug)]
 #[command(about = "Runs the benchmark scenarios and writes tests/bench-results/")]
 struct Args {
-    /// Scenarios to run, comma-separated: queue, pipeline-instant, pipeline-realistic, search, scale, or all.
+    /// Scenarios to run, comma-separated: queue, pipeline-instant, pipeline-realistic, search, scale, backlog, or
+    /// all.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Where the results go.
@@ -48,6 +49,24 @@ struct Args {
     /// scale: runs per process count (`make bench-scale`: 3).
     #[arg(long, default_value_t = 2)]
     scale_runs: usize,
+    /// backlog: documents uploaded at once.
+    #[arg(long, default_value_t = 1000)]
+    backlog_documents: usize,
+    /// backlog: LlamaParse uploads per 10 s, enforced by the fake and set as the fleet's quota (60: about 171 s
+    /// of uploads for 1,000 documents).
+    #[arg(long, default_value_t = 60)]
+    backlog_uploads_per_10s: u64,
+    /// backlog: OpenAI tokens a minute, enforced by the fake and set as the fleet's quota (binds below about
+    /// 3,250 tokens a document times the upload rate).
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog_tokens_per_minute: u64,
+    /// backlog: parse jobs the parse worker runs at once (above uploads a second times about 8 s a job, so that
+    /// the upload quota binds, not the slots).
+    #[arg(long, default_value_t = 56)]
+    backlog_parse_concurrency: usize,
+    /// backlog: longest wait for every document to settle, seconds; past it, what finished is reported.
+    #[arg(long, default_value_t = 900)]
+    backlog_deadline_seconds: u64,
 }
 
 fn repo_root() -> PathBuf {
@@ -94,6 +113,17 @@ async fn run(name: &str, args: &Args) -> Result<()> {
             let s = scale::scale_out(args.scale_documents, args.scale_runs).await;
             let c = scale::capacity().await;
             report::scale(&out, &s, &c)
+        }
+        "backlog" => {
+            let r = backlog::run(backlog::Config {
+                documents: args.backlog_documents,
+                uploads_per_window: args.backlog_uploads_per_10s,
+                tokens_per_minute: args.backlog_tokens_per_minute,
+                parse_concurrency: args.backlog_parse_concurrency,
+                deadline_seconds: args.backlog_deadline_seconds,
+            })
+            .await?;
+            report::backlog(&out, &r)
         }
         other => bail!(
             "unknown scenario {other:?}: expected one of {}",
