@@ -3,8 +3,9 @@
 --
 -- Like stale_jobs, these run as the function's owner and see every user's rows. They return ids, the stage and
 -- the failure reason the document's owner sees, never content. A transaction that set upload_pipeline.user_id
--- (every request, every stage, an agent's SQL) sees only that user's failures; only a session without a user
--- (the producer's own pool, the operator CLI) sees the whole fleet.
+-- (every request, every stage, an agent's SQL) sees only that user's failures. The whole fleet is seen only by a
+-- transaction that asked for it (upload_pipeline.operator = 'on', set by the operator paths of the library);
+-- a session that set neither sees nothing.
 
 -- The failures listing reads failed documents newest first and pages by (updated_at, id).
 CREATE INDEX documents_failed_idx ON upload_pipeline.documents (updated_at DESC, id DESC) WHERE status = 'failed';
@@ -26,7 +27,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, upload_pipeli
     LIMIT 1
   ) j
   WHERE d.status = 'failed'
-    AND (upload_pipeline.current_user_id() IS NULL OR d.user_id = upload_pipeline.current_user_id())
+    AND (d.user_id = upload_pipeline.current_user_id()
+         OR (upload_pipeline.current_user_id() IS NULL
+             AND current_setting('upload_pipeline.operator', true) = 'on'))
     AND (p_stage IS NULL OR j.stage = p_stage)
     AND (p_since IS NULL OR d.updated_at >= p_since)
     AND (p_user IS NULL OR d.user_id = p_user)

@@ -205,7 +205,8 @@ async fn page(
     limit: u32,
     before: Option<(Timestamp, Uuid)>,
 ) -> Result<Vec<FailedDocument>, DbError> {
-    Ok(sqlx::query_as(
+    let mut tx = operator(pool).await?;
+    let rows = sqlx::query_as(
         "SELECT document_id, user_id, stage, error, reason, failed_at \
          FROM upload_pipeline.failed_documents($1, $2, $3, $4, $5, $6)",
     )
@@ -215,8 +216,20 @@ async fn page(
     .bind(limit.min(i32::MAX as u32) as i32)
     .bind(before.map(|b| b.0))
     .bind(before.map(|b| b.1))
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// A transaction that reads the whole fleet's failures: the functions show every user's only when asked
+/// (`upload_pipeline.operator`), so a session that forgot to set its user sees nothing rather than everything.
+async fn operator(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, DbError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('upload_pipeline.operator', 'on', true)")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// Every failed document matching `filter`, counted by stage and reason, most frequent first.
@@ -224,14 +237,17 @@ pub async fn failure_counts(
     pool: &PgPool,
     filter: &FailureFilter,
 ) -> Result<Vec<FailureCount>, DbError> {
-    Ok(sqlx::query_as(
+    let mut tx = operator(pool).await?;
+    let rows = sqlx::query_as(
         "SELECT stage, reason, documents, last_failed_at FROM upload_pipeline.failure_counts($1, $2, $3)",
     )
     .bind(filter.stage.map(Stage::as_str))
     .bind(filter.since)
     .bind(filter.user)
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 /// What [`retry_failed`] did.

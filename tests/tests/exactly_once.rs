@@ -167,6 +167,23 @@ async fn a_llamaparse_job_longer_than_reconcile_after_is_uploaded_once() {
             .unwrap();
         ids.push(up.document_id);
     }
+    // While a job runs for 3.5 s, its row is touched every third of reconcile_after: never stale.
+    let db_pool = db.admin.clone();
+    wait_for(
+        "a running parse row kept fresh past reconcile_after",
+        Duration::from_secs(30),
+        || async {
+            let fresh: Option<bool> = sqlx::query_scalar(
+                "SELECT bool_or(now() - started_at > interval '2 seconds' AND now() - updated_at < interval '1 second') \
+                 FROM upload_pipeline.upload_jobs WHERE stage = 'parse' AND state = 'running'",
+            )
+            .fetch_one(&db_pool)
+            .await
+            .ok()?;
+            fresh.unwrap_or(false).then_some(())
+        },
+    )
+    .await;
     let docs = wait_ready(&client, &ids, Duration::from_secs(60)).await;
     let stats = fake.stats().await;
     assert_eq!(
@@ -253,6 +270,54 @@ async fn pushing_a_job_that_is_waiting_in_flight_or_delayed_adds_nothing() {
         .await
         .unwrap();
     assert_eq!(live, vec![true, false]);
+    tests::cleanup(&s).await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_stage_once() {
+    use upload_pipeline::{
+        documents::{self, NewUpload, UploadOutcome},
+        parsing::DocKind,
+    };
+    let mut s = settings(&unique_prefix("walk"), &tests::redis_url());
+    s.embedding.embedder = EmbedderKind::Hashing;
+    s.pipeline.reconcile_after = Duration::from_secs(1);
+    let db = tests::TestDb::create(&mut s).await;
+    let p = pipeline(&s, &db).await;
+    // 1,200 uploads recorded while Redis was away (no job pushed): more than two pages of the walk.
+    let user = Uuid::new_v4();
+    for i in 0..1_200 {
+        let up = NewUpload {
+            user_id: user,
+            filename: format!("lost{i}.txt"),
+            kind: DocKind::Text,
+            bytes: format!("lost document {i}").into_bytes(),
+            metadata: serde_json::json!({}),
+            idempotency_key: None,
+        };
+        let outcome = documents::create(&db.admin, &up).await.unwrap();
+        assert!(matches!(outcome, UploadOutcome::Created(_)));
+    }
+    sqlx::query("UPDATE upload_pipeline.upload_jobs SET updated_at = now() - interval '1 hour'")
+        .execute(&db.admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        upload_pipeline::reconciler::reconcile_once(&p).await.unwrap(),
+        1_200
+    );
+    assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);
+    // Stale again, but every job is in Redis now: nothing is pushed twice.
+    sqlx::query("UPDATE upload_pipeline.upload_jobs SET updated_at = now() - interval '1 hour'")
+        .execute(&db.admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        upload_pipeline::reconciler::reconcile_once(&p).await.unwrap(),
+        0
+    );
+    assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);
     tests::cleanup(&s).await;
     db.drop_db().await;
 }

@@ -462,7 +462,7 @@ pub(crate) async fn settle_failure(
             let last = delivery.attempt >= max;
             let gave_up = last.then(|| {
                 format!(
-                    "{stage_name} gave up after {} attempts: {message}",
+                    "{stage_name}: gave up after {} attempts: {message}",
                     delivery.attempt
                 )
             });
