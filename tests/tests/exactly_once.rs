@@ -304,7 +304,9 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
         .await
         .unwrap();
     assert_eq!(
-        upload_pipeline::reconciler::reconcile_once(&p).await.unwrap(),
+        upload_pipeline::reconciler::reconcile_once(&p)
+            .await
+            .unwrap(),
         1_200
     );
     assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);
@@ -314,7 +316,9 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
         .await
         .unwrap();
     assert_eq!(
-        upload_pipeline::reconciler::reconcile_once(&p).await.unwrap(),
+        upload_pipeline::reconciler::reconcile_once(&p)
+            .await
+            .unwrap(),
         0
     );
     assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);

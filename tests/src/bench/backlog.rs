@@ -42,7 +42,7 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 const JOB_MS: (f64, f64) = (6000.0, 8000.0);
 /// OpenAI requests a minute (tier 1). About 300 a minute are sent: this limit does not bind.
 const RPM: u64 = 3000;
-/// Words per document: about 6.75 chunks and 3,250 tokens each.
+/// Words per document by default: about 6.75 chunks and 3,250 tokens each.
 pub const WORDS: usize = 1500;
 /// Uploads through the API at once.
 pub const UPLOAD_CONCURRENCY: usize = 8;
@@ -60,6 +60,9 @@ const TRAILING_SECONDS: f64 = 10.0;
 pub struct Config {
     /// Documents uploaded at once.
     pub documents: usize,
+    /// Words per document (`WORDS`: about 6.75 chunks; 24,000 make about 64 chunks of 512 tokens, a full embed
+    /// batch per document).
+    pub words: usize,
     /// LlamaParse uploads admitted per `UPLOAD_WINDOW`, by the fake and by the fleet's quota.
     pub uploads_per_window: u64,
     /// OpenAI tokens a minute, by the fake and by the fleet's quota.
@@ -226,7 +229,11 @@ fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
 }
 
 /// Uploads `documents` distinct HTML documents through the API, `UPLOAD_CONCURRENCY` at a time.
-async fn upload_all(client: upload_pipeline::client::Client, documents: usize) -> Result<()> {
+async fn upload_all(
+    client: upload_pipeline::client::Client,
+    documents: usize,
+    words: usize,
+) -> Result<()> {
     use futures::StreamExt;
     let mut uploads = futures::stream::iter(0..documents as u64)
         .map(|seed| {
@@ -235,7 +242,7 @@ async fn upload_all(client: upload_pipeline::client::Client, documents: usize) -
                 let up = client
                     .upload_bytes(
                         &format!("backlog-{seed}.html"),
-                        html_document(seed, WORDS),
+                        html_document(seed, words),
                         None,
                     )
                     .await
@@ -412,7 +419,11 @@ fn describe(fleet: &Fleet, config: &Config) -> (String, String) {
 async fn measure(fleet: &Fleet, config: Config) -> Result<Backlog> {
     let start = Instant::now();
     let t0 = Utc::now();
-    let mut uploading = tokio::spawn(upload_all(fleet.client.clone(), config.documents));
+    let mut uploading = tokio::spawn(upload_all(
+        fleet.client.clone(),
+        config.documents,
+        config.words,
+    ));
     let watched = watch(fleet, &config, start, &mut uploading).await;
     uploading.abort();
     let watched = watched?;

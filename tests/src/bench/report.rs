@@ -593,7 +593,7 @@ pub fn backlog(out: &Path, r: &Backlog) -> Result<()> {
         r.providers,
         r.fleet,
         r.documents,
-        super::backlog::WORDS,
+        r.config.words,
         super::backlog::UPLOAD_CONCURRENCY,
         r.upload_seconds.map_or_else(|| "-".into(), fmt),
         per_unit(r.uploads_per_document),

@@ -52,6 +52,9 @@ struct Args {
     /// backlog: documents uploaded at once.
     #[arg(long, default_value_t = 1000)]
     backlog_documents: usize,
+    /// backlog: words per document (24,000 make a full 64-chunk embed batch of 512-token chunks per document).
+    #[arg(long, default_value_t = tests::bench::backlog::WORDS)]
+    backlog_words: usize,
     /// backlog: LlamaParse uploads per 10 s, enforced by the fake and set as the fleet's quota (60: about 171 s
     /// of uploads for 1,000 documents).
     #[arg(long, default_value_t = 60)]
@@ -117,6 +120,7 @@ async fn run(name: &str, args: &Args) -> Result<()> {
         "backlog" => {
             let r = backlog::run(backlog::Config {
                 documents: args.backlog_documents,
+                words: args.backlog_words,
                 uploads_per_window: args.backlog_uploads_per_10s,
                 tokens_per_minute: args.backlog_tokens_per_minute,
                 parse_concurrency: args.backlog_parse_concurrency,
