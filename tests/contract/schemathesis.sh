@@ -11,7 +11,7 @@ venv=$root/target/schemathesis-venv
 version=4.32.5
 if [ "$("$venv/bin/st" --version 2>/dev/null | awk '{print $3}')" != "$version" ]; then
   echo "installing schemathesis $version into $venv" >&2
-  python3 -m venv "$venv"
+  python3 -m venv --clear "$venv"
   "$venv/bin/pip" install -q "schemathesis==$version"
 fi
 
