@@ -109,12 +109,14 @@ async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_re
         );
         assert_eq!(restart.attempt, 2, "the killed run counts as an attempt");
     }
-    let stats = queue.stats().await.unwrap();
-    assert_eq!(
-        (stats.pending, stats.in_flight, stats.dead),
-        (0, 0, 0),
-        "{stats:?}"
-    );
+    // A job's acknowledgement follows its handler's return (and its log line): wait for it.
+    tests::wait_for_stats(
+        &queue,
+        "every job acknowledged",
+        Duration::from_secs(10),
+        |st| (st.pending, st.in_flight, st.dead) == (0, 0, 0),
+    )
+    .await;
     cleanup(&s).await;
 }
 
