@@ -17,7 +17,8 @@ use tower::{Layer, Service};
 
 use super::{
     Delivery,
-    backend::{RawPayload, Shared, Suspect},
+    consumer::Shared,
+    delivery::{RawPayload, Suspect, with_claim},
     error::Failure,
 };
 use crate::metrics as m;
@@ -84,9 +85,7 @@ impl Running {
             self.shared.running_ended(self.suspect);
         }
     }
-}
 
-impl Running {
     fn settle(&mut self) {
         self.settled = true;
     }
@@ -134,7 +133,7 @@ where
         let (Some(delivery), Some(payload)) = (delivery, payload) else {
             return Box::pin(async move { fut.await.map_err(Into::into) });
         };
-        let fut = super::with_claim(delivery.claim.clone(), fut);
+        let fut = with_claim(delivery.claim.clone(), fut);
         shared.running_started();
         let mut running = Running {
             shared: shared.clone(),
