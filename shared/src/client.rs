@@ -21,11 +21,11 @@ use bytes::Bytes;
 use futures::Stream;
 use uuid::Uuid;
 
+use crate::api::ErrorBody;
 pub use crate::api::{
-    DocumentPage, DocumentStatus, ErrorCode, RetryResponse as Retried,
-    SearchResponse as SearchResults, UploadResponse as Uploaded,
+    Document, DocumentPage, DocumentStatus, ErrorCode, Hit, RetryResponse as Retried,
+    SearchResponse as SearchResults, StageStatus, UploadResponse as Uploaded,
 };
-use crate::{api::ErrorBody, documents::Document};
 
 /// A failed call.
 #[derive(Debug, thiserror::Error)]

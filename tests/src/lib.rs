@@ -642,7 +642,7 @@ pub async fn wait_ready(
     client: &upload_pipeline::client::Client,
     ids: &[uuid::Uuid],
     timeout: Duration,
-) -> Vec<upload_pipeline::documents::Document> {
+) -> Vec<upload_pipeline::client::Document> {
     wait_for("documents to become ready", timeout, || async {
         let mut docs = Vec::new();
         for id in ids {

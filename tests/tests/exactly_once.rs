@@ -43,7 +43,7 @@ fn document(seed: usize, paragraphs: usize) -> Vec<u8> {
 }
 
 /// The sum of `chunks_total` over the documents.
-fn chunks(docs: &[upload_pipeline::documents::Document]) -> u64 {
+fn chunks(docs: &[upload_pipeline::client::Document]) -> u64 {
     docs.iter()
         .map(|d| d.chunks_total.unwrap_or(0) as u64)
         .sum()

@@ -18,8 +18,7 @@ use tests::{TestDb, WorkerProcess, settings, unique_prefix, wait_for, wait_ready
 use upload_pipeline::{
     Settings,
     auth::Auth,
-    client::{Client, ClientError, ErrorCode},
-    documents::Document,
+    client::{Client, ClientError, Document, ErrorCode},
     settings::EmbedderKind,
 };
 use uuid::Uuid;

@@ -1,0 +1,128 @@
+//! The wire shapes of stored records (a document, its stages, a search hit): what the API serializes and its
+//! clients read, so that neither depends on the storage layer's structs, which follow the database.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::documents;
+
+/// The progress of one stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct StageStatus {
+    /// `parse`, `chunk` or `embed`.
+    pub stage: String,
+    /// `queued`, `running`, `done`, `failed` (will retry) or `dead` (gave up).
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// When it was queued.
+    pub queued_at: DateTime<Utc>,
+    /// When it started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<documents::StageStatus> for StageStatus {
+    fn from(s: documents::StageStatus) -> Self {
+        Self {
+            stage: s.stage,
+            state: s.state,
+            attempts: s.attempts,
+            last_error: s.last_error,
+            queued_at: s.queued_at,
+            started_at: s.started_at,
+            finished_at: s.finished_at,
+        }
+    }
+}
+
+/// A document with its progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Document {
+    /// Its id.
+    pub id: Uuid,
+    /// The file name.
+    pub filename: String,
+    /// Its MIME type.
+    pub content_type: String,
+    /// Size in bytes.
+    pub size_bytes: i64,
+    /// SHA-256 of the bytes, hex.
+    pub sha256: String,
+    /// `queued`, `parsing`, `chunking`, `embedding`, `ready` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The caller's metadata.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+    /// Chunks made (once chunked).
+    pub chunks_total: Option<i32>,
+    /// Chunks with a vector.
+    pub chunks_embedded: i64,
+    /// Per-stage progress.
+    pub stages: Vec<StageStatus>,
+    /// Upload time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// When it became searchable.
+    pub ready_at: Option<DateTime<Utc>>,
+}
+
+impl From<documents::Document> for Document {
+    fn from(d: documents::Document) -> Self {
+        Self {
+            id: d.id,
+            filename: d.filename,
+            content_type: d.content_type,
+            size_bytes: d.size_bytes,
+            sha256: d.sha256,
+            status: d.status,
+            error: d.error,
+            metadata: d.metadata,
+            chunks_total: d.chunks_total,
+            chunks_embedded: d.chunks_embedded,
+            stages: d.stages.into_iter().map(StageStatus::from).collect(),
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            ready_at: d.ready_at,
+        }
+    }
+}
+
+/// A search hit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Hit {
+    /// Cosine similarity, 1 = same direction.
+    pub score: f64,
+    /// The document.
+    pub document_id: Uuid,
+    /// Its file name.
+    pub filename: String,
+    /// The chunk's position.
+    pub chunk_index: i32,
+    /// The chunk's text.
+    pub content: String,
+    /// Page (when the format has pages) and heading path.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+}
+
+impl From<documents::Hit> for Hit {
+    fn from(h: documents::Hit) -> Self {
+        Self {
+            score: h.score,
+            document_id: h.document_id,
+            filename: h.filename,
+            chunk_index: h.chunk_index,
+            content: h.content,
+            metadata: h.metadata,
+        }
+    }
+}
