@@ -10,19 +10,51 @@
 //!
 //! This crate is the library both binaries stand on; `producer/` and `workers/` only wire it together.
 //!
+//! ## The flow, and who owns each step
+//!
+//! 1. **Upload.** [`api`] takes the file from a caller that [`auth`] verified and [`ratelimit`] let through;
+//!    [`documents`] stores it durably in Postgres ([`db`]), then the `parse` job is pushed on the [`queue`].
+//! 2. **Parse.** [`jobs::parse`] turns the bytes into Markdown sections: [`parsing`] for local formats, run in a
+//!    bounded child process ([`helper`]), or LlamaParse through [`providers`].
+//! 3. **Chunk.** [`jobs::chunk`] splits the sections into token-bounded chunks ([`chunking`]) and pushes embed
+//!    jobs in batches.
+//! 4. **Embed.** [`jobs::embed`] turns each batch into vectors through an embedder ([`providers`]), within the
+//!    fleet's shared provider budget ([`quota`]), and stores them in pgvector.
+//! 5. **Queryable.** The last batch makes the document `ready`; `POST /v1/search` ([`api`]) embeds the query and
+//!    returns the nearest chunks.
+//!
+//! [`runtime`] runs the stage workers; [`retry`] and [`reconciler`] recover what failed or was lost between
+//! Postgres and Redis. The transport ([`queue`]) knows nothing of documents: it moves typed jobs and guarantees
+//! that each is run until it succeeds, fails permanently or runs out of attempts, even when workers are killed.
+//!
+//! ## Modules
+//!
 //! | module | owns |
 //! |---|---|
 //! | [`settings`] | one typed, validated `Settings`: defaults, then a TOML file, then the environment |
-//! | [`telemetry`] | tracing subscriber and the Prometheus recorder |
-//! | [`metrics`] | every metric name, help text and bucket |
-//! | [`queue`] | the durable Redis Streams queue and its apalis backend: at-least-once delivery, retries, dead letters |
-//! | [`runtime`] | the worker runtime: one apalis worker per stage, health, metrics, restarts, graceful drain |
-//! | [`jobs`] | the stages, their queue names, and the jobs their queues carry |
-//! | [`retry`] | failed documents: re-running one from the stage that gave up, and the failures by stage and reason |
+//! | [`telemetry`] | the tracing subscriber and the Prometheus recorder |
 //! | [`shutdown`] | the SIGTERM / SIGINT future |
+//! | [`metrics`] | the catalogue: every metric name, label set, help text and bucket, and `docs/metrics.md` |
+//! | [`db`] | the Postgres pool, migrations, and transactions scoped to one user (row-level security) |
+//! | [`auth`] | bearer-token (JWT) verification: HS256 secrets or RS256/ES256 JWKS keys |
+//! | [`ratelimit`] | per-user request limits shared by the producer replicas through Redis |
+//! | [`queue`] | the durable Redis Streams queue and its apalis backend: at-least-once delivery, retries, dead letters |
+//! | [`quota`] | each provider's fleet-wide budget in Redis: reservations, cool-downs after 429, pauses |
+//! | [`parsing`] | local parsers: uploaded bytes to Markdown sections with page numbers; pure |
+//! | [`chunking`] | Markdown sections to token-bounded chunks with their heading path; pure |
+//! | [`helper`] | bounded child processes for parsing and chunking hostile input (deadline, memory cap) |
+//! | [`providers`] | the parser and embedder clients (LlamaParse, OpenAI-compatible, local model, hashing) and [`providers::ProviderError`] |
+//! | [`documents`] | documents as the API sees them: the durable upload, its [`documents::DocumentStatus`], listing, deletion |
+//! | [`jobs`] | the stages ([`jobs::Stage`], [`jobs::JobState`]), their queues, the jobs those carry, each stage's handler |
+//! | [`runtime`] | the worker runtime: one apalis worker per stage, health, metrics, restarts, graceful drain |
+//! | [`gauges`] | the gauges read at scrape time from Redis, Postgres and the quota, and the process metrics |
+//! | [`retry`] | failed documents: re-running one from the stage that gave up, and the failures by stage and reason |
+//! | [`reconciler`] | pushes again the stage jobs Postgres expects and Redis lost |
+//! | [`api`] | the producer's HTTP API (axum): uploads, status, search, admin, health and `/metrics` |
+//! | [`client`] | a typed Rust client of that API, for services and the `producer` CLI |
 //!
-//! The transport ([`queue`]) knows nothing of documents: it moves typed jobs and guarantees that each is run
-//! until it succeeds, fails permanently or runs out of attempts, even when workers are killed.
+//! The modules record into [`metrics`], which imports none of them; what is read from Redis or Postgres at
+//! scrape time lives in [`gauges`], above [`queue`], [`quota`] and [`db`].
 
 pub mod api;
 pub mod auth;
@@ -30,6 +62,7 @@ pub mod chunking;
 pub mod client;
 pub mod db;
 pub mod documents;
+pub mod gauges;
 pub mod helper;
 pub mod jobs;
 pub mod metrics;

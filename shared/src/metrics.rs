@@ -2,6 +2,18 @@
 //! Names follow `upload_pipeline_<subsystem>_<name>_<unit>`; labels come from small fixed sets. `docs/metrics.md` is
 //! generated from [`CATALOGUE`] (a test keeps it in step), and the dashboards and alert rules may name only
 //! metrics listed here (another test checks that).
+//!
+//! It imports nothing from the modules that record into it: the gauges read from Redis or Postgres at scrape
+//! time are set by [`gauges`](crate::gauges).
+
+mod markdown;
+mod record;
+
+pub use markdown::catalogue_markdown;
+pub use record::{
+    cache_lookups, describe, document_failed, document_ready, provider_request, quota_spent,
+    quota_waited, register_series,
+};
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +42,9 @@ impl Kind {
 pub enum Exporter {
     /// The producer (API, reconciler, fleet-wide state read at scrape time).
     Producer,
-    /// Worker processes.
+    #[allow(missing_docs)]
     Worker,
-    /// Both.
+    /// The producer and the workers.
     Both,
 }
 
@@ -52,7 +64,7 @@ impl Exporter {
 pub struct Metric {
     /// Full name, `upload_pipeline_…`.
     pub name: &'static str,
-    /// Its kind.
+    #[allow(missing_docs)]
     pub kind: Kind,
     /// Label names, each from a small fixed set of values.
     pub labels: &'static [&'static str],
@@ -210,20 +222,31 @@ pub const CACHE_MISSES: &str = "upload_pipeline_cache_misses_total";
 /// Prefix of the process metrics (CPU, memory, file descriptors, threads) collected on every scrape.
 pub const PROCESS_PREFIX: &str = "upload_pipeline_";
 
+const fn entry(
+    kind: Kind,
+    name: &'static str,
+    labels: &'static [&'static str],
+    help: &'static str,
+    exporter: Exporter,
+    buckets: &'static [f64],
+) -> Metric {
+    Metric {
+        name,
+        kind,
+        labels,
+        help,
+        exporter,
+        buckets,
+    }
+}
+
 const fn counter(
     name: &'static str,
     labels: &'static [&'static str],
     help: &'static str,
     exporter: Exporter,
 ) -> Metric {
-    Metric {
-        name,
-        kind: Kind::Counter,
-        labels,
-        help,
-        exporter,
-        buckets: &[],
-    }
+    entry(Kind::Counter, name, labels, help, exporter, &[])
 }
 
 const fn gauge(
@@ -232,14 +255,7 @@ const fn gauge(
     help: &'static str,
     exporter: Exporter,
 ) -> Metric {
-    Metric {
-        name,
-        kind: Kind::Gauge,
-        labels,
-        help,
-        exporter,
-        buckets: &[],
-    }
+    entry(Kind::Gauge, name, labels, help, exporter, &[])
 }
 
 const fn histogram(
@@ -249,14 +265,7 @@ const fn histogram(
     exporter: Exporter,
     buckets: &'static [f64],
 ) -> Metric {
-    Metric {
-        name,
-        kind: Kind::Histogram,
-        labels,
-        help,
-        exporter,
-        buckets,
-    }
+    entry(Kind::Histogram, name, labels, help, exporter, buckets)
 }
 
 use Exporter::{Both, Producer, Worker};
@@ -567,14 +576,6 @@ pub const CATALOGUE: &[Metric] = &[
     ),
 ];
 
-static PROCESS: std::sync::LazyLock<metrics_process::Collector> =
-    std::sync::LazyLock::new(|| metrics_process::Collector::new(PROCESS_PREFIX));
-
-/// Reads this process's CPU, memory, file descriptors and threads into their metrics (call on every scrape).
-pub fn collect_process() {
-    PROCESS.collect();
-}
-
 /// The catalogue entry of `name` (a series name: `_bucket`, `_sum` and `_count` resolve to their histogram).
 pub fn lookup(name: &str) -> Option<&'static Metric> {
     CATALOGUE.iter().find(|m| m.name == name).or_else(|| {
@@ -585,247 +586,4 @@ pub fn lookup(name: &str) -> Option<&'static Metric> {
                 .find(|m| m.name == base && m.kind == Kind::Histogram)
         })
     })
-}
-
-/// Registers help texts with the installed recorder.
-pub fn describe() {
-    for m in CATALOGUE {
-        match m.kind {
-            Kind::Counter => metrics::describe_counter!(m.name, m.help),
-            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
-            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
-        }
-    }
-}
-
-/// Creates every labelled series a process of `role` (`producer` or `worker`) running `stages` will report, at
-/// zero, so rates and ratios exist before the first event and alerts see a 0, not an absent series.
-pub fn register_series(
-    role: &'static str,
-    stages: &[&str],
-    providers: &[(&'static str, &'static str)],
-) {
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "role" => role).set(1.0);
-    for &stage in stages {
-        let s = stage.to_owned();
-        if role == "worker" {
-            for &outcome in JOB_OUTCOMES {
-                metrics::counter!(QUEUE_JOBS, "stage" => s.clone(), "outcome" => outcome)
-                    .absolute(0);
-            }
-            for &resolution in RECOVERY_RESOLUTIONS {
-                metrics::counter!(RECOVERY_FAILED_JOBS, "stage" => s.clone(), "resolution" => resolution).absolute(0);
-            }
-            metrics::counter!(QUEUE_RECLAIMED, "stage" => s.clone()).absolute(0);
-            metrics::counter!(QUEUE_CLAIMS_LOST, "stage" => s.clone()).absolute(0);
-            for &op in REDIS_OPS {
-                metrics::counter!(QUEUE_REDIS_ERRORS, "stage" => s.clone(), "op" => op).absolute(0);
-            }
-            metrics::counter!(WORKER_RESTARTS, "stage" => s.clone()).absolute(0);
-            if stage != "synthetic" {
-                metrics::counter!(DOCUMENTS_FAILED, "stage" => s.clone()).absolute(0);
-            }
-        } else {
-            metrics::counter!(RECONCILER_REQUEUED, "stage" => s.clone()).absolute(0);
-        }
-        metrics::counter!(QUEUE_PUSHED, "stage" => s).absolute(0);
-    }
-    if role == "worker" && stages.contains(&"embed") {
-        metrics::counter!(DOCUMENTS_READY).absolute(0);
-    }
-    if role == "producer" {
-        for outcome in ["created", "duplicate", "replayed"] {
-            metrics::counter!(DOCUMENTS_UPLOADED, "outcome" => outcome).absolute(0);
-        }
-    }
-    for &(provider, operation) in providers {
-        for &outcome in PROVIDER_OUTCOMES {
-            metrics::counter!(PROVIDER_REQUESTS, "provider" => provider, "operation" => operation, "outcome" => outcome)
-                .absolute(0);
-        }
-        if operation == "embed" {
-            metrics::counter!(PROVIDER_EMBEDDED_INPUTS, "provider" => provider).absolute(0);
-            metrics::counter!(PROVIDER_TRUNCATED_INPUTS, "provider" => provider).absolute(0);
-        }
-        if role == "worker" && matches!(provider, "openai" | "llamaparse") {
-            for name in [QUOTA_DEFERRED, QUOTA_COOLDOWNS, QUOTA_USED] {
-                metrics::counter!(name, "provider" => provider).absolute(0);
-            }
-            for &reason in PAUSE_REASONS {
-                metrics::counter!(QUOTA_PAUSES, "provider" => provider, "reason" => reason)
-                    .absolute(0);
-            }
-        }
-    }
-}
-
-/// `docs/metrics.md`, generated from the catalogue.
-pub fn catalogue_markdown() -> String {
-    use std::fmt::Write;
-    let mut out = String::from(
-        "# Metrics catalogue\n\n\
-         Generated from `shared/src/metrics.rs` (`CATALOGUE`); `cargo test -p tests --test observability` fails when this\n\
-         file is out of step, and `UPDATE_DOCS=1` rewrites it. Names follow `upload_pipeline_<subsystem>_<name>_<unit>`;\n\
-         every histogram has explicit buckets. Gauges marked \"read at scrape time\" come from Redis or Postgres and are\n\
-         exported by several processes at once: aggregate them with `max by (...)`, never `sum`.\n\n\
-         | name | type | labels | exported by | help |\n|---|---|---|---|---|\n",
-    );
-    for m in CATALOGUE {
-        let labels = if m.labels.is_empty() {
-            "-".to_owned()
-        } else {
-            m.labels
-                .iter()
-                .map(|l| format!("`{l}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let _ = writeln!(
-            out,
-            "| `{}` | {} | {} | {} | {} |",
-            m.name,
-            m.kind.as_str(),
-            labels,
-            m.exporter.as_str(),
-            m.help.replace('|', "\\|")
-        );
-    }
-    out.push_str("\n## Histogram buckets (seconds)\n\n");
-    for m in CATALOGUE.iter().filter(|m| m.kind == Kind::Histogram) {
-        let b: Vec<String> = m.buckets.iter().map(|b| b.to_string()).collect();
-        let _ = writeln!(out, "- `{}`: {}", m.name, b.join(", "));
-    }
-    out.push_str(
-        "\n## Label values\n\n\
-         - `stage`: parse, chunk, embed (and synthetic, the benchmark queue).\n",
-    );
-    for (label, metric, values) in [
-        ("outcome", QUEUE_JOBS, JOB_OUTCOMES),
-        ("resolution", RECOVERY_FAILED_JOBS, RECOVERY_RESOLUTIONS),
-        ("outcome", PROVIDER_REQUESTS, PROVIDER_OUTCOMES),
-        ("status", DOCUMENTS_STORED, DOCUMENT_STATUSES),
-        ("op", QUEUE_REDIS_ERRORS, REDIS_OPS),
-        ("reason", QUOTA_PAUSES, PAUSE_REASONS),
-        ("reason", QUOTA_PAUSED, PAUSE_REASONS),
-    ] {
-        let _ = writeln!(out, "- `{label}` of `{metric}`: {}.", values.join(", "));
-    }
-    out.push_str(
-        "- `provider`: openai, llamaparse, local, hashing; `resource`: requests, tokens (openai), uploads (llamaparse).\n\
-         - `cache`: parse, embedding. `role` of the build info: producer, worker.\n",
-    );
-    out
-}
-
-/// Reads a queue's state from Redis (at scrape time, within 2 s) and sets its gauges; a failure is logged and
-/// leaves the previous values.
-pub async fn refresh_queue_gauges(queue: &crate::queue::QueueHandle) {
-    let name = queue.name();
-    match tokio::time::timeout(std::time::Duration::from_secs(2), queue.stats()).await {
-        Ok(Ok(stats)) => record_queue_stats(name, &stats),
-        Ok(Err(e)) => {
-            tracing::warn!(queue = name, error = %e, "Could not read queue state for /metrics")
-        }
-        Err(_) => tracing::warn!(queue = name, "Reading queue state for /metrics timed out"),
-    }
-}
-
-fn record_queue_stats(queue: &str, stats: &crate::queue::QueueStats) {
-    let q = queue.to_owned();
-    metrics::gauge!(QUEUE_PENDING, "stage" => q.clone()).set(stats.pending as f64);
-    metrics::gauge!(QUEUE_IN_FLIGHT, "stage" => q.clone()).set(stats.in_flight as f64);
-    metrics::gauge!(QUEUE_DELAYED, "stage" => q.clone()).set(stats.delayed as f64);
-    metrics::gauge!(QUEUE_DEAD, "stage" => q.clone()).set(stats.dead as f64);
-    metrics::gauge!(QUEUE_OLDEST_AGE, "stage" => q)
-        .set(stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
-}
-
-/// Counts documents by status in Postgres (at scrape time, within 2 s) and sets their gauges; a failure is logged
-/// and leaves the previous values.
-pub async fn refresh_document_gauges(pool: &sqlx::PgPool) {
-    let query = sqlx::query_as::<_, (String, i64)>(
-        "SELECT status, documents FROM upload_pipeline.document_status_counts()",
-    )
-    .fetch_all(pool);
-    match tokio::time::timeout(std::time::Duration::from_secs(2), query).await {
-        Ok(Ok(rows)) => {
-            for &status in DOCUMENT_STATUSES {
-                let n = rows
-                    .iter()
-                    .find(|(s, _)| s == status)
-                    .map_or(0, |(_, n)| *n);
-                metrics::gauge!(DOCUMENTS_STORED, "status" => status).set(n as f64);
-            }
-        }
-        Ok(Err(e)) => tracing::warn!(error = %e, "Could not count documents for /metrics"),
-        Err(_) => tracing::warn!("Counting documents for /metrics timed out"),
-    }
-}
-
-/// Reads whether and why each remote provider is paused fleet-wide and sets [`QUOTA_PAUSED`].
-pub async fn refresh_quota_gauges(quota: &crate::quota::Quota) {
-    for provider in ["openai", "llamaparse"] {
-        let paused = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            quota.pause_reason(provider),
-        )
-        .await;
-        match paused {
-            Ok(Ok(why)) => {
-                for reason in crate::quota::PauseReason::ALL {
-                    let on = why == Some(reason);
-                    metrics::gauge!(QUOTA_PAUSED, "provider" => provider, "reason" => reason.as_str())
-                        .set(if on { 1.0 } else { 0.0 });
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(provider, error = %e, "Could not read the quota pause for /metrics")
-            }
-            Err(_) => tracing::warn!(provider, "Reading the quota pause for /metrics timed out"),
-        }
-    }
-}
-
-/// Records a document that became ready `seconds` after its upload.
-pub fn document_ready(seconds: f64) {
-    metrics::histogram!(DOCUMENT_UPLOAD_TO_QUERYABLE).record(seconds);
-    metrics::counter!(DOCUMENTS_READY).increment(1);
-}
-
-/// Records a document that failed at `stage`.
-pub fn document_failed(stage: &str) {
-    metrics::counter!(DOCUMENTS_FAILED, "stage" => stage.to_owned()).increment(1);
-}
-
-/// Records one provider request and how it ended.
-pub fn provider_request(
-    provider: &'static str,
-    operation: &'static str,
-    outcome: &'static str,
-    seconds: f64,
-) {
-    metrics::counter!(PROVIDER_REQUESTS, "provider" => provider, "operation" => operation, "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!(PROVIDER_DURATION, "provider" => provider, "operation" => operation)
-        .record(seconds);
-}
-
-/// Records `hits` and `misses` of `cache`.
-pub fn cache_lookups(cache: &'static str, hits: u64, misses: u64) {
-    metrics::counter!(CACHE_HITS, "cache" => cache).increment(hits);
-    metrics::counter!(CACHE_MISSES, "cache" => cache).increment(misses);
-}
-
-/// Records a call's wait for its budget.
-pub fn quota_waited(provider: &'static str, waited: std::time::Duration) {
-    metrics::histogram!(QUOTA_WAIT, "provider" => provider).record(waited.as_secs_f64());
-}
-
-/// Records units a provider counted, and their estimated cost.
-pub fn quota_spent(provider: &'static str, units: u64, usd_per_million: f64) {
-    metrics::counter!(QUOTA_USED, "provider" => provider).increment(units);
-    if usd_per_million > 0.0 {
-        metrics::gauge!(QUOTA_COST, "provider" => provider)
-            .increment(units as f64 * usd_per_million / 1e6);
-    }
 }

@@ -303,6 +303,28 @@ const MAX_DOCX_XML: u64 = 64 * 1024 * 1024;
 fn docx(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
     use quick_xml::events::Event;
 
+    let xml = docx_body(bytes)?;
+    let mut reader = quick_xml::Reader::from_str(&xml);
+    let mut doc = DocxText::new(limits);
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| ParseError::Corrupt(format!("the DOCX body is not valid XML: {e}")))?;
+        match event {
+            Event::Start(e) | Event::Empty(e) => doc.start(&e)?,
+            Event::Text(t) if doc.in_text => doc.paragraph.push_str(&t),
+            Event::GeneralRef(r) if doc.in_text => doc.paragraph.extend(entity(&r.into_inner())),
+            Event::End(e) => doc.end(e.local_name().into_inner()),
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    doc.flush();
+    Ok(doc.sections)
+}
+
+/// `word/document.xml` of a DOCX, refused above [`MAX_DOCX_XML`] however it is compressed.
+fn docx_body(bytes: &[u8]) -> Result<String, ParseError> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| ParseError::Corrupt(format!("the DOCX is not a readable zip archive: {e}")))?;
     let entry = zip
@@ -324,113 +346,130 @@ fn docx(bytes: &[u8], limits: Limits) -> Result<Vec<Section>, ParseError> {
             "the DOCX body decompresses beyond the limit".into(),
         ));
     }
+    Ok(xml)
+}
 
-    let mut reader = quick_xml::Reader::from_str(&xml);
-    let mut sections = vec![Section {
-        page: Some(1),
-        markdown: String::new(),
-    }];
-    let mut paragraph = String::new();
-    let mut heading: Option<usize> = None;
-    let mut list_item = false;
-    let mut in_text = false;
-    loop {
-        let event = reader
-            .read_event()
-            .map_err(|e| ParseError::Corrupt(format!("the DOCX body is not valid XML: {e}")))?;
-        match event {
-            Event::Start(e) | Event::Empty(e) => match e.local_name().into_inner() {
-                "t" => in_text = true,
-                "tab" => paragraph.push('\t'),
-                "br" | "lastRenderedPageBreak" => {
-                    let page_break = e.local_name().into_inner() == "lastRenderedPageBreak"
-                        || e.attributes().flatten().any(|a| {
-                            a.key.local_name().into_inner() == "type" && a.value.as_ref() == "page"
-                        });
-                    if page_break {
-                        let next = sections.last().and_then(|s| s.page).unwrap_or(1) + 1;
-                        if next as usize > limits.max_pages {
-                            return Err(ParseError::TooLarge(format!(
-                                "the DOCX has more than {} pages",
-                                limits.max_pages
-                            )));
-                        }
-                        flush_paragraph(&mut sections, &mut paragraph, heading, list_item);
-                        sections.push(Section {
-                            page: Some(next),
-                            markdown: String::new(),
-                        });
-                    } else {
-                        paragraph.push('\n');
-                    }
+/// The character an XML entity reference (`amp`, `#x41`, `#65`) stands for.
+fn entity(name: &str) -> Option<char> {
+    match name {
+        "amp" => Some('&'),
+        "lt" => Some('<'),
+        "gt" => Some('>'),
+        "quot" => Some('"'),
+        "apos" => Some('\''),
+        n => n
+            .strip_prefix("#x")
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .or_else(|| n.strip_prefix('#').and_then(|d| d.parse().ok()))
+            .and_then(char::from_u32),
+    }
+}
+
+/// The Markdown of a DOCX body as its elements are read: paragraphs, headings, list items, table cells, pages.
+struct DocxText {
+    limits: Limits,
+    sections: Vec<Section>,
+    paragraph: String,
+    heading: Option<usize>,
+    list_item: bool,
+    in_text: bool,
+}
+
+impl DocxText {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            sections: vec![Section {
+                page: Some(1),
+                markdown: String::new(),
+            }],
+            paragraph: String::new(),
+            heading: None,
+            list_item: false,
+            in_text: false,
+        }
+    }
+
+    fn start(&mut self, e: &quick_xml::events::BytesStart<'_>) -> Result<(), ParseError> {
+        match e.local_name().into_inner() {
+            "t" => self.in_text = true,
+            "tab" => self.paragraph.push('\t'),
+            "br" | "lastRenderedPageBreak" => {
+                let page_break = e.local_name().into_inner() == "lastRenderedPageBreak"
+                    || e.attributes().flatten().any(|a| {
+                        a.key.local_name().into_inner() == "type" && a.value.as_ref() == "page"
+                    });
+                if page_break {
+                    self.page_break()?;
+                } else {
+                    self.paragraph.push('\n');
                 }
-                "pStyle" => {
-                    for a in e.attributes().flatten() {
-                        if a.key.local_name().into_inner() == "val" {
-                            let style = a.value.to_ascii_lowercase();
-                            heading = style
-                                .strip_prefix("heading")
-                                .and_then(|n| n.trim().parse::<usize>().ok())
-                                .map(|n| n.clamp(1, 6))
-                                .or(if style == "title" { Some(1) } else { None });
-                            list_item |= style.contains("list");
-                        }
-                    }
-                }
-                "numPr" => list_item = true,
-                _ => {}
-            },
-            Event::Text(t) if in_text => paragraph.push_str(&t),
-            Event::GeneralRef(r) if in_text => {
-                let name = r.into_inner();
-                let c = match name.as_ref() {
-                    "amp" => Some('&'),
-                    "lt" => Some('<'),
-                    "gt" => Some('>'),
-                    "quot" => Some('"'),
-                    "apos" => Some('\''),
-                    n => n
-                        .strip_prefix("#x")
-                        .and_then(|h| u32::from_str_radix(h, 16).ok())
-                        .or_else(|| n.strip_prefix('#').and_then(|d| d.parse().ok()))
-                        .and_then(char::from_u32),
-                };
-                paragraph.extend(c);
             }
-            Event::End(e) => match e.local_name().into_inner() {
-                "t" => in_text = false,
-                "p" => {
-                    flush_paragraph(&mut sections, &mut paragraph, heading, list_item);
-                    heading = None;
-                    list_item = false;
+            "pStyle" => {
+                for a in e.attributes().flatten() {
+                    if a.key.local_name().into_inner() == "val" {
+                        let style = a.value.to_ascii_lowercase();
+                        self.heading = style
+                            .strip_prefix("heading")
+                            .and_then(|n| n.trim().parse::<usize>().ok())
+                            .map(|n| n.clamp(1, 6))
+                            .or(if style == "title" { Some(1) } else { None });
+                        self.list_item |= style.contains("list");
+                    }
                 }
-                "tc" => paragraph.push_str(" | "),
-                _ => {}
-            },
-            Event::Eof => break,
+            }
+            "numPr" => self.list_item = true,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn page_break(&mut self) -> Result<(), ParseError> {
+        let next = self.sections.last().and_then(|s| s.page).unwrap_or(1) + 1;
+        if next as usize > self.limits.max_pages {
+            return Err(ParseError::TooLarge(format!(
+                "the DOCX has more than {} pages",
+                self.limits.max_pages
+            )));
+        }
+        self.flush();
+        self.sections.push(Section {
+            page: Some(next),
+            markdown: String::new(),
+        });
+        Ok(())
+    }
+
+    fn end(&mut self, name: &str) {
+        match name {
+            "t" => self.in_text = false,
+            "p" => {
+                self.flush();
+                self.heading = None;
+                self.list_item = false;
+            }
+            "tc" => self.paragraph.push_str(" | "),
             _ => {}
         }
     }
-    flush_paragraph(&mut sections, &mut paragraph, heading, list_item);
-    Ok(sections)
-}
 
-fn flush_paragraph(
-    sections: &mut [Section],
-    paragraph: &mut String,
-    heading: Option<usize>,
-    list_item: bool,
-) {
-    let text = paragraph.trim();
-    if !text.is_empty() {
-        let out = &mut sections.last_mut().expect("at least one section").markdown;
-        match heading {
-            Some(level) => out.push_str(&format!("{} {text}\n\n", "#".repeat(level))),
-            None if list_item => out.push_str(&format!("- {text}\n")),
-            None => out.push_str(&format!("{text}\n\n")),
+    /// Ends the paragraph read so far: a heading, a list item or plain text in the current page's section.
+    fn flush(&mut self) {
+        let text = self.paragraph.trim();
+        if !text.is_empty() {
+            let out = &mut self
+                .sections
+                .last_mut()
+                .expect("at least one section")
+                .markdown;
+            match self.heading {
+                Some(level) => out.push_str(&format!("{} {text}\n\n", "#".repeat(level))),
+                None if self.list_item => out.push_str(&format!("- {text}\n")),
+                None => out.push_str(&format!("{text}\n\n")),
+            }
         }
+        self.paragraph.clear();
     }
-    paragraph.clear();
 }
 
 #[cfg(test)]

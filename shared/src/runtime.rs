@@ -38,7 +38,7 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::{
-    metrics as m,
+    gauges, metrics as m,
     queue::{Broker, ConsumerHandle, Delivery, JobError, QueueError, QueueHandle},
     settings::Settings,
 };
@@ -51,10 +51,9 @@ pub enum RuntimeError {
     Queue(#[from] QueueError),
     /// The health and metrics address could not be bound.
     #[error("failed to listen on {addr} for /healthz and /metrics: {source}")]
+    #[allow(missing_docs)]
     Bind {
-        /// The address.
         addr: SocketAddr,
-        /// Why.
         source: std::io::Error,
     },
     /// The shutdown signal could not be installed.
@@ -357,9 +356,9 @@ async fn render_metrics(State(http): State<Http>) -> impl IntoResponse {
             metrics::gauge!(m::WORKER_HEARTBEAT_AGE, "stage" => name.clone())
                 .set(c.heartbeat_age().as_secs_f64());
         }
-        m::refresh_queue_gauges(&queue).await;
+        gauges::refresh_queue_gauges(&queue).await;
     }
-    m::collect_process();
+    gauges::collect_process();
     match http.metrics {
         Some(handle) => (
             StatusCode::OK,

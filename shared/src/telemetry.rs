@@ -12,10 +12,9 @@ use crate::settings::{LogFormat, LogSettings};
 pub enum TelemetryError {
     /// The log filter does not parse.
     #[error("invalid log filter {filter:?}: {source}")]
+    #[allow(missing_docs)]
     Filter {
-        /// The filter given.
         filter: String,
-        /// The parser's complaint.
         source: tracing_subscriber::filter::ParseError,
     },
     /// A global subscriber or recorder was installed already.

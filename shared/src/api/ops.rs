@@ -13,7 +13,7 @@ use super::{
     ApiState,
     error::{ApiError, ErrorCode},
 };
-use crate::{jobs::Stage, metrics as m};
+use crate::{gauges, jobs::Stage};
 
 /// Liveness.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -86,14 +86,14 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> Response {
 pub(super) async fn render_metrics(State(state): State<ApiState>) -> Response {
     for stage in Stage::PIPELINE {
         if let Ok(queue) = state.broker.handle(stage.as_str()) {
-            m::refresh_queue_gauges(&queue).await;
+            gauges::refresh_queue_gauges(&queue).await;
         }
     }
-    m::refresh_document_gauges(&state.pipeline.pool).await;
+    gauges::refresh_document_gauges(&state.pipeline.pool).await;
     let quota =
         crate::quota::Quota::with_connection(state.broker.connection(), &state.pipeline.settings);
-    m::refresh_quota_gauges(&quota).await;
-    m::collect_process();
+    gauges::refresh_quota_gauges(&quota).await;
+    gauges::collect_process();
     match &state.metrics {
         Some(h) => (
             StatusCode::OK,

@@ -38,7 +38,6 @@ pub struct LlamaParse {
     budget: Option<Budget>,
 }
 
-/// Where a job stands.
 enum JobState {
     Running,
     Done,

@@ -18,11 +18,11 @@ use crate::{
 
 pub use http::retry_after;
 
-/// A future an embedder returns.
+#[allow(missing_docs)]
 pub type EmbedFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, ProviderError>> + Send + 'a>>;
 
-/// A future a parser returns.
+#[allow(missing_docs)]
 pub type ParseFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Section>, ProviderError>> + Send + 'a>>;
 
@@ -30,13 +30,13 @@ pub type ParseFuture<'a> =
 pub trait Embedder: Send + Sync {
     /// The model name stored with the vectors.
     fn model(&self) -> &str;
-    /// Vector dimensions.
+    #[allow(missing_docs)]
     fn dimensions(&self) -> usize;
     /// Whether vectors are worth keeping in the embedding cache (a paid call or a model run; not hashing).
     fn cacheable(&self) -> bool {
         true
     }
-    /// Embeds `texts`.
+    #[allow(missing_docs)]
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a>;
 }
 
@@ -47,7 +47,7 @@ pub struct ParseInput {
     pub filename: String,
     /// What the upload was detected as.
     pub kind: DocKind,
-    /// Its bytes.
+    #[allow(missing_docs)]
     pub bytes: Arc<Vec<u8>>,
 }
 
@@ -58,29 +58,25 @@ pub trait Parser: Send + Sync {
     fn key(&self, kind: DocKind) -> String;
     /// Whether results for `kind` are worth caching (a remote, paid call).
     fn cacheable(&self, kind: DocKind) -> bool;
-    /// Parses `input`.
+    #[allow(missing_docs)]
     fn parse<'a>(&'a self, input: &'a ParseInput) -> ParseFuture<'a>;
 }
 
 /// Why a provider call failed, classified once where it happened.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[allow(missing_docs)] // The variants' fields: which provider, its message, when to try again.
 pub enum ProviderError {
     /// The provider asked us to slow down (429 rate limit); retry after the time it named, if any.
     #[error("rate limited by {provider}: {message}")]
     RateLimited {
-        /// Which provider.
         provider: &'static str,
-        /// The provider's message.
         message: String,
-        /// When to try again.
         retry_after: Option<Duration>,
     },
     /// The account is out of quota or credit: retrying never helps until someone pays, so the stage waits.
     #[error("{provider}'s quota is exhausted: {message}")]
     QuotaExhausted {
-        /// Which provider.
         provider: &'static str,
-        /// The provider's message.
         message: String,
     },
     /// The provider refused our key (401/403: revoked, rotated, of another region or project). Not the
@@ -88,24 +84,19 @@ pub enum ProviderError {
     /// finds the key working again or an operator resumes it.
     #[error("{provider} refused our key: {message}")]
     Unauthorized {
-        /// Which provider.
         provider: &'static str,
-        /// The provider's message.
         message: String,
     },
     /// A timeout, connection failure, malformed answer or server error: worth retrying.
     #[error("{provider} failed: {message}")]
     Transient {
-        /// Which provider.
         provider: &'static str,
-        /// What happened.
         message: String,
     },
     /// The fleet's budget for this provider is spoken for longer than `quota.max_wait`: the job waits in the
     /// queue instead of a worker slot, without spending an attempt.
     #[error("{provider}'s budget is in use; next slot in {} ms", retry_after.as_millis())]
     Throttled {
-        /// Which provider.
         provider: &'static str,
         /// When a slot frees up.
         retry_after: Duration,
@@ -114,7 +105,6 @@ pub enum ProviderError {
     /// retrying sends the same thing again.
     #[error("{message}")]
     Permanent {
-        /// Which provider.
         provider: &'static str,
         /// A reason a user can read.
         message: String,

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script, ScriptInvocation, aio::ConnectionManager};
 
 use super::{
     Limit, PauseReason, RESERVE_AHEAD, WINDOW_SHARE,
@@ -373,6 +373,64 @@ impl Budget {
             .unwrap_or(0)
     }
 
+    /// Refuses the call when today's budget is spent (a cap of 0 is none).
+    async fn check_daily_budget(&self) -> Result<(), ProviderError> {
+        let b = &*self.inner;
+        if b.daily_units > 0 {
+            let spent = self.spent_today().await;
+            if spent >= b.daily_units {
+                return Err(ProviderError::QuotaExhausted {
+                    provider: b.provider,
+                    message: format!(
+                        "today's budget of {} is spent ({spent}); calls resume at 00:00 UTC",
+                        b.daily_units
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What `acquire.lua`'s final answer means for the call: reserved (after sleeping until it may go), a probe
+    /// of a pause (with its reason), or an error (paused, or deferred by the line).
+    async fn answer(
+        &self,
+        status: i64,
+        wait_ms: i64,
+        reason: &str,
+        started: Instant,
+    ) -> Result<Option<PauseReason>, ProviderError> {
+        let b = &*self.inner;
+        match status {
+            RESERVED => {
+                if wait_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
+                }
+                crate::metrics::quota_waited(b.provider, started.elapsed());
+                Ok(None)
+            }
+            PROBE => {
+                let reason = PauseReason::of(reason);
+                tracing::info!(
+                    provider = b.provider,
+                    reason = reason.as_str(),
+                    "The provider is paused fleet-wide; this call probes whether it is back"
+                );
+                Ok(Some(reason))
+            }
+            PAUSED => Err(self.paused(PauseReason::of(reason))),
+            _ => {
+                debug_assert_eq!(status, DEFERRED);
+                metrics::counter!(crate::metrics::QUOTA_DEFERRED, "provider" => b.provider)
+                    .increment(1);
+                Err(ProviderError::Throttled {
+                    provider: b.provider,
+                    retry_after: Duration::from_millis(wait_ms.max(1) as u64),
+                })
+            }
+        }
+    }
+
     /// This process's current concurrency limit.
     pub fn concurrency(&self) -> usize {
         self.inner.aimd.limit()
@@ -390,70 +448,56 @@ impl Turn {
         let budget = self.budget.clone();
         let b = &*budget.inner;
         let started = Instant::now();
+        let patience = self.patience();
+        let slot = b.aimd.acquire().await;
+        budget.check_daily_budget().await?;
+        let dims = dimensions(&b.limits, costs);
+        let (status, wait_ms, reason) = self.ask(b, &dims, more, patience, started).await;
+        if matches!(status, RESERVED | PROBE) {
+            for (limit, cost) in &dims {
+                metrics::counter!(crate::metrics::QUOTA_RESERVED, "provider" => b.provider, "resource" => limit.name)
+                    .increment(cost.ceil() as u64);
+            }
+        }
+        let probe = budget.answer(status, wait_ms, &reason, started).await?;
+        Ok(Permit {
+            costs: costs.to_vec(),
+            probe,
+            _slot: slot,
+        })
+    }
+
+    /// How long this request may wait for its reservation before it is deferred.
+    fn patience(&self) -> Duration {
+        let b = &*self.budget.inner;
         // A later part of a started call waits up to a whole window of the provider rather than be deferred, which
         // would pay for its earlier parts again: first in line, it is never further away than that.
-        let patience = if self.started {
+        if self.started {
             b.limits
                 .iter()
                 .map(|l| l.window)
                 .fold(b.max_wait, Duration::max)
         } else {
             b.max_wait
-        };
-        let slot = b.aimd.acquire().await;
-        if b.daily_units > 0 {
-            let spent = budget.spent_today().await;
-            if spent >= b.daily_units {
-                return Err(ProviderError::QuotaExhausted {
-                    provider: b.provider,
-                    message: format!(
-                        "today's budget of {} is spent ({spent}); calls resume at 00:00 UTC",
-                        b.daily_units
-                    ),
-                });
-            }
         }
-        let dims: Vec<(&Limit, f64)> = b
-            .limits
-            .iter()
-            .filter_map(|l| {
-                costs
-                    .iter()
-                    .find(|(n, _)| *n == l.name)
-                    .map(|(_, c)| (l, *c))
-            })
-            .collect();
+    }
+
+    /// Asks `acquire.lua` until it answers something other than "in line": `(status, wait_ms, pause reason)`.
+    /// Keeps the ticket the line gave, and whether it is held, up to date after every answer.
+    async fn ask(
+        &mut self,
+        b: &BudgetInner,
+        dims: &[(&Limit, f64)],
+        more: bool,
+        patience: Duration,
+        started: Instant,
+    ) -> (i64, i64, String) {
         let mut conn = b.conn.clone();
         // Reserve at most RESERVE_AHEAD before the call can go: a replica killed while it waits then takes at most
         // that much of the fleet's budget with it. Further out, wait in line and ask again.
-        let (status, wait_ms, reason) = loop {
+        loop {
             let left = patience.saturating_sub(started.elapsed());
-            let mut invocation = ACQUIRE.prepare_invoke();
-            invocation
-                .key(&b.keys.bucket)
-                .key(&b.keys.cooldown)
-                .key(&b.keys.pause)
-                .key(&b.keys.probe)
-                .key(&b.keys.line)
-                .key(&b.keys.asks)
-                .key(&b.keys.sent)
-                .arg(millis(left.min(RESERVE_AHEAD)))
-                .arg(millis(left))
-                .arg(millis(b.probe_every).max(1))
-                .arg(millis(TICKET_LEASE))
-                .arg(self.ticket)
-                .arg(u32::from(more))
-                .arg(millis(RESERVE_AHEAD))
-                .arg(dims.len());
-            for (limit, cost) in &dims {
-                invocation
-                    .arg(limit.name)
-                    .arg(limit.capacity())
-                    .arg(limit.rate_per_ms())
-                    .arg(*cost)
-                    .arg(limit.limit)
-                    .arg(millis(limit.window).max(1));
-            }
+            let invocation = acquire_invocation(b, self.ticket, more, left, dims);
             let answer: Result<(i64, i64, i64, String), _> =
                 invocation.invoke_async(&mut conn).await;
             match answer {
@@ -474,54 +518,66 @@ impl Turn {
                     }
                     self.held = status == RESERVED && more;
                     self.started |= status == RESERVED;
-                    break (status, wait_ms, reason);
+                    return (status, wait_ms, reason);
                 }
                 Err(e) => {
                     tracing::warn!(provider = b.provider, error = %e, "The fleet's quota state is unreachable; calling without it");
-                    break (RESERVED, 0, String::new());
+                    return (RESERVED, 0, String::new());
                 }
-            }
-        };
-        if matches!(status, RESERVED | PROBE) {
-            for (limit, cost) in &dims {
-                metrics::counter!(crate::metrics::QUOTA_RESERVED, "provider" => b.provider, "resource" => limit.name)
-                    .increment(cost.ceil() as u64);
-            }
-        }
-        let permit = |probe| Permit {
-            costs: costs.to_vec(),
-            probe,
-            _slot: slot,
-        };
-        match status {
-            RESERVED => {
-                if wait_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
-                }
-                crate::metrics::quota_waited(b.provider, started.elapsed());
-                Ok(permit(None))
-            }
-            PROBE => {
-                let reason = PauseReason::of(&reason);
-                tracing::info!(
-                    provider = b.provider,
-                    reason = reason.as_str(),
-                    "The provider is paused fleet-wide; this call probes whether it is back"
-                );
-                Ok(permit(Some(reason)))
-            }
-            PAUSED => Err(budget.paused(PauseReason::of(&reason))),
-            _ => {
-                debug_assert_eq!(status, DEFERRED);
-                metrics::counter!(crate::metrics::QUOTA_DEFERRED, "provider" => b.provider)
-                    .increment(1);
-                Err(ProviderError::Throttled {
-                    provider: b.provider,
-                    retry_after: Duration::from_millis(wait_ms.max(1) as u64),
-                })
             }
         }
     }
+}
+
+/// The budget's limits that `costs` names, each with its cost, in the budget's order.
+fn dimensions<'a>(limits: &'a [Limit], costs: &[(&'static str, f64)]) -> Vec<(&'a Limit, f64)> {
+    limits
+        .iter()
+        .filter_map(|l| {
+            costs
+                .iter()
+                .find(|(n, _)| *n == l.name)
+                .map(|(_, c)| (l, *c))
+        })
+        .collect()
+}
+
+/// One ask of `acquire.lua` (its keys and arguments are documented there): reserve within `left`, at most
+/// RESERVE_AHEAD early, for `ticket` (0: none yet).
+fn acquire_invocation(
+    b: &BudgetInner,
+    ticket: u64,
+    more: bool,
+    left: Duration,
+    dims: &[(&Limit, f64)],
+) -> ScriptInvocation<'static> {
+    let mut invocation = ACQUIRE.prepare_invoke();
+    invocation
+        .key(&b.keys.bucket)
+        .key(&b.keys.cooldown)
+        .key(&b.keys.pause)
+        .key(&b.keys.probe)
+        .key(&b.keys.line)
+        .key(&b.keys.asks)
+        .key(&b.keys.sent)
+        .arg(millis(left.min(RESERVE_AHEAD)))
+        .arg(millis(left))
+        .arg(millis(b.probe_every).max(1))
+        .arg(millis(TICKET_LEASE))
+        .arg(ticket)
+        .arg(u32::from(more))
+        .arg(millis(RESERVE_AHEAD))
+        .arg(dims.len());
+    for (limit, cost) in dims {
+        invocation
+            .arg(limit.name)
+            .arg(limit.capacity())
+            .arg(limit.rate_per_ms())
+            .arg(*cost)
+            .arg(limit.limit)
+            .arg(millis(limit.window).max(1));
+    }
+    invocation
 }
 
 impl Drop for Turn {

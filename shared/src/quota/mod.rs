@@ -66,7 +66,7 @@ pub struct Limit {
     pub name: &'static str,
     /// Units per window, as the provider counts them.
     pub limit: f64,
-    /// The provider's window.
+    #[allow(missing_docs)]
     pub window: Duration,
 }
 
