@@ -9,8 +9,50 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, DbError},
+    jobs::{JobState, Stage},
     parsing::DocKind,
 };
+
+/// A document's status.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum DocumentStatus {
+    /// Waiting for the parse stage.
+    Queued,
+    /// Being parsed.
+    Parsing,
+    /// Being chunked.
+    Chunking,
+    /// Being embedded.
+    Embedding,
+    /// Searchable.
+    Ready,
+    /// Failed; see `error`.
+    Failed,
+}
+
+impl DocumentStatus {
+    /// The stored name (`documents.status`), as the API shows it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Parsing => "parsing",
+            Self::Chunking => "chunking",
+            Self::Embedding => "embedding",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for DocumentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A new upload, already checked ([`DocKind::detect`]).
 #[derive(Debug)]
@@ -125,12 +167,12 @@ pub async fn create(pool: &PgPool, up: &NewUpload) -> Result<UploadOutcome, Uplo
 }
 
 /// The progress of one stage.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow)]
 pub struct StageStatus {
     /// `parse`, `chunk` or `embed`.
-    pub stage: String,
-    /// `queued`, `running`, `done`, `failed` (will retry) or `dead` (gave up).
-    pub state: String,
+    pub stage: Stage,
+    /// Its state.
+    pub state: JobState,
     /// Attempts so far.
     pub attempts: i32,
     /// The last error, if any.
@@ -144,7 +186,7 @@ pub struct StageStatus {
 }
 
 /// A document with its progress.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow)]
 pub struct Document {
     /// Its id.
     pub id: Uuid,
@@ -156,12 +198,11 @@ pub struct Document {
     pub size_bytes: i64,
     /// SHA-256 of the bytes, hex.
     pub sha256: String,
-    /// `queued`, `parsing`, `chunking`, `embedding`, `ready` or `failed`.
-    pub status: String,
+    /// Where it is in the pipeline.
+    pub status: DocumentStatus,
     /// Why it failed.
     pub error: Option<String>,
     /// The caller's metadata.
-    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     /// Chunks made (once chunked).
     pub chunks_total: Option<i32>,
@@ -219,7 +260,7 @@ pub(crate) async fn fetch(
 pub async fn list(
     pool: &PgPool,
     user: Uuid,
-    status: Option<&str>,
+    status: Option<DocumentStatus>,
     limit: u32,
     cursor: Option<(DateTime<Utc>, Uuid)>,
 ) -> Result<(Vec<Document>, Option<(DateTime<Utc>, Uuid)>), DbError> {

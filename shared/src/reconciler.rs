@@ -18,8 +18,11 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
-    db,
-    jobs::{Pipeline, Stage, pipeline::StageError},
+    jobs::{
+        JobState, Pipeline, Stage,
+        pipeline::StageError,
+        store::{self, Stale},
+    },
     metrics as m,
 };
 
@@ -33,17 +36,8 @@ pub const PASS_ROWS: usize = 5_000;
 /// Stages looked at per pass at most while sweeping after Redis may have lost writes.
 pub const SWEEP_ROWS: usize = 20_000;
 
-/// One unsettled stage, as `stale_jobs` returns it.
-struct Stale {
-    doc: Uuid,
-    user: Uuid,
-    stage: Stage,
-    state: String,
-    attempts: i32,
-    updated_at: DateTime<Utc>,
-}
-
-type Cursor = (DateTime<Utc>, Uuid, String);
+/// Where the walk stopped: the last stage seen, in `stale_jobs`' keyset order.
+type Cursor = (DateTime<Utc>, Uuid, Stage);
 
 /// The leadership lease the passes renew.
 #[derive(Debug)]
@@ -162,7 +156,7 @@ impl Reconciler {
         while seen < budget {
             let page = self.page(before).await?;
             let done = page.len() < PAGE as usize;
-            self.cursor = page.last().map(|(c, _)| c.clone());
+            self.cursor = page.last().map(|(c, _)| *c);
             seen += page.len();
             pushed += self
                 .settle_page(page.into_iter().map(|(_, s)| s).collect(), sweeping)
@@ -181,38 +175,10 @@ impl Reconciler {
     }
 
     async fn page(&self, before: DateTime<Utc>) -> Result<Vec<(Cursor, Stale)>, StageError> {
-        let (ts, doc, stage) = self.cursor.clone().unwrap_or((
-            DateTime::<Utc>::UNIX_EPOCH,
-            Uuid::nil(),
-            String::new(),
-        ));
-        let rows: Vec<(Uuid, Uuid, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT document_id, user_id, stage, state, attempts, updated_at \
-             FROM upload_pipeline.stale_jobs($1, $2, $3, $4, $5)",
-        )
-        .bind(before)
-        .bind(ts)
-        .bind(doc)
-        .bind(stage)
-        .bind(PAGE)
-        .fetch_all(&self.p.pool)
-        .await?;
+        let rows = store::stale_page(&self.p.pool, before, self.cursor, PAGE).await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(doc, user, stage, state, attempts, at)| {
-                let parsed = stage.parse::<Stage>().ok()?;
-                Some((
-                    (at, doc, stage),
-                    Stale {
-                        doc,
-                        user,
-                        stage: parsed,
-                        state,
-                        attempts,
-                        updated_at: at,
-                    },
-                ))
-            })
+            .map(|row| ((row.updated_at, row.doc, row.stage), row))
             .collect())
     }
 
@@ -230,7 +196,7 @@ impl Reconciler {
             } else {
                 None
             };
-            if !sweeping && row.state == "running" && row.attempts >= max {
+            if !sweeping && row.state == JobState::Running && row.attempts >= max {
                 let ids = match &embed_missing {
                     Some(missing) => p
                         .embed_jobs(doc, user, missing)
@@ -284,15 +250,7 @@ impl Reconciler {
                 continue;
             }
             // Touched, so the walk meets it again only after another `reconcile_after`.
-            let mut tx = db::begin_as(&p.pool, user).await?;
-            sqlx::query(
-                "UPDATE upload_pipeline.upload_jobs SET updated_at = now() WHERE document_id = $1 AND stage = $2",
-            )
-            .bind(doc)
-            .bind(stage.as_str())
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
+            store::touch(&p.pool, user, doc, stage).await?;
             tracing::info!(document_id = %doc, %stage, state = %row.state, jobs = added, "Pushed a lost stage again");
             metrics::counter!(m::RECONCILER_REQUEUED, "stage" => stage.as_str()).increment(1);
             pushed += 1;

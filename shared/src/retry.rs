@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, DbError},
-    documents::{self, Document},
-    jobs::{Pipeline, Stage},
+    documents::{self, Document, DocumentStatus},
+    jobs::{JobState, Pipeline, Stage, store},
     queue::{Broker, QueueError},
     settings::Settings,
 };
@@ -41,7 +41,7 @@ pub enum RetryOutcome {
     /// The document is not failed: nothing changed.
     NotFailed {
         /// Its status.
-        status: String,
+        status: DocumentStatus,
     },
     /// The failed stage's row was not in the state read a moment before (a late copy of a job settled it
     /// meanwhile), or the document has no stage row to re-run: nothing changed.
@@ -52,21 +52,22 @@ pub enum RetryOutcome {
 
 /// The document status a stage starts from when it is queued again: `queued` before parsing, the stage's own
 /// status for the later stages (the status a redelivered job of that stage may start from).
-fn resume_status(stage: Stage) -> &'static str {
+fn resume_status(stage: Stage) -> DocumentStatus {
     match stage {
-        Stage::Parse => "queued",
-        Stage::Chunk => "chunking",
+        Stage::Parse => DocumentStatus::Queued,
+        Stage::Chunk => DocumentStatus::Chunking,
         // Synthetic work has no document: the CHECK constraint of `upload_jobs.stage` keeps it out.
-        Stage::Embed | Stage::Synthetic => "embedding",
+        Stage::Embed | Stage::Synthetic => DocumentStatus::Embedding,
     }
 }
 
 /// The stage a failed document re-runs from: the row in state `dead`, else (a document failed before stages were
 /// marked dead) the first stage not done, else the first stage. `rows` are in pipeline order.
 /// `failed_documents()` in SQL picks by the same rule.
-fn failed_stage(rows: &[(Stage, String)]) -> Option<&(Stage, String)> {
+fn failed_stage(rows: &[(Stage, JobState)]) -> Option<(Stage, JobState)> {
     rows.iter()
-        .min_by_key(|(_, state)| (state != "dead", state == "done"))
+        .copied()
+        .min_by_key(|(_, state)| (*state != JobState::Dead, *state == JobState::Done))
 }
 
 /// Queues a failed document again from the stage that gave up, keeping what the earlier stages produced, then
@@ -76,52 +77,17 @@ fn failed_stage(rows: &[(Stage, String)]) -> Option<&(Stage, String)> {
 /// A push that fails after the commit is only logged: the stage is durably queued, and the reconciler pushes it.
 pub async fn retry(p: &Pipeline, user: Uuid, id: Uuid) -> Result<RetryOutcome, DbError> {
     let mut tx = db::begin_as(&p.pool, user).await?;
-    let status: Option<(String,)> =
-        sqlx::query_as("SELECT status FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((status,)) = status else {
+    let Some(status) = store::lock_status(&mut tx, id).await? else {
         return Ok(RetryOutcome::NotFound);
     };
-    if status != "failed" {
+    if status != DocumentStatus::Failed {
         return Ok(RetryOutcome::NotFailed { status });
     }
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT stage, state FROM upload_pipeline.upload_jobs WHERE document_id = $1 \
-         ORDER BY array_position(ARRAY['parse', 'chunk', 'embed'], stage) FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_all(&mut *tx)
-    .await?;
-    let rows: Vec<(Stage, String)> = rows
-        .into_iter()
-        .filter_map(|(stage, state)| Some((stage.parse().ok()?, state)))
-        .collect();
-    let Some((stage, state)) = failed_stage(&rows).cloned() else {
+    let rows = store::lock_stages(&mut tx, id).await?;
+    let Some((stage, state)) = failed_stage(&rows) else {
         return Ok(RetryOutcome::Raced);
     };
-    let requeued = sqlx::query(
-        "UPDATE upload_pipeline.upload_jobs SET state = 'queued', attempts = 0, last_error = NULL, queued_at = now(), \
-         started_at = NULL, finished_at = NULL, updated_at = now() \
-         WHERE document_id = $1 AND stage = $2 AND state = $3",
-    )
-    .bind(id)
-    .bind(stage.as_str())
-    .bind(&state)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let reopened = sqlx::query(
-        "UPDATE upload_pipeline.documents SET status = $2, error = NULL, updated_at = now() \
-         WHERE id = $1 AND status = 'failed'",
-    )
-    .bind(id)
-    .bind(resume_status(stage))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if requeued != 1 || reopened != 1 {
+    if !store::reopen(&mut tx, id, stage, state, resume_status(stage)).await? {
         // Dropping the transaction rolls both back.
         return Ok(RetryOutcome::Raced);
     }
@@ -337,31 +303,26 @@ pub fn parse_since(text: &str) -> Result<Timestamp, String> {
 mod tests {
     use super::*;
 
-    fn rows(states: &[(Stage, &str)]) -> Vec<(Stage, String)> {
-        states
-            .iter()
-            .map(|(s, st)| (*s, (*st).to_owned()))
-            .collect()
-    }
+    use JobState::{Dead, Done, Failed};
 
     #[test]
     fn a_document_re_runs_from_its_dead_stage_else_from_its_first_stage_not_done() {
-        let dead_embed = rows(&[
-            (Stage::Parse, "done"),
-            (Stage::Chunk, "done"),
-            (Stage::Embed, "dead"),
-        ]);
+        let dead_embed = [
+            (Stage::Parse, Done),
+            (Stage::Chunk, Done),
+            (Stage::Embed, Dead),
+        ];
         assert_eq!(failed_stage(&dead_embed).unwrap().0, Stage::Embed);
-        let dead_chunk = rows(&[(Stage::Parse, "done"), (Stage::Chunk, "dead")]);
+        let dead_chunk = [(Stage::Parse, Done), (Stage::Chunk, Dead)];
         assert_eq!(failed_stage(&dead_chunk).unwrap().0, Stage::Chunk);
-        let no_dead = rows(&[(Stage::Parse, "done"), (Stage::Chunk, "failed")]);
+        let no_dead = [(Stage::Parse, Done), (Stage::Chunk, Failed)];
         assert_eq!(failed_stage(&no_dead).unwrap().0, Stage::Chunk);
-        let all_done = rows(&[(Stage::Parse, "done"), (Stage::Chunk, "done")]);
+        let all_done = [(Stage::Parse, Done), (Stage::Chunk, Done)];
         assert_eq!(failed_stage(&all_done).unwrap().0, Stage::Parse);
         assert!(failed_stage(&[]).is_none());
-        assert_eq!(resume_status(Stage::Parse), "queued");
-        assert_eq!(resume_status(Stage::Chunk), "chunking");
-        assert_eq!(resume_status(Stage::Embed), "embedding");
+        assert_eq!(resume_status(Stage::Parse).as_str(), "queued");
+        assert_eq!(resume_status(Stage::Chunk).as_str(), "chunking");
+        assert_eq!(resume_status(Stage::Embed).as_str(), "embedding");
     }
 
     #[test]

@@ -39,11 +39,21 @@ curl -fs "http://127.0.0.1:$port/healthz" >/dev/null || { echo "the producer did
 # An operator token, so the admin operations are exercised past 403 as well.
 token=$("$bin/producer" token --user 5c4a1c1e-0000-4000-8000-00000000c0de --admin)
 
-# A real document, so the {id} operations reach past 404 too.
-doc=$(curl -fsS -H "Authorization: Bearer $token" -F "file=@$root/tests/fixtures/corpus/tides.txt" \
-  "http://127.0.0.1:$port/v1/documents" | python3 -c 'import json, sys; print(json.load(sys.stdin)["document_id"])')
 config=$(mktemp)
-printf '[parameters]\n"path.id" = "%s"\n' "$doc" >"$config"
+# No fixed document id: the stateful phase reaches the {id} operations with the documents its own uploads and
+# listings return. A fixed id also went to the operations of scenarios whose links had deleted that document, so
+# a later step found "the resource it created" gone.
+# What JSON Schema cannot say about an upload: whether the file's bytes are a readable document of the kind its
+# name gives (not empty, UTF-8 for a text kind, a PDF's signature; 400), whether the name's extension is a kind it
+# reads (415), and multipart part names that are not valid header text (400). For this one operation those
+# answers to schema-valid data are what the server should give.
+cat >>"$config" <<'TOML'
+[[operations]]
+include-path = "/v1/documents"
+include-method = "POST"
+[operations.checks.positive_data_acceptance]
+expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "413", "415", "429", "5xx"]
+TOML
 
 "$venv/bin/st" --config-file "$config" run "http://127.0.0.1:$port/openapi.json" \
   --checks all \

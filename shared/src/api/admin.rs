@@ -62,8 +62,15 @@ pub struct DeadLetterEntry {
 pub struct DeadLetterIds {
     /// Dead-letter ids, as listed.
     #[serde(default)]
+    #[schema(value_type = Vec<DeadLetterId>, max_items = 10000)]
     pub ids: Vec<String>,
 }
+
+/// A dead letter's id, `<ms>-<seq>` as listed (the schema of one entry of [`DeadLetterIds::ids`]).
+#[derive(ToSchema)]
+#[schema(pattern = "^[0-9]{1,19}-[0-9]{1,19}$")]
+#[allow(dead_code)]
+pub(super) struct DeadLetterId(String);
 
 /// How many dead letters were replayed or purged.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -196,11 +203,13 @@ fn dead_letter_ids(headers: &HeaderMap, body: &[u8]) -> Result<Vec<String>, ApiE
                 "send Content-Type: application/json",
             ));
         }
-        serde_json::from_slice::<DeadLetterIds>(body)
+        // `null` is the body the schema's optional object allows: all of the stage's, like no body.
+        serde_json::from_slice::<Option<DeadLetterIds>>(body)
             .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?
+            .unwrap_or_default()
             .ids
     };
-    let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+    let digits = |p: &str| (1..=19).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
     let valid = |id: &String| {
         id.split_once('-')
             .is_some_and(|(ms, seq)| digits(ms) && digits(seq))

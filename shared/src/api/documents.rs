@@ -19,6 +19,7 @@ use super::{
     types::Document,
     upload::{self, UploadForm},
 };
+pub use crate::documents::DocumentStatus;
 use crate::{
     documents::{self, NewUpload, UploadOutcome},
     metrics as m,
@@ -109,7 +110,7 @@ async fn accepted(
             // The state at acceptance, not a read after the push: a fast worker may have moved it on already.
             let body = UploadResponse {
                 document_id: id,
-                status: "queued".into(),
+                status: DocumentStatus::Queued.to_string(),
                 duplicate: false,
                 requeued: false,
             };
@@ -119,7 +120,7 @@ async fn accepted(
             metrics::counter!(m::DOCUMENTS_UPLOADED, "outcome" => "replayed").increment(1);
             let body = UploadResponse {
                 document_id: id,
-                status: current_status(state, user, id).await?,
+                status: current_status(state, user, id).await?.to_string(),
                 duplicate: false,
                 requeued: false,
             };
@@ -147,7 +148,7 @@ async fn duplicate(
     };
     let body = UploadResponse {
         document_id: id,
-        status,
+        status: status.to_string(),
         duplicate: true,
         requeued,
     };
@@ -160,7 +161,11 @@ async fn duplicate(
 }
 
 /// A document's status now; 404 when it is gone.
-async fn current_status(state: &ApiState, user: Uuid, id: Uuid) -> Result<String, ApiError> {
+async fn current_status(
+    state: &ApiState,
+    user: Uuid,
+    id: Uuid,
+) -> Result<DocumentStatus, ApiError> {
     Ok(documents::get(&state.pipeline.pool, user, id)
         .await?
         .ok_or_else(ApiError::not_found)?
@@ -274,38 +279,8 @@ pub(super) struct ListParams {
     #[param(minimum = 1, maximum = 100, default = 20)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page; absent or empty for the first page.
+    #[param(pattern = "^([0-9]{1,16}_[0-9a-f]{32})?$")]
     cursor: Option<String>,
-}
-
-/// A document's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DocumentStatus {
-    /// Waiting for the parse stage.
-    Queued,
-    /// Being parsed.
-    Parsing,
-    /// Being chunked.
-    Chunking,
-    /// Being embedded.
-    Embedding,
-    /// Searchable.
-    Ready,
-    /// Failed; see `error`.
-    Failed,
-}
-
-impl DocumentStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Parsing => "parsing",
-            Self::Chunking => "chunking",
-            Self::Embedding => "embedding",
-            Self::Ready => "ready",
-            Self::Failed => "failed",
-        }
-    }
 }
 
 /// A page of documents.
@@ -317,11 +292,29 @@ pub struct DocumentPage {
     pub next_cursor: Option<String>,
 }
 
+/// `<microseconds since the epoch>_<id as 32 lowercase hex digits>`: every string the `cursor` parameter's
+/// pattern matches is a valid cursor, so the schema describes exactly what the server accepts.
 fn encode_cursor(c: (DateTime<Utc>, Uuid)) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{}", c.0.to_rfc3339(), c.1))
+    format!("{}_{}", c.0.timestamp_micros(), c.1.simple())
 }
 
 fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let Some((micros, id)) = s.split_once('_') else {
+        return decode_legacy_cursor(s);
+    };
+    let digits = (1..=16).contains(&micros.len()) && micros.bytes().all(|b| b.is_ascii_digit());
+    let hex = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !(digits && hex) {
+        return decode_legacy_cursor(s);
+    }
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+/// The base64 cursors of earlier releases, still in clients' hands for a page or two after an upgrade.
+fn decode_legacy_cursor(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .ok()?;
@@ -365,14 +358,8 @@ pub(super) async fn list(
                 .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "invalid cursor"))?,
         ),
     };
-    let (docs, next) = documents::list(
-        &state.pipeline.pool,
-        user,
-        params.status.map(DocumentStatus::as_str),
-        limit,
-        cursor,
-    )
-    .await?;
+    let (docs, next) =
+        documents::list(&state.pipeline.pool, user, params.status, limit, cursor).await?;
     Ok(Json(DocumentPage {
         documents: docs.into_iter().map(Document::from).collect(),
         next_cursor: next.map(encode_cursor),
@@ -390,5 +377,24 @@ mod tests {
         let back = decode_cursor(&encode_cursor(c)).unwrap();
         assert_eq!(back.1, c.1);
         assert!(decode_cursor("garbage").is_none());
+    }
+
+    #[test]
+    fn every_cursor_the_schema_allows_is_valid() {
+        let top = format!("9999999999999999_{}", "f".repeat(32));
+        assert!(decode_cursor(&top).is_some());
+        assert!(decode_cursor(&format!("0_{}", "0".repeat(32))).is_some());
+        for refused in [
+            "1_",
+            "_0",
+            "1-abc",
+            &format!("1_{}", "F".repeat(32)),
+            &format!("12345678901234567_{}", "0".repeat(32)),
+        ] {
+            assert!(decode_cursor(refused).is_none(), "{refused}");
+        }
+        let legacy = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("2026-11-30T00:00:00+00:00|{}", Uuid::nil()));
+        assert_eq!(decode_cursor(&legacy).unwrap().1, Uuid::nil());
     }
 }

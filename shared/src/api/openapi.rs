@@ -4,8 +4,8 @@ use utoipa::OpenApi;
 
 use super::{
     admin::{
-        self, BudgetEntry, DeadLetterAction, DeadLetterEntry, DeadLetterIds, Failures, Moved,
-        PipelineStage, QueueState, Resumed,
+        self, BudgetEntry, DeadLetterAction, DeadLetterEntry, DeadLetterId, DeadLetterIds,
+        Failures, Moved, PipelineStage, QueueState, Resumed,
     },
     documents::{self, DocumentPage, DocumentStatus, RetryResponse, UploadResponse},
     error::{ErrorBody, ErrorCode, ErrorDetail},
@@ -32,7 +32,7 @@ use crate::retry::{FailedDocument, FailureCount};
         admin::admin_quota, admin::admin_resume,
         ops::healthz, ops::readyz, ops::render_metrics,
     ),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Metadata, MetadataValue, Document, StageStatus, DocumentPage, DocumentStatus, RetryResponse, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, PipelineStage, Failures, FailureCount, FailedDocument, DeadLetterEntry, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Metadata, MetadataValue, Document, StageStatus, DocumentPage, DocumentStatus, RetryResponse, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, PipelineStage, Failures, FailureCount, FailedDocument, DeadLetterEntry, DeadLetterId, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
     modifiers(&BearerAuth),
     tags(
         (name = "documents", description = "Upload, follow, list, retry and delete documents"),

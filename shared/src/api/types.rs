@@ -30,8 +30,8 @@ pub struct StageStatus {
 impl From<documents::StageStatus> for StageStatus {
     fn from(s: documents::StageStatus) -> Self {
         Self {
-            stage: s.stage,
-            state: s.state,
+            stage: s.stage.to_string(),
+            state: s.state.to_string(),
             attempts: s.attempts,
             last_error: s.last_error,
             queued_at: s.queued_at,
@@ -83,7 +83,7 @@ impl From<documents::Document> for Document {
             content_type: d.content_type,
             size_bytes: d.size_bytes,
             sha256: d.sha256,
-            status: d.status,
+            status: d.status.to_string(),
             error: d.error,
             metadata: d.metadata,
             chunks_total: d.chunks_total,

@@ -29,7 +29,7 @@ use super::{
 #[allow(dead_code)]
 pub(super) struct UploadForm {
     /// The document: .txt, .md, .html, .pdf or .docx (its name decides how it is read).
-    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
     file: Vec<u8>,
     /// Free-form metadata, a JSON object (at most 64 KiB).
     #[schema(value_type = Metadata, required = false)]

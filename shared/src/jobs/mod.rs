@@ -3,113 +3,23 @@
 //! Each stage has one queue named after it: `parse` ([`parse`]), `chunk` ([`chunk`]) and `embed` ([`embed`])
 //! carry the document pipeline; `synthetic` ([`synthetic`]) carries simulated work with failures injected on
 //! request, for load tests of a deployment and the fleet's own tests. A worker runs the stages it is given.
+//!
+//! The stage files hold the control flow only. Their state machines are types ([`Stage`], [`JobState`] and
+//! [`DocumentStatus`](crate::documents::DocumentStatus)); the SQL that moves them, every transition a
+//! compare-and-set, is in `store`; the SQL of what they read and write (sections, chunks, vectors, caches) is in
+//! `content`; what every stage shares (payloads, errors, settling a failed attempt) is in [`pipeline`].
 
 pub mod chunk;
+mod content;
 pub mod embed;
 pub mod parse;
 pub mod pipeline;
+mod state;
+pub(crate) mod store;
 pub mod synthetic;
 
 pub use pipeline::{EmbedJob, Pipeline, StageJob};
-
-use std::{fmt, str::FromStr};
-
-use serde::{Deserialize, Serialize};
-
-/// A stage of the pipeline; each has its own queue and scales on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Uploaded bytes to Markdown.
-    Parse,
-    /// Markdown to token-bounded chunks.
-    Chunk,
-    /// Chunks to vectors.
-    Embed,
-    /// Simulated work, for load tests (not part of the document pipeline).
-    Synthetic,
-}
-
-impl Stage {
-    /// The document pipeline's stages, in order.
-    pub const PIPELINE: [Stage; 3] = [Stage::Parse, Stage::Chunk, Stage::Embed];
-    /// Every stage.
-    pub const ALL: [Stage; 4] = [Stage::Parse, Stage::Chunk, Stage::Embed, Stage::Synthetic];
-
-    /// The name of the stage and of its queue.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Stage::Parse => "parse",
-            Stage::Chunk => "chunk",
-            Stage::Embed => "embed",
-            Stage::Synthetic => "synthetic",
-        }
-    }
-
-    /// The document's status while this stage is due or running (`parsing`, `chunking`, `embedding`).
-    pub const fn document_status(self) -> &'static str {
-        match self {
-            Stage::Parse => "parsing",
-            Stage::Chunk => "chunking",
-            Stage::Embed => "embedding",
-            Stage::Synthetic => "synthetic",
-        }
-    }
-
-    /// The document statuses from which this stage may start: its own, and `queued` for the first stage.
-    /// A `ready` or `failed` document is never moved by a stage (only a retry request re-opens a failure).
-    pub fn startable_from(self) -> &'static [&'static str] {
-        match self {
-            Stage::Parse => &["queued", "parsing"],
-            Stage::Chunk => &["chunking"],
-            Stage::Embed => &["embedding"],
-            Stage::Synthetic => &[],
-        }
-    }
-
-    /// The stage after this one in the document pipeline.
-    pub const fn next(self) -> Option<Stage> {
-        match self {
-            Stage::Parse => Some(Stage::Chunk),
-            Stage::Chunk => Some(Stage::Embed),
-            Stage::Embed | Stage::Synthetic => None,
-        }
-    }
-
-    /// This stage's concurrency per worker process, from the settings.
-    pub fn concurrency(self, settings: &crate::settings::StageConcurrency) -> usize {
-        match self {
-            Stage::Parse => settings.parse,
-            Stage::Chunk => settings.chunk,
-            Stage::Embed => settings.embed,
-            Stage::Synthetic => settings.synthetic,
-        }
-    }
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A stage name that is not one of `parse`, `chunk`, `embed`.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown stage {0:?}: expected parse, chunk, embed or synthetic")]
-pub struct UnknownStage(pub String);
-
-impl FromStr for Stage {
-    type Err = UnknownStage;
-    fn from_str(s: &str) -> Result<Self, UnknownStage> {
-        match s.trim() {
-            "parse" => Ok(Stage::Parse),
-            "chunk" => Ok(Stage::Chunk),
-            "embed" => Ok(Stage::Embed),
-            "synthetic" => Ok(Stage::Synthetic),
-            other => Err(UnknownStage(other.to_owned())),
-        }
-    }
-}
+pub use state::{JobState, Stage, UnknownStage};
 
 /// Whether any of `stages` needs the database (the document stages do; synthetic does not).
 pub fn needs_pipeline(stages: &[Stage]) -> bool {
@@ -150,21 +60,4 @@ pub fn register(
         };
     }
     Ok(rt)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stages_parse_from_their_names_and_reject_others() {
-        for stage in Stage::ALL {
-            assert_eq!(stage.as_str().parse::<Stage>().unwrap(), stage);
-        }
-        let err = "ocr".parse::<Stage>().unwrap_err().to_string();
-        assert!(
-            err.contains("ocr") && err.contains("parse, chunk, embed or synthetic"),
-            "{err}"
-        );
-    }
 }

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 
 use super::{
-    Stage,
-    pipeline::{
-        Heartbeat, Pipeline, StageError, StageJob, advance, current, ensure_claim, lock_document,
-        settle_failure, start,
-    },
+    JobState, Stage, content,
+    pipeline::{Heartbeat, Pipeline, StageError, StageJob, ensure_claim, settle_failure},
+    store,
 };
 use crate::{
     db,
+    documents::DocumentStatus,
     parsing::{DocKind, Section},
     providers::ParseInput,
     queue::{Delivery, JobError},
@@ -29,93 +28,59 @@ pub async fn run(p: Pipeline, job: StageJob, delivery: Delivery) -> Result<(), J
 
 async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), StageError> {
     let (doc, user) = (job.document_id, job.user_id);
-    let Some(now) = current(&p.pool, user, doc, Stage::Parse).await? else {
+    let Some(now) = store::current(&p.pool, user, doc, Stage::Parse).await? else {
         tracing::info!(document_id = %doc, "The document was deleted; nothing to parse");
         return Ok(());
     };
-    if now.job_state.as_deref() == Some("done") {
+    if now.job_state == Some(JobState::Done) {
         // Delivered again after the stage committed (the ack or the next push was lost): make sure the next
         // stage runs (the push is a no-op when its job is live).
-        if now.status == Stage::Chunk.document_status() {
+        if now.status == DocumentStatus::Chunking {
             p.push_chunk(doc, user).await?;
         }
         return Ok(());
     }
-    if !start(&p.pool, user, doc, Stage::Parse, delivery.attempt).await? {
+    if !store::start(&p.pool, user, doc, Stage::Parse, delivery.attempt).await? {
         tracing::info!(document_id = %doc, status = %now.status, "Nothing to parse: the document or its parse stage has moved on");
         return Ok(());
     }
     let _heartbeat = Heartbeat::start(p, user, doc, Stage::Parse);
 
-    let mut tx = db::begin_as(&p.pool, user).await?;
-    let row: Option<(String, String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT d.filename, d.content_type, d.sha256, b.bytes FROM upload_pipeline.documents d \
-         JOIN upload_pipeline.document_bytes b ON b.document_id = d.id WHERE d.id = $1",
-    )
-    .bind(doc)
-    .fetch_optional(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    let Some((filename, content_type, sha256, bytes)) = row else {
+    let Some(source) = content::source(&p.pool, user, doc).await? else {
         // A deleted document takes its stage row with it (this job found it above): bytes missing under a live
         // row cannot come back by waiting.
         return Err(StageError::Permanent(
             "the uploaded bytes of this document are missing".into(),
         ));
     };
-    let kind = DocKind::from_content_type(&content_type).ok_or_else(|| {
-        StageError::Permanent(format!("no parser for content type {content_type}"))
+    let kind = DocKind::from_content_type(&source.content_type).ok_or_else(|| {
+        StageError::Permanent(format!(
+            "no parser for content type {}",
+            source.content_type
+        ))
     })?;
     let parser = p.parser.key(kind);
     let cacheable = p.parser.cacheable(kind);
-    let cached = if cacheable {
-        cached_sections(p, &sha256, &parser).await?
-    } else {
-        None
-    };
-    let sections = match cached {
-        Some(sections) => sections,
-        None => {
-            let input = ParseInput {
-                filename,
-                kind,
-                bytes: Arc::new(bytes),
-            };
-            ensure_claim(delivery)?;
-            p.parser.parse(&input).await?
-        }
-    };
+    let sha256 = source.sha256.clone();
+    let sections = sections(p, delivery, source, kind, (&parser, cacheable)).await?;
 
     let mut tx = db::begin_as(&p.pool, user).await?;
-    if !lock_document(&mut tx, doc).await? {
+    if !store::lock_document(&mut tx, doc).await? {
         return Ok(());
     }
-    if !advance(&mut tx, user, doc, Stage::Parse).await? {
+    if !store::advance(&mut tx, user, doc, Stage::Parse).await? {
         // Another copy finished first, or the document failed or was retried meanwhile: write nothing.
         tracing::info!(document_id = %doc, "Parsed, but the parse stage is no longer this job's; nothing written");
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO upload_pipeline.document_parsed (document_id, user_id, parser, sections) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (document_id) DO UPDATE SET parser = excluded.parser, sections = excluded.sections, created_at = now()",
+    content::save_parsed(
+        &mut tx,
+        (doc, user),
+        (&sha256, &parser),
+        &sections,
+        cacheable,
     )
-    .bind(doc)
-    .bind(user)
-    .bind(&parser)
-    .bind(sqlx::types::Json(&sections))
-    .execute(&mut *tx)
     .await?;
-    if cacheable {
-        sqlx::query(
-            "INSERT INTO upload_pipeline.parse_cache (file_sha256, parser, sections) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&sha256)
-        .bind(&parser)
-        .bind(sqlx::types::Json(&sections))
-        .execute(&mut *tx)
-        .await?;
-    }
     tx.commit().await?;
     tracing::info!(document_id = %doc, sections = sections.len(), %parser, "Parsed");
     if let Err(e) = p.push_chunk(doc, user).await {
@@ -127,20 +92,28 @@ async fn parse(p: &Pipeline, job: &StageJob, delivery: &Delivery) -> Result<(), 
     Ok(())
 }
 
-/// The cached sections of a file for `parser`, recording the hit or miss.
-async fn cached_sections(
+/// The document's sections: from the cache when `parser` is cacheable and has seen the file, else from the
+/// parser.
+async fn sections(
     p: &Pipeline,
-    sha256: &str,
-    parser: &str,
-) -> Result<Option<Vec<Section>>, StageError> {
-    let row: Option<(sqlx::types::Json<Vec<Section>>,)> = sqlx::query_as(
-        "SELECT sections FROM upload_pipeline.parse_cache WHERE file_sha256 = $1 AND parser = $2",
-    )
-    .bind(sha256)
-    .bind(parser)
-    .fetch_optional(&p.pool)
-    .await?;
-    let hit = row.is_some();
-    crate::metrics::cache_lookups("parse", hit as u64, !hit as u64);
-    Ok(row.map(|(s,)| s.0))
+    delivery: &Delivery,
+    source: content::Source,
+    kind: DocKind,
+    (parser, cacheable): (&str, bool),
+) -> Result<Vec<Section>, StageError> {
+    if cacheable {
+        let cached = content::cached_sections(&p.pool, &source.sha256, parser).await?;
+        let hit = cached.is_some();
+        crate::metrics::cache_lookups("parse", hit as u64, !hit as u64);
+        if let Some(sections) = cached {
+            return Ok(sections);
+        }
+    }
+    let input = ParseInput {
+        filename: source.filename,
+        kind,
+        bytes: Arc::new(source.bytes),
+    };
+    ensure_claim(delivery)?;
+    Ok(p.parser.parse(&input).await?)
 }

@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::Stage;
+use super::{
+    JobState, Stage,
+    store::{self, Attempt},
+};
 use crate::{
-    db::{self, DbError},
+    db::DbError,
     providers::{Embedder, Parser, ProviderError},
     queue::{Broker, Delivery, JobError, Queue, QueueError},
     settings::Settings,
@@ -84,9 +87,9 @@ impl Pipeline {
     ) -> Result<Self, QueueError> {
         Ok(Self {
             pool,
-            parse: broker.queue(super::Stage::Parse.as_str())?,
-            chunk: broker.queue(super::Stage::Chunk.as_str())?,
-            embed: broker.queue(super::Stage::Embed.as_str())?,
+            parse: broker.queue(Stage::Parse.as_str())?,
+            chunk: broker.queue(Stage::Chunk.as_str())?,
+            embed: broker.queue(Stage::Embed.as_str())?,
             embedder,
             parser,
             settings,
@@ -96,18 +99,18 @@ impl Pipeline {
     /// Pushes the parse job of a document (after its upload committed). Returns `false` when it was already
     /// waiting, in flight or delayed (pushes are deduplicated by job id).
     pub async fn push_parse(&self, document_id: Uuid, user_id: Uuid) -> Result<bool, QueueError> {
-        Self::push_stage(&self.parse, "parse", document_id, user_id).await
+        Self::push_stage(&self.parse, Stage::Parse, document_id, user_id).await
     }
 
     /// Pushes the chunk job of a document; `false` when it was already live.
     pub async fn push_chunk(&self, document_id: Uuid, user_id: Uuid) -> Result<bool, QueueError> {
-        Self::push_stage(&self.chunk, "chunk", document_id, user_id).await
+        Self::push_stage(&self.chunk, Stage::Chunk, document_id, user_id).await
     }
 
     /// Pushes a document's job on a stage queue under the stable id `<document>:<stage>`.
     async fn push_stage(
         queue: &Queue<StageJob>,
-        stage: &str,
+        stage: Stage,
         document_id: Uuid,
         user_id: Uuid,
     ) -> Result<bool, QueueError> {
@@ -146,7 +149,7 @@ impl Pipeline {
         &self,
         document_id: Uuid,
         user_id: Uuid,
-        stage: super::Stage,
+        stage: Stage,
     ) -> Result<usize, StageError> {
         let job = StageJob {
             document_id,
@@ -154,17 +157,16 @@ impl Pipeline {
             v: JOB_VERSION,
         };
         let added = match stage {
-            super::Stage::Parse => self
-                .parse
-                .push_again([(format!("{document_id}:parse").as_str(), &job)])
-                .await?
-                .len(),
-            super::Stage::Chunk => self
-                .chunk
-                .push_again([(format!("{document_id}:chunk").as_str(), &job)])
-                .await?
-                .len(),
-            super::Stage::Embed | super::Stage::Synthetic => {
+            Stage::Parse | Stage::Chunk => {
+                let queue = if stage == Stage::Parse {
+                    &self.parse
+                } else {
+                    &self.chunk
+                };
+                let id = format!("{document_id}:{stage}");
+                queue.push_again([(id.as_str(), &job)]).await?.len()
+            }
+            Stage::Embed | Stage::Synthetic => {
                 let missing = super::chunk::missing_embeddings(self, user_id, document_id).await?;
                 let jobs = self.embed_jobs(document_id, user_id, &missing);
                 self.embed
@@ -304,76 +306,6 @@ impl From<QueueError> for StageError {
     }
 }
 
-/// The state of a document and of one of its stages, read under the owner's row-level security.
-pub(crate) struct Current {
-    pub status: String,
-    pub job_state: Option<String>,
-}
-
-/// Reads the document's status and the stage's state; `None` when the document was deleted.
-pub(crate) async fn current(
-    pool: &PgPool,
-    user: Uuid,
-    doc: Uuid,
-    stage: Stage,
-) -> Result<Option<Current>, DbError> {
-    let mut tx = db::begin_as(pool, user).await?;
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT d.status, j.state FROM upload_pipeline.documents d \
-         LEFT JOIN upload_pipeline.upload_jobs j ON j.document_id = d.id AND j.stage = $2 WHERE d.id = $1",
-    )
-    .bind(doc)
-    .bind(stage.as_str())
-    .fetch_optional(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(row.map(|(status, job_state)| Current { status, job_state }))
-}
-
-/// Marks a stage running and the document in that stage's status, as one compare-and-set: only a document in a
-/// status this stage may start from ([`Stage::startable_from`]) and a stage row that is `queued`, `running` or
-/// `failed` are moved. Returns `false`, changing nothing, when either is elsewhere (the document is ready, failed
-/// or deleted, or the stage is done or dead): a late or duplicate copy of the job then has nothing to do.
-pub(crate) async fn start(
-    pool: &PgPool,
-    user: Uuid,
-    doc: Uuid,
-    stage: Stage,
-    attempt: u32,
-) -> Result<bool, DbError> {
-    let mut tx = db::begin_as(pool, user).await?;
-    let moved = sqlx::query(
-        "UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
-    )
-    .bind(doc)
-    .bind(stage.document_status())
-    .bind(stage.startable_from())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if moved == 0 {
-        return Ok(false);
-    }
-    let started: Option<(i32,)> = sqlx::query_as(
-        "INSERT INTO upload_pipeline.upload_jobs (document_id, stage, user_id, state, attempts, started_at) \
-         VALUES ($1, $2, $3, 'running', $4, now()) \
-         ON CONFLICT (document_id, stage) DO UPDATE SET state = 'running', attempts = GREATEST(upload_jobs.attempts, $4), \
-         started_at = coalesce(upload_jobs.started_at, now()), updated_at = now() \
-         WHERE upload_jobs.state IN ('queued', 'running', 'failed') RETURNING attempts",
-    )
-    .bind(doc)
-    .bind(stage.as_str())
-    .bind(user)
-    .bind(attempt as i32)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if started.is_none() {
-        return Ok(false);
-    }
-    tx.commit().await?;
-    Ok(true)
-}
-
 /// Keeps a running stage's row fresh while its handler works (a LlamaParse job may take half an hour), so the
 /// reconciler never takes a running stage for a lost one. Stops when dropped.
 pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
@@ -390,20 +322,7 @@ impl Heartbeat {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let touched = async {
-                    let mut tx = db::begin_as(&pool, user).await?;
-                    sqlx::query(
-                        "UPDATE upload_pipeline.upload_jobs SET updated_at = now() \
-                         WHERE document_id = $1 AND stage = $2 AND state = 'running'",
-                    )
-                    .bind(doc)
-                    .bind(stage.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    Ok::<_, DbError>(())
-                }
-                .await;
+                let touched = store::touch_running(&pool, user, doc, stage).await;
                 if let Err(e) = touched {
                     tracing::debug!(document_id = %doc, stage = stage.as_str(), error = %e, "Could not refresh a running stage's row");
                 }
@@ -466,7 +385,11 @@ pub(crate) async fn settle_failure(
                     delivery.attempt
                 )
             });
-            let state = if last { "dead" } else { "failed" };
+            let state = if last {
+                JobState::Dead
+            } else {
+                JobState::Failed
+            };
             let at = Attempt {
                 doc,
                 user: job_user,
@@ -490,7 +413,7 @@ pub(crate) async fn settle_failure(
                 attempts: 0,
             };
             let waiting = format!("waiting for the provider's budget: {message}");
-            record_attempt(p, &at, "queued", &waiting, None).await;
+            record_attempt(p, &at, JobState::Queued, &waiting, None).await;
             Err(JobError::defer(message, wait))
         }
         StageError::Unfinished(message) => {
@@ -502,67 +425,21 @@ pub(crate) async fn settle_failure(
     }
 }
 
-/// The stage row an attempt belongs to.
-struct Attempt {
-    doc: Uuid,
-    user: Uuid,
-    stage: Stage,
-    /// Attempts made so far (the recorded count never goes down).
-    attempts: u32,
-}
-
-/// Records an attempt that did not finish on its stage row (only while the row is unsettled: a late copy never
-/// reopens a done or dead stage), and fails the document when `gave_up` says why (unless it is ready or failed
-/// already). A failure to record is only logged: the queue's own record decides what happens next, and the next
-/// attempt records again.
+/// Records an attempt that did not finish on its stage row (see [`store::record_attempt`]). A failure to record
+/// is only logged: the queue's own record decides what happens next, and the next attempt records again.
 async fn record_attempt(
     p: &Pipeline,
     at: &Attempt,
-    state: &str,
+    state: JobState,
     last_error: &str,
     gave_up: Option<String>,
 ) {
-    let recorded = async {
-        let mut tx = db::begin_as(&p.pool, at.user).await?;
-        // The document's row first, as every stage transition locks it: one lock order, no deadlock between batches.
-        if !lock_document(&mut tx, at.doc).await? {
-            return Ok(());
+    match store::record_attempt(&p.pool, at, state, last_error, gave_up).await {
+        Ok(true) => crate::metrics::document_failed(at.stage.as_str()),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(document_id = %at.doc, stage = at.stage.as_str(), error = %e, "Could not record an unfinished attempt");
         }
-        let updated = sqlx::query(
-            "UPDATE upload_pipeline.upload_jobs SET state = $3, last_error = $4, attempts = GREATEST(attempts, $5), \
-             finished_at = CASE WHEN $3 = 'dead' THEN now() END, updated_at = now() \
-             WHERE document_id = $1 AND stage = $2 AND state IN ('queued', 'running', 'failed')",
-        )
-        .bind(at.doc)
-        .bind(at.stage.as_str())
-        .bind(state)
-        .bind(last_error)
-        .bind(at.attempts as i32)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let mut failed = false;
-        if let (Some(reason), 1..) = (gave_up, updated) {
-            failed = sqlx::query(
-                "UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() \
-                 WHERE id = $1 AND status NOT IN ('ready', 'failed')",
-            )
-            .bind(at.doc)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
-        }
-        tx.commit().await?;
-        if failed {
-            crate::metrics::document_failed(at.stage.as_str());
-        }
-        Ok::<_, DbError>(())
-    }
-    .await;
-    if let Err(e) = recorded {
-        tracing::warn!(document_id = %at.doc, stage = at.stage.as_str(), error = %e, "Could not record an unfinished attempt");
     }
 }
 
@@ -577,102 +454,9 @@ pub(crate) async fn fail_document(
     reason: &str,
     touched: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<bool, DbError> {
-    let mut tx = db::begin_as(pool, user).await?;
-    // The document's row first, as every stage transition locks it: one lock order, no deadlock between batches.
-    if !lock_document(&mut tx, doc).await? {
-        return Ok(false);
+    let failed = store::fail_document(pool, user, doc, stage, reason, touched).await?;
+    if failed {
+        crate::metrics::document_failed(stage.as_str());
     }
-    let row = sqlx::query(
-        "UPDATE upload_pipeline.upload_jobs SET state = 'dead', last_error = $3, finished_at = now(), updated_at = now() \
-         WHERE document_id = $1 AND stage = $2 AND state IN ('queued', 'running', 'failed') \
-         AND ($4::timestamptz IS NULL OR updated_at = $4)",
-    )
-    .bind(doc)
-    .bind(stage.as_str())
-    .bind(reason)
-    .bind(touched)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if row == 0 {
-        return Ok(false);
-    }
-    let failed = sqlx::query(
-        "UPDATE upload_pipeline.documents SET status = 'failed', error = $2, updated_at = now() \
-         WHERE id = $1 AND status NOT IN ('ready', 'failed')",
-    )
-    .bind(doc)
-    .bind(format!("{stage}: {reason}"))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if failed == 0 {
-        return Ok(false);
-    }
-    tx.commit().await?;
-    crate::metrics::document_failed(stage.as_str());
-    Ok(true)
-}
-
-/// In one transaction, as compare-and-sets: the stage `running` -> `done`, the document from this stage's status
-/// to the next stage's, and the next stage queued. Returns `false` when the stage was not running or the document
-/// not in this stage (a late or duplicate copy): the caller then rolls back and writes nothing.
-pub(crate) async fn advance<'c>(
-    tx: &mut sqlx::Transaction<'c, sqlx::Postgres>,
-    user: Uuid,
-    doc: Uuid,
-    stage: Stage,
-) -> Result<bool, sqlx::Error> {
-    let Some(next) = stage.next() else {
-        return Ok(false);
-    };
-    let done = sqlx::query(
-        "UPDATE upload_pipeline.upload_jobs SET state = 'done', last_error = NULL, finished_at = now(), updated_at = now() \
-         WHERE document_id = $1 AND stage = $2 AND state = 'running'",
-    )
-    .bind(doc)
-    .bind(stage.as_str())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if done == 0 {
-        return Ok(false);
-    }
-    let moved = sqlx::query(
-        "UPDATE upload_pipeline.documents SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
-    )
-    .bind(doc)
-    .bind(next.document_status())
-    .bind(stage.document_status())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if moved == 0 {
-        return Ok(false);
-    }
-    sqlx::query(
-        "INSERT INTO upload_pipeline.upload_jobs (document_id, stage, user_id) VALUES ($1, $2, $3) \
-         ON CONFLICT (document_id, stage) DO UPDATE SET state = 'queued', last_error = NULL, attempts = 0, queued_at = now(), \
-         started_at = NULL, finished_at = NULL, updated_at = now()",
-    )
-    .bind(doc)
-    .bind(next.as_str())
-    .bind(user)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
-}
-
-/// Locks the document's row for the rest of the transaction; `false` when it was deleted meanwhile (its jobs then
-/// finish as no-ops).
-pub(crate) async fn lock_document(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    doc: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let row: Option<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
-            .bind(doc)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(row.is_some())
+    Ok(failed)
 }
