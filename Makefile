@@ -68,6 +68,7 @@ coverage: services model ## Line coverage of the workspace with cargo-tarpaulin 
 	@bash tests/coverage/coverage.sh
 
 bench: services ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale, backlog): tests/bench-results/summary.md, JSON, PNG plots
+	$(CARGO) clippy -p tests --features bench --all-targets -- -D warnings
 	@bash tests/bench/bench.sh $(BENCH_ARGS)
 
 bench-queue: services ## Queue benchmark: ours and BullMQ on the same Redis, in one run (JSON and a table)

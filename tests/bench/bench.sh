@@ -10,6 +10,7 @@ if [ -z "${BENCH_FONT:-}" ] && ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.
   (apt-get install -y -q fonts-dejavu-core >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null && apt-get install -y -q fonts-dejavu-core >/dev/null; })
 fi
-# The `perf` profile is release without line tables (Cargo.toml): the same code, built faster on 2 cores.
-cargo build --profile perf --quiet --workspace --bins
+# The `perf` profile is release without line tables (Cargo.toml): the same code, built faster on 2 cores. The
+# `bench` feature of the tests package adds the bench binary and its plots (test builds leave plotters out).
+cargo build --profile perf --quiet --workspace --bins --features tests/bench
 exec "$root/target/perf/bench" "$@"

@@ -2,9 +2,14 @@
 //! Redis servers for tests that restart Redis or measure its memory, worker processes to kill, and waits on
 //! conditions with deadlines (never fixed sleeps).
 
+mod app;
 pub mod bench;
+mod db;
 pub mod fake;
 pub mod scripted;
+
+pub use app::{Api, TestApp, wait_ready};
+pub use db::{TestDb, pg_server};
 
 use std::{
     net::TcpListener,
@@ -126,6 +131,26 @@ pub async fn cleanup(settings: &Settings) {
         .unwrap_or_default();
     if !keys.is_empty() {
         let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    }
+}
+
+/// Runs `cleanup` to completion on a thread of its own with a small runtime of its own: what a `Drop` that must
+/// do I/O calls, since it cannot await and may run inside the test's runtime (where blocking on another future
+/// panics), even while the test unwinds from a failed assertion.
+pub(crate) fn block_on_thread<F, Fut>(cleanup: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the cleanup")
+            .block_on(cleanup())
+    });
+    if thread.join().is_err() {
+        eprintln!("a test's cleanup panicked; its database or Redis keys may be left behind");
     }
 }
 
@@ -512,163 +537,4 @@ impl Drop for WorkerProcess {
             );
         }
     }
-}
-
-/// A database of the test's own, migrated; dropped by [`TestDb::drop_db`].
-pub struct TestDb {
-    /// Its name.
-    pub name: String,
-    /// A superuser pool (bypasses row-level security), for checks behind the API's back.
-    pub admin: sqlx::PgPool,
-}
-
-/// The PostgreSQL server the tests use (`TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432`).
-pub fn pg_server() -> String {
-    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-impl TestDb {
-    /// Creates and migrates a fresh database and points `settings` at it.
-    pub async fn create(settings: &mut Settings) -> Self {
-        let name = format!("up_test_{:016x}", rand::random::<u64>());
-        settings.database_url = RedisUrl(format!("{}/{name}", pg_server()));
-        let admin = upload_pipeline::db::migrate(settings)
-            .await
-            .expect("create and migrate the test database");
-        Self { name, admin }
-    }
-
-    /// Drops the database (call at the end of a test).
-    pub async fn drop_db(self) {
-        self.admin.close().await;
-        if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", pg_server())).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&pool)
-            .await;
-        }
-    }
-}
-
-/// The producer API of a test, served in-process with its reconciler.
-pub struct Api {
-    /// Its base URL.
-    pub url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Api {
-    /// Serves the API with `settings` on a free port and waits until it answers.
-    pub async fn start(settings: &Settings) -> Self {
-        Self::start_with_metrics(settings, None).await
-    }
-
-    /// Like [`Api::start`], serving `/metrics` from `metrics` (the process's installed recorder).
-    pub async fn start_with_metrics(
-        settings: &Settings,
-        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    ) -> Self {
-        let mut s = settings.clone();
-        // Bound here and handed over, so no other test's server can take the port in between.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        s.api.listen = listener.local_addr().expect("addr");
-        let url = format!("http://{}", s.api.listen);
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = rx.await;
-            };
-            upload_pipeline::api::run_server_on(
-                listener,
-                std::sync::Arc::new(s),
-                metrics,
-                shutdown,
-            )
-            .await
-            .expect("the API runs");
-        });
-        let http = reqwest::Client::new();
-        wait_for("the API to answer", Duration::from_secs(30), || {
-            let (http, url) = (&http, &url);
-            async move {
-                http.get(format!("{url}/healthz"))
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-            }
-        })
-        .await;
-        Self {
-            url,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// A typed client acting as `user`.
-    pub fn client(&self, settings: &Settings, user: uuid::Uuid) -> upload_pipeline::client::Client {
-        let token = self.token(settings, user);
-        upload_pipeline::client::Client::new(&self.url, &token).expect("client")
-    }
-
-    /// A token for `user`.
-    pub fn token(&self, settings: &Settings, user: uuid::Uuid) -> String {
-        upload_pipeline::auth::Auth::hs256(settings.api.jwt_secret.expose()).issue(
-            user,
-            Duration::from_secs(3600),
-            false,
-        )
-    }
-
-    /// Stops the server and its reconciler.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-/// Waits until every document is `ready` (or any is `failed`, which panics); returns them.
-pub async fn wait_ready(
-    client: &upload_pipeline::client::Client,
-    ids: &[uuid::Uuid],
-    timeout: Duration,
-) -> Vec<upload_pipeline::client::Document> {
-    wait_for("documents to become ready", timeout, || async {
-        let mut docs = Vec::new();
-        for id in ids {
-            let doc = client.status(*id).await.ok()?;
-            assert_ne!(
-                doc.status, "failed",
-                "document {id} failed: {:?}",
-                doc.error
-            );
-            docs.push(doc);
-        }
-        docs.iter().all(|d| d.status == "ready").then_some(docs)
-    })
-    .await
-}
-
-/// A fresh database (which `settings` then points at) and the API serving it, with its reconciler.
-pub async fn start_api(settings: &mut Settings) -> (TestDb, Api) {
-    let db = TestDb::create(settings).await;
-    let api = Api::start(settings).await;
-    (db, api)
-}
-
-/// Stops the API, deletes the test's Redis keys and drops its database.
-pub async fn teardown(api: Api, settings: &Settings, db: TestDb) {
-    api.stop().await;
-    cleanup(settings).await;
-    db.drop_db().await;
 }

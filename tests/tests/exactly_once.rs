@@ -4,6 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use tests::TestApp;
 use tests::fake::{FakeConfig, FakeProviders, Latency, LlamaParseConfig, OpenAiConfig};
 use tests::{RedisServer, WorkerProcess, settings, unique_prefix, wait_for, wait_ready};
 use upload_pipeline::{
@@ -100,9 +101,9 @@ async fn a_backlog_that_outlives_reconcile_after_makes_no_duplicate_provider_cal
     s.worker.concurrency.parse = 1;
     s.worker.concurrency.chunk = 1;
     s.worker.concurrency.embed = 1;
-    let (db, api) = tests::start_api(&mut s).await;
+    let app = TestApp::spawn(s).await;
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
     let mut ids = Vec::new();
     for i in 0..8 {
         let up = client
@@ -115,7 +116,7 @@ async fn a_backlog_that_outlives_reconcile_after_makes_no_duplicate_provider_cal
         );
         ids.push(up.document_id);
     }
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let docs = wait_ready(&client, &ids, Duration::from_secs(120)).await;
     let started = docs.iter().map(|d| d.created_at).min().unwrap();
     let ended = docs.iter().filter_map(|d| d.ready_at).max().unwrap();
@@ -137,7 +138,6 @@ async fn a_backlog_that_outlives_reconcile_after_makes_no_duplicate_provider_cal
             assert_eq!(stage.attempts, 1, "{} ran once: {doc:?}", stage.stage);
         }
     }
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,9 +156,9 @@ async fn a_llamaparse_job_longer_than_reconcile_after_is_uploaded_once() {
     );
     s.pipeline.reconcile_after = Duration::from_secs(1);
     s.pipeline.reconcile_interval = Duration::from_millis(200);
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let mut ids = Vec::new();
     for i in 0..2 {
         let up = client
@@ -168,7 +168,7 @@ async fn a_llamaparse_job_longer_than_reconcile_after_is_uploaded_once() {
         ids.push(up.document_id);
     }
     // While a job runs for 3.5 s, its row is touched every third of reconcile_after: never stale.
-    let db_pool = db.admin.clone();
+    let db_pool = app.db.admin.clone();
     wait_for(
         "a running parse row kept fresh past reconcile_after",
         Duration::from_secs(30),
@@ -191,19 +191,18 @@ async fn a_llamaparse_job_longer_than_reconcile_after_is_uploaded_once() {
         "each document was uploaded once, although its job ran 3.5 times reconcile_after"
     );
     assert_eq!(stats.embedded_inputs, chunks(&docs));
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_duplicate_cannot_move_a_ready_document_back() {
     let fake = FakeProviders::start(FakeConfig::default()).await;
-    let mut s = with_fakes(
+    let s = with_fakes(
         settings(&unique_prefix("late-dup"), &tests::redis_url()),
         &fake,
     );
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let up = client
         .upload_bytes("ready.html", document(7, 5), None)
         .await
@@ -214,8 +213,8 @@ async fn a_late_duplicate_cannot_move_a_ready_document_back() {
     let calls = fake.stats().await;
 
     // Late copies of every stage, as a lost acknowledgement or a slow replica would deliver them.
-    let p = pipeline(&s, &db).await;
-    let user = before_user(&db, up.document_id).await;
+    let p = pipeline(&app.settings, &app.db).await;
+    let user = before_user(&app.db, up.document_id).await;
     assert!(p.push_parse(up.document_id, user).await.unwrap());
     assert!(p.push_chunk(up.document_id, user).await.unwrap());
     let all: Vec<u32> = (0..before.chunks_total.unwrap() as u32).collect();
@@ -235,7 +234,6 @@ async fn a_late_duplicate_cannot_move_a_ready_document_back() {
         (calls.parse_uploads, calls.embedded_inputs),
         "late copies call no provider"
     );
-    tests::teardown(api, &s, db).await;
 }
 
 /// The owner of a document, read behind the API's back.
@@ -271,7 +269,6 @@ async fn pushing_a_job_that_is_waiting_in_flight_or_delayed_adds_nothing() {
         .unwrap();
     assert_eq!(live, vec![true, false]);
     tests::cleanup(&s).await;
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +320,6 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
     );
     assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);
     tests::cleanup(&s).await;
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,13 +334,13 @@ async fn a_job_lost_in_a_redis_restart_runs_again_within_30_seconds() {
     // The stale-row path alone would take a minute: only noticing the lost data can make the deadline.
     s.pipeline.reconcile_after = Duration::from_secs(60);
     s.pipeline.reconcile_interval = Duration::from_secs(2);
-    let (db, api) = tests::start_api(&mut s).await;
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let client = app.client(Uuid::new_v4());
     let up = client
         .upload_bytes("lost.html", document(3, 3), None)
         .await
         .unwrap();
-    let p = pipeline(&s, &db).await;
+    let p = pipeline(&app.settings, &app.db).await;
     wait_for(
         "the parse job in Redis",
         Duration::from_secs(10),
@@ -356,9 +352,9 @@ async fn a_job_lost_in_a_redis_restart_runs_again_within_30_seconds() {
         "the reconciler's epoch",
         Duration::from_secs(10),
         || async {
-            let mut conn = tests::broker(&s).await.connection();
+            let mut conn = tests::broker(&app.settings).await.connection();
             let epoch: Option<String> = redis::cmd("GET")
-                .arg(format!("{}:epoch", s.queue.key_prefix))
+                .arg(format!("{}:epoch", app.settings.queue.key_prefix))
                 .query_async(&mut conn)
                 .await
                 .ok()?;
@@ -369,11 +365,10 @@ async fn a_job_lost_in_a_redis_restart_runs_again_within_30_seconds() {
     redis.stop();
     redis.restart().await;
     let lost_at = std::time::Instant::now();
-    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let mut worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     worker.wait_healthy().await;
     wait_ready(&client, &[up.document_id], Duration::from_secs(30)).await;
     assert!(lost_at.elapsed() < Duration::from_secs(30));
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,9 +388,9 @@ async fn an_embed_batch_that_gave_up_fails_the_document_and_no_sibling_brings_it
     );
     s.parsing.parser = ParserKind::Local;
     s.worker.concurrency.embed = 1;
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let up = client
         .upload_bytes("batches.html", document(11, 10), None)
         .await
@@ -418,7 +413,7 @@ async fn an_embed_batch_that_gave_up_fails_the_document_and_no_sibling_brings_it
     // The siblings' remaining attempts meet a provider that answers again: none revives the document.
     config.openai.fail_next = 0;
     fake.configure(&config).await;
-    let p = pipeline(&s, &db).await;
+    let p = pipeline(&app.settings, &app.db).await;
     drained(&p).await;
     let after = client.status(up.document_id).await.unwrap();
     assert_eq!(after.status, "failed", "{after:?}");
@@ -429,7 +424,6 @@ async fn an_embed_batch_that_gave_up_fails_the_document_and_no_sibling_brings_it
         after.chunks_embedded, 0,
         "no sibling called the provider after the failure"
     );
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,9 +445,9 @@ async fn a_worker_whose_claim_was_taken_over_makes_no_further_provider_call() {
     s.embedding.batch_size = 64;
     s.embedding.openai.max_inputs = 1;
     s.queue.reclaim_after = Duration::from_secs(2);
-    let (db, api) = tests::start_api(&mut s).await;
-    let client = api.client(&s, Uuid::new_v4());
-    let mut frozen = WorkerProcess::start(&s, "parse,chunk,embed");
+    let app = TestApp::spawn(s).await;
+    let client = app.client(Uuid::new_v4());
+    let mut frozen = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     frozen.wait_healthy().await;
     let up = client
         .upload_bytes("claimed.html", document(21, 10), None)
@@ -467,7 +461,7 @@ async fn a_worker_whose_claim_was_taken_over_makes_no_further_provider_call() {
     .await;
     // Frozen mid-call (a long pause, SIGSTOP): a replica takes the job over and finishes the document.
     frozen.signal("STOP");
-    let _replica = WorkerProcess::start(&s, "embed");
+    let _replica = WorkerProcess::start(&app.settings, "embed");
     let doc = wait_ready(&client, &[up.document_id], Duration::from_secs(60))
         .await
         .remove(0);
@@ -480,7 +474,7 @@ async fn a_worker_whose_claim_was_taken_over_makes_no_further_provider_call() {
         || async { frozen.logs().contains("claim was taken over").then_some(()) },
     )
     .await;
-    let p = pipeline(&s, &db).await;
+    let p = pipeline(&app.settings, &app.db).await;
     drained(&p).await;
     let requests = fake.stats().await.embedding_requests;
     // The replica embedded every chunk; the frozen worker made only the request(s) it had started before the
@@ -491,5 +485,4 @@ async fn a_worker_whose_claim_was_taken_over_makes_no_further_provider_call() {
     );
     assert_eq!(client.status(up.document_id).await.unwrap().status, "ready");
     drop(frozen);
-    tests::teardown(api, &s, db).await;
 }

@@ -7,6 +7,7 @@ use std::{io::Write, time::Duration};
 
 use reqwest::Method;
 use serde_json::{Value, json};
+use tests::TestApp;
 use tests::{WorkerProcess, settings, unique_prefix, wait_for};
 use uuid::Uuid;
 
@@ -436,18 +437,18 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
     s.api.max_upload_bytes = 8 * 1024 * 1024;
     s.pipeline.max_chars = 2 * 1024 * 1024;
     s.pipeline.parse_timeout = Duration::from_secs(20);
-    let (db, api) = tests::start_api(&mut s).await;
-    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let app = TestApp::spawn(s).await;
+    let mut worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     worker.wait_healthy().await;
     let user = Uuid::new_v4();
-    let token = api.token(&s, user);
+    let token = app.token(user);
     let cases = cases();
     assert!(cases.len() >= 30, "{} cases", cases.len());
 
     let mut accepted = Vec::new();
     let mut problems = Vec::new();
     for case in &cases {
-        let (status, body) = send(&api.url, &token, &case.request, None).await;
+        let (status, body) = send(&app.api.url, &token, &case.request, None).await;
         let short = body.to_string().chars().take(300).collect::<String>();
         match &case.outcome {
             Outcome::Refused(want, code) => {
@@ -473,7 +474,7 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
     // The same Idempotency-Key with a different body: 409, and the first upload stands.
     let key = Uuid::new_v4().to_string();
     let first = send(
-        &api.url,
+        &app.api.url,
         &token,
         &upload("idem.txt", b"first body".to_vec()),
         Some(&key),
@@ -481,7 +482,7 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
     .await;
     assert_eq!(first.0, 202, "{}", first.1);
     let second = send(
-        &api.url,
+        &app.api.url,
         &token,
         &upload("idem.txt", b"second body".to_vec()),
         Some(&key),
@@ -493,7 +494,7 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
     );
 
     // Every accepted case settles as documented, within the parse time bound.
-    let client = api.client(&s, user);
+    let client = app.client(user);
     for (case, id) in &accepted {
         let doc = wait_for(case.name, Duration::from_secs(120), || async {
             let d = client.status(*id).await.ok()?;
@@ -517,7 +518,7 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
             "SELECT content FROM upload_pipeline.document_chunks WHERE document_id = $1",
         )
         .bind(id)
-        .fetch_all(&db.admin)
+        .fetch_all(app.admin())
         .await
         .unwrap();
         match &case.outcome {
@@ -562,7 +563,7 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
     let stored: i64 =
         sqlx::query_scalar("SELECT count(*) FROM upload_pipeline.documents WHERE user_id = $1")
             .bind(user)
-            .fetch_one(&db.admin)
+            .fetch_one(app.admin())
             .await
             .unwrap();
     assert_eq!(
@@ -586,9 +587,6 @@ async fn hostile_files_and_requests_end_as_documented_and_harm_nothing() {
         .await
         .unwrap();
     assert!(hits.results.iter().any(|h| h.document_id == ok));
-    api.stop().await;
-    tests::cleanup(&s).await;
-    db.drop_db().await;
 }
 
 /// A DOCX of `paragraphs` ordinary paragraphs: small compressed, slow and large to parse.
@@ -615,14 +613,14 @@ async fn a_parse_past_its_memory_or_time_bound_is_stopped_and_the_worker_goes_on
     let heavy = docx_paragraphs(40 * 1024 * 1024 / 95);
     let mut s = settings(&unique_prefix("parse-bounds"), &tests::redis_url());
     s.pipeline.max_chars = 100_000_000;
-    let (db, api) = tests::start_api(&mut s).await;
+    let app = TestApp::spawn(s).await;
     for (memory_mb, timeout, reason) in [
         (128, Duration::from_secs(120), "more than 128 MiB of memory"),
         (0, Duration::from_secs(2), "longer than 2 s"),
     ] {
         // A user per round: the same bytes again would be the first round's document.
-        let client = api.client(&s, Uuid::new_v4());
-        let mut w = s.clone();
+        let client = app.client(Uuid::new_v4());
+        let mut w = app.settings.clone();
         w.pipeline.parse_memory_mb = memory_mb;
         w.pipeline.parse_timeout = timeout;
         let mut worker = WorkerProcess::start(&w, "parse,chunk,embed");
@@ -667,7 +665,4 @@ async fn a_parse_past_its_memory_or_time_bound_is_stopped_and_the_worker_goes_on
         tests::wait_ready(&client, &[ok], Duration::from_secs(60)).await;
         drop(worker);
     }
-    api.stop().await;
-    tests::cleanup(&s).await;
-    db.drop_db().await;
 }

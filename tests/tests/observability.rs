@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    Api, TestDb, WorkerProcess,
+    TestApp, WorkerProcess,
     fake::{FakeConfig, FakeProviders, Faults, LlamaParseConfig, OpenAiConfig, Window},
     settings, unique_prefix, wait_for,
 };
@@ -500,7 +500,6 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     // max_deliveries) end about one embed job in a thousand, one run in twenty here: the default five makes it
     // one in a hundred thousand, so the documents this test counts all become ready.
     s.queue.max_deliveries = 5;
-    let db = TestDb::create(&mut s).await;
     let operations = upload_pipeline::providers::operations(&s, false, true);
     let handle = RECORDER
         .get_or_init(|| {
@@ -512,10 +511,10 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
             .expect("recorder")
         })
         .clone();
-    let api = Api::start_with_metrics(&s, Some(handle)).await;
+    let app = TestApp::spawn_with_metrics(s, Some(handle)).await;
     let mut workers = vec![
-        WorkerProcess::start(&s, "parse,chunk"),
-        WorkerProcess::start(&s, "embed"),
+        WorkerProcess::start(&app.settings, "parse,chunk"),
+        WorkerProcess::start(&app.settings, "embed"),
     ];
     for w in &mut workers {
         w.wait_healthy().await;
@@ -524,7 +523,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
         .iter()
         .map(|w| w.metrics_addr().expect("metrics address"))
         .collect();
-    let prom = Prometheus::start(api.url.trim_start_matches("http://"), &worker_addrs).await;
+    let prom = Prometheus::start(app.api.url.trim_start_matches("http://"), &worker_addrs).await;
 
     // Work for the fleet: the sample corpus (PDF, DOCX and HTML through LlamaParse; text and Markdown locally)
     // for three users, in waves, a file no parser reads, and searches.
@@ -543,7 +542,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     let mut ids = Vec::new();
     for wave in 0..3 {
         for (u, user) in users.iter().enumerate() {
-            let client = api.client(&s, *user);
+            let client = app.client(*user);
             for (name, bytes) in &files {
                 // Distinct bytes per wave and user, so every upload is real work (no duplicate shortcut).
                 let mut body = bytes.clone();
@@ -557,7 +556,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
                 ids.push((client.clone(), up.document_id));
             }
         }
-        let client = api.client(&s, users[0]);
+        let client = app.client(users[0]);
         for q in [
             "how do bees make honey",
             "lighthouse keepers",
@@ -567,7 +566,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let broken = api.client(&s, users[1]);
+    let broken = app.client(users[1]);
     let up = broken
         .upload_bytes(
             "broken.pdf",
@@ -592,14 +591,14 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     )
     .await;
     for _ in 0..10 {
-        api.client(&s, users[2])
+        app.client(users[2])
             .search("volcanoes and lava", 5)
             .await
             .expect("search");
     }
     let ready: i64 =
         sqlx::query_scalar("SELECT count(*) FROM upload_pipeline.documents WHERE status = 'ready'")
-            .fetch_one(&db.admin)
+            .fetch_one(app.admin())
             .await
             .unwrap();
     // Per user: each binary file once (the same bytes again are a duplicate), each text file once per wave.
@@ -633,7 +632,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     // promtool's lint on every process's exposition.
     let mut bodies = vec![(
         "producer".to_owned(),
-        reqwest::get(format!("{}/metrics", api.url))
+        reqwest::get(format!("{}/metrics", app.api.url))
             .await
             .unwrap()
             .text()
@@ -732,7 +731,4 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
 
     drop(prom);
     drop(workers);
-    api.stop().await;
-    tests::cleanup(&s).await;
-    db.drop_db().await;
 }

@@ -3,6 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use tests::TestApp;
 use tests::fake::{FakeConfig, FakeProviders, Latency, OpenAiConfig};
 use tests::{
     RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix, wait_for, wait_ready,
@@ -32,11 +33,11 @@ fn api_error(e: ClientError) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
-    let mut s = settings(&unique_prefix("types"), &tests::redis_url());
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = settings(&unique_prefix("types"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
 
     let files = [
         "tides.txt",
@@ -146,17 +147,15 @@ async fn every_file_type_becomes_searchable_and_its_passage_is_the_best_hit() {
             .all(|h| !h.content.contains("tracking script")),
         "HTML scripts are not indexed"
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_idempotent_retries_and_deletes_behave() {
-    let mut s = settings(&unique_prefix("dedupe"), &tests::redis_url());
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = settings(&unique_prefix("dedupe"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
 
     let first = client
         .upload_file(&corpus("tides.txt"), None)
@@ -171,13 +170,13 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
 
     // An Idempotency-Key makes a retried upload return what the first one did.
     let http = reqwest::Client::new();
-    let token = api.token(&s, user);
+    let token = app.token(user);
     let post = |bytes: &'static [u8], key: &'static str| {
         let form = reqwest::multipart::Form::new().part(
             "file",
             reqwest::multipart::Part::bytes(bytes).file_name("note.txt"),
         );
-        http.post(format!("{}/v1/documents", api.url))
+        http.post(format!("{}/v1/documents", app.api.url))
             .bearer_auth(&token)
             .header("Idempotency-Key", key)
             .multipart(form)
@@ -210,12 +209,15 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
         "SELECT count(*) FROM upload_pipeline.document_chunks WHERE document_id = $1",
     )
     .bind(first.document_id)
-    .fetch_one(&db.admin)
+    .fetch_one(app.admin())
     .await
     .unwrap();
     assert!(chunks > 0);
     let del = http
-        .delete(format!("{}/v1/documents/{}", api.url, first.document_id))
+        .delete(format!(
+            "{}/v1/documents/{}",
+            app.api.url, first.document_id
+        ))
         .bearer_auth(&token)
         .send()
         .await
@@ -237,7 +239,7 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
             "SELECT count(*) FROM upload_pipeline.{table} WHERE {col} = $1"
         ))
         .bind(first.document_id)
-        .fetch_one(&db.admin)
+        .fetch_one(app.admin())
         .await
         .unwrap();
         assert_eq!(left, 0, "{table} still holds rows of the deleted document");
@@ -247,14 +249,15 @@ async fn duplicates_idempotent_retries_and_deletes_behave() {
         (404, "not_found".into())
     );
     let del = http
-        .delete(format!("{}/v1/documents/{}", api.url, first.document_id))
+        .delete(format!(
+            "{}/v1/documents/{}",
+            app.api.url, first.document_id
+        ))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_eq!(del.status(), 404);
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,9 +278,9 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
     s.chunking.max_tokens = 48;
     s.chunking.overlap_tokens = 8;
     s.worker.concurrency.embed = 1;
-    let (db, api) = tests::start_api(&mut s).await;
+    let app = TestApp::spawn(s).await;
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
     let text: String = (0..40)
         .map(|i| {
             format!("Paragraph {i} talks about topic number {i} in some detail with words.\n\n")
@@ -288,7 +291,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
         .await
         .unwrap();
 
-    let mut victim = WorkerProcess::start(&s, "parse,chunk,embed");
+    let mut victim = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     wait_for(
         "some but not all chunks embedded",
         Duration::from_secs(60),
@@ -306,7 +309,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
         "the kill came mid-way: {doc:?}"
     );
 
-    let _replica = WorkerProcess::start(&s, "parse,chunk,embed");
+    let _replica = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let doc = wait_ready(&client, &[up.document_id], Duration::from_secs(60))
         .await
         .remove(0);
@@ -316,7 +319,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
         "SELECT count(*), count(DISTINCT chunk_index), count(embedding) FROM upload_pipeline.document_chunks WHERE document_id = $1",
     )
     .bind(up.document_id)
-    .fetch_one(&db.admin)
+    .fetch_one(app.admin())
     .await
     .unwrap();
     assert_eq!(
@@ -325,8 +328,6 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
         "exactly the expected chunks, no duplicates, all embedded"
     );
     assert!(fake.stats().await.embedding_requests as i64 >= total / 2);
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,12 +336,12 @@ async fn redis_down_between_commit_and_push_delays_a_document_but_never_loses_it
     let mut s = settings(&unique_prefix("redis-down"), &redis.url());
     s.pipeline.reconcile_after = Duration::from_secs(1);
     s.pipeline.reconcile_interval = Duration::from_millis(300);
-    let (db, api) = tests::start_api(&mut s).await;
-    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let app = TestApp::spawn(s).await;
+    let mut worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     // A worker exits when Redis is unreachable at start-up (its supervisor restarts it): let it connect first.
     worker.wait_healthy().await;
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
 
     redis.stop();
     let up = client
@@ -359,17 +360,15 @@ async fn redis_down_between_commit_and_push_delays_a_document_but_never_loses_it
             .document_id,
         up.document_id
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_can_neither_see_nor_search_each_others_documents() {
-    let mut s = settings(&unique_prefix("isolation"), &tests::redis_url());
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = settings(&unique_prefix("isolation"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-    let (a, b) = (api.client(&s, alice), api.client(&s, bob));
+    let (a, b) = (app.client(alice), app.client(bob));
     let tides = a
         .upload_file(&corpus("tides.txt"), None)
         .await
@@ -398,8 +397,8 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
     );
     let http = reqwest::Client::new();
     let del = http
-        .delete(format!("{}/v1/documents/{tides}", api.url))
-        .bearer_auth(api.token(&s, bob))
+        .delete(format!("{}/v1/documents/{tides}", app.api.url))
+        .bearer_auth(app.token(bob))
         .send()
         .await
         .unwrap();
@@ -410,8 +409,8 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
         "Bob's delete did not touch Alice's document"
     );
     let list: serde_json::Value = http
-        .get(format!("{}/v1/documents", api.url))
-        .bearer_auth(api.token(&s, bob))
+        .get(format!("{}/v1/documents", app.api.url))
+        .bearer_auth(app.token(bob))
         .send()
         .await
         .unwrap()
@@ -433,7 +432,9 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
     );
 
     // Direct SQL as the application role, the way an agent would query: only the caller's rows exist.
-    let mut tx = upload_pipeline::db::begin_as(&db.admin, bob).await.unwrap();
+    let mut tx = upload_pipeline::db::begin_as(app.admin(), bob)
+        .await
+        .unwrap();
     let docs: i64 = sqlx::query_scalar("SELECT count(*) FROM upload_pipeline.documents")
         .fetch_one(&mut *tx)
         .await
@@ -470,18 +471,16 @@ async fn users_can_neither_see_nor_search_each_others_documents() {
         "row-level security hides Alice's row from Bob's update"
     );
     tx.rollback().await.unwrap();
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
     let mut s = settings(&unique_prefix("bad-input"), &tests::redis_url());
     s.api.max_upload_bytes = 64 * 1024;
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
     let good = client
         .upload_file(&corpus("tides.txt"), None)
         .await
@@ -566,7 +565,7 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
     let http = reqwest::Client::new();
     let search = |token: Option<String>, body: &'static str, ctype: &'static str| {
         let mut req = http
-            .post(format!("{}/v1/search", api.url))
+            .post(format!("{}/v1/search", app.api.url))
             .header("content-type", ctype)
             .body(body);
         if let Some(t) = token {
@@ -585,7 +584,7 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
             )
         }
     };
-    let token = api.token(&s, user);
+    let token = app.token(user);
     let json = "application/json";
     assert_eq!(
         search(None, r#"{"query": "tides"}"#, json).await,
@@ -604,7 +603,7 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         search(Some(forged), r#"{"query": "tides"}"#, json).await,
         (401, "unauthorized".into())
     );
-    let expired = jsonwebtoken_expired(&s, user);
+    let expired = jsonwebtoken_expired(&app.settings, user);
     assert_eq!(
         search(Some(expired), r#"{"query": "tides"}"#, json).await,
         (401, "unauthorized".into())
@@ -630,7 +629,7 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         (415, "unsupported_media_type".into())
     );
     let no_file = http
-        .post(format!("{}/v1/documents", api.url))
+        .post(format!("{}/v1/documents", app.api.url))
         .bearer_auth(&token)
         .multipart(reqwest::multipart::Form::new().text("metadata", "{}"))
         .send()
@@ -640,7 +639,7 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
 
     wait_ready(&client, &[good], Duration::from_secs(60)).await;
     let list: serde_json::Value = http
-        .get(format!("{}/v1/documents", api.url))
+        .get(format!("{}/v1/documents", app.api.url))
         .bearer_auth(&token)
         .send()
         .await
@@ -653,8 +652,6 @@ async fn bad_input_gets_the_documented_error_and_disturbs_no_other_document() {
         2,
         "only the good file and the corrupt PDF were accepted"
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 fn jsonwebtoken_expired(s: &upload_pipeline::Settings, user: Uuid) -> String {
@@ -721,15 +718,14 @@ async fn search_runs_on_the_models_hnsw_index() {
         "{plan}"
     );
     drop(conn);
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
-    let mut s = settings(&unique_prefix("listing"), &tests::redis_url());
-    let (db, api) = tests::start_api(&mut s).await;
+    let s = settings(&unique_prefix("listing"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
     for i in 0..5 {
         client
             .upload_bytes(
@@ -741,10 +737,10 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
             .unwrap();
     }
     let http = reqwest::Client::new();
-    let token = api.token(&s, user);
+    let token = app.token(user);
     let page = |query: String| {
         let req = http
-            .get(format!("{}/v1/documents{query}", api.url))
+            .get(format!("{}/v1/documents{query}", app.api.url))
             .bearer_auth(&token);
         async move {
             req.send()
@@ -784,7 +780,7 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     );
     for query in ["limit=0", "status=lost", "cursor=nonsense"] {
         let bad = http
-            .get(format!("{}/v1/documents?{query}", api.url))
+            .get(format!("{}/v1/documents?{query}", app.api.url))
             .bearer_auth(&token)
             .send()
             .await
@@ -793,7 +789,7 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
     }
 
     assert_eq!(
-        http.get(format!("{}/healthz", api.url))
+        http.get(format!("{}/healthz", app.api.url))
             .send()
             .await
             .unwrap()
@@ -801,7 +797,7 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         200
     );
     let ready: serde_json::Value = http
-        .get(format!("{}/readyz", api.url))
+        .get(format!("{}/readyz", app.api.url))
         .send()
         .await
         .unwrap()
@@ -813,7 +809,7 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         serde_json::json!({"status": "ready", "postgres": "ok", "redis": "ok"})
     );
     let served: serde_json::Value = http
-        .get(format!("{}/openapi.json", api.url))
+        .get(format!("{}/openapi.json", app.api.url))
         .send()
         .await
         .unwrap()
@@ -828,7 +824,7 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         "the served OpenAPI document differs from docs/openapi.json: run `make openapi`"
     );
     let missing = http
-        .get(format!("{}/v1/nothing", api.url))
+        .get(format!("{}/v1/nothing", app.api.url))
         .send()
         .await
         .unwrap();
@@ -837,17 +833,15 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         missing.json::<serde_json::Value>().await.unwrap()["error"]["code"],
         "not_found"
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_typed_client_streams_waits_lists_deletes_and_reports_typed_errors() {
     use upload_pipeline::client::{DocumentStatus, ErrorCode, ListQuery};
-    let mut s = settings(&unique_prefix("client"), &tests::redis_url());
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let s = settings(&unique_prefix("client"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
 
     let chunks = [
         "Glaciers carve valleys ",
@@ -914,8 +908,6 @@ async fn the_typed_client_streams_waits_lists_deletes_and_reports_typed_errors()
         ),
         "{failed}"
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test]
@@ -1063,5 +1055,4 @@ async fn the_reconciler_pushes_lost_stages_again_but_fails_ones_that_keep_crashi
     );
 
     cleanup(&s).await;
-    db.drop_db().await;
 }

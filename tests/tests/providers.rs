@@ -4,6 +4,7 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use tests::TestApp;
 use tests::{
     WorkerProcess,
     fake::{FakeConfig, FakeProviders, Faults, LlamaParseConfig, OpenAiConfig, Window},
@@ -375,10 +376,10 @@ async fn with_ten_percent_faults_on_both_providers_every_document_becomes_ready(
     s.queue.max_deliveries = 10;
     s.embedding.batch_size = 4;
     s.worker.concurrency.parse = 8;
-    let (db, api) = tests::start_api(&mut s).await;
-    let _a = WorkerProcess::start(&s, "parse,chunk,embed");
-    let _b = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let _a = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let _b = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let ids = upload_html(&client, 100, "recovery").await;
     // Every document's final state, ready or failed: the ratio is measured before anything is asserted.
     let docs = wait_for("documents to end", Duration::from_secs(240), || async {
@@ -427,7 +428,6 @@ async fn with_ten_percent_faults_on_both_providers_every_document_becomes_ready(
         "some injected faults failed an attempt: {report}"
     );
     assert_eq!(ready, ids.len(), "every document ends ready: {report}");
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,9 +441,9 @@ async fn documents_wait_while_the_quota_is_exhausted_and_continue_once_it_is_res
     );
     s.pipeline.quota_wait = Duration::from_millis(200);
     s.queue.max_deliveries = 2;
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let ids = upload_html(&client, 3, "quota").await;
     // Far more refused calls than attempts allowed: deferrals spend none.
     wait_for(
@@ -467,7 +467,6 @@ async fn documents_wait_while_the_quota_is_exhausted_and_continue_once_it_is_res
     }
     fake.configure(&keys()).await;
     wait_ready(&client, &ids, Duration::from_secs(60)).await;
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,13 +474,13 @@ async fn a_parse_job_ending_in_error_fails_the_document_with_the_providers_reaso
     let mut config = keys();
     config.llamaparse.faults.job_error = 1.0;
     let fake = FakeProviders::start(config).await;
-    let mut s = with_fakes(
+    let s = with_fakes(
         settings(&unique_prefix("parse-error"), &tests::redis_url()),
         &fake,
     );
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let id = upload_html(&client, 1, "broken").await[0];
     let doc = wait_for("the document to fail", Duration::from_secs(60), || async {
         let doc = client.status(id).await.ok()?;
@@ -498,22 +497,18 @@ async fn a_parse_job_ending_in_error_fails_the_document_with_the_providers_reaso
         1,
         "a permanent failure is not retried"
     );
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_files_and_texts_cost_no_second_provider_call() {
     let fake = FakeProviders::start(keys()).await;
-    let mut s = with_fakes(
+    let s = with_fakes(
         settings(&unique_prefix("caches"), &tests::redis_url()),
         &fake,
     );
-    let (db, api) = tests::start_api(&mut s).await;
-    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let (alice, bob) = (
-        api.client(&s, Uuid::new_v4()),
-        api.client(&s, Uuid::new_v4()),
-    );
+    let app = TestApp::spawn(s).await;
+    let mut worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let (alice, bob) = (app.client(Uuid::new_v4()), app.client(Uuid::new_v4()));
     let bytes = std::fs::read(corpus("honeybees.pdf")).unwrap();
     let first = alice
         .upload_bytes("honeybees.pdf", bytes.clone(), None)
@@ -548,7 +543,6 @@ async fn known_files_and_texts_cost_no_second_provider_call() {
         1.0
     );
     assert!(worker.is_running());
-    tests::teardown(api, &s, db).await;
 }
 
 /// Settings whose providers are a scripted server.

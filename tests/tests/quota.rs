@@ -15,6 +15,7 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
+use tests::TestApp;
 use tests::{
     WorkerProcess,
     fake::{FakeConfig, FakeProviders, LlamaParseConfig, OpenAiConfig, Stats, Window},
@@ -174,8 +175,8 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
     s.embedding.batch_size = 16;
     s.chunking.max_tokens = 64;
     s.chunking.overlap_tokens = 8;
-    let (db, api) = tests::start_api(&mut s).await;
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let client = app.client(Uuid::new_v4());
     // About 540,000 tokens: more than two minutes of the token budget.
     for doc in 0..120 {
         client
@@ -184,7 +185,7 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
             .unwrap();
     }
     let workers: Vec<WorkerProcess> = (0..4)
-        .map(|_| WorkerProcess::start(&s, "parse,chunk,embed"))
+        .map(|_| WorkerProcess::start(&app.settings, "parse,chunk,embed"))
         .collect();
 
     let (s0, s90, s120) = load_run(&fake, &workers, |st| st.embedding_requests).await;
@@ -205,9 +206,8 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
             "utilisation": utilisation, "utilisation_after_kill": tail, "ratio_429": limited,
         }),
     );
-    assert_load_bar(&db, utilisation, tail, limited).await;
+    assert_load_bar(&app.db, utilisation, tail, limited).await;
     drop(workers);
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,8 +228,8 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
     s.quota.llamaparse.uploads = UPLOADS;
     s.quota.llamaparse.window = Duration::from_secs(10);
     s.worker.concurrency.parse = 4;
-    let (db, api) = tests::start_api(&mut s).await;
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let client = app.client(Uuid::new_v4());
     for doc in 0..140 {
         let html = format!(
             "<html><body><h1>Report {doc}</h1><p>{}</p></body></html>",
@@ -241,7 +241,7 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
             .unwrap();
     }
     let workers: Vec<WorkerProcess> = (0..4)
-        .map(|_| WorkerProcess::start(&s, "parse,chunk,embed"))
+        .map(|_| WorkerProcess::start(&app.settings, "parse,chunk,embed"))
         .collect();
     let (s0, s90, s120) = load_run(&fake, &workers, |st| st.parse_uploads).await;
 
@@ -258,9 +258,8 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
             "uploads": admitted, "utilisation": utilisation, "utilisation_after_kill": tail, "ratio_429": limited,
         }),
     );
-    assert_load_bar(&db, utilisation, tail, limited).await;
+    assert_load_bar(&app.db, utilisation, tail, limited).await;
     drop(workers);
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,12 +267,12 @@ async fn a_llamaparse_cool_down_does_not_slow_embedding() {
     let fake = FakeProviders::start(fake_keys()).await;
     let mut s = base("quota-isolation", &fake);
     s.parsing.parser = ParserKind::Llamaparse;
-    let (db, api) = tests::start_api(&mut s).await;
+    let app = TestApp::spawn(s).await;
     // LlamaParse is told to wait a minute, fleet-wide.
-    let quota = Quota::connect(&s).await.unwrap();
+    let quota = Quota::connect(&app.settings).await.unwrap();
     let llama = quota.budget(
         "llamaparse",
-        &s.parsing.llamaparse.tier,
+        &app.settings.parsing.llamaparse.tier,
         "llx-test",
         vec![Limit {
             name: "uploads",
@@ -283,8 +282,8 @@ async fn a_llamaparse_cool_down_does_not_slow_embedding() {
         4,
     );
     llama.cool_down(Some(Duration::from_secs(60))).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
     let html = client
         .upload_bytes(
             "waits.html",
@@ -312,7 +311,6 @@ async fn a_llamaparse_cool_down_does_not_slow_embedding() {
         "{waiting:?}"
     );
     assert_eq!(fake.stats().await.parse_uploads, 0);
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test]
@@ -826,8 +824,8 @@ async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_
     let fake = FakeProviders::start(config.clone()).await;
     let mut s = base("quota-401", &fake);
     s.pipeline.quota_wait = Duration::from_millis(500);
-    let (db, api) = tests::start_api(&mut s).await;
-    let client = api.client(&s, Uuid::new_v4());
+    let app = TestApp::spawn(s).await;
+    let client = app.client(Uuid::new_v4());
     let mut ids = Vec::new();
     for doc in 0..6 {
         let up = client
@@ -840,9 +838,9 @@ async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_
             .unwrap();
         ids.push(up.document_id);
     }
-    let mut worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let mut worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     worker.wait_healthy().await;
-    let quota = Quota::connect(&s).await.unwrap();
+    let quota = Quota::connect(&app.settings).await.unwrap();
     wait_for(
         "OpenAI to be paused fleet-wide for the refused key",
         Duration::from_secs(60),
@@ -872,7 +870,7 @@ async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_
         "{logs}"
     );
     assert!(fake.stats().await.embedding_requests > 0);
-    assert_eq!(failed_documents(&db).await, 0);
+    assert_eq!(failed_documents(&app.db).await, 0);
     for id in &ids {
         let doc = client.status(*id).await.unwrap();
         assert_ne!(doc.status, "ready", "{doc:?}");
@@ -883,9 +881,8 @@ async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_
     fake.configure(&config).await;
     wait_ready(&client, &ids, Duration::from_secs(120)).await;
     assert_eq!(quota.pause_reason("openai").await.unwrap(), None);
-    assert_eq!(failed_documents(&db).await, 0);
+    assert_eq!(failed_documents(&app.db).await, 0);
     drop(worker);
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
+use tests::TestApp;
 use tests::fake::{FakeConfig, FakeProviders, OpenAiConfig};
 use tests::{TestDb, WorkerProcess, settings, unique_prefix, wait_for, wait_ready};
 use upload_pipeline::{
@@ -118,10 +119,10 @@ async fn chunk_ids(db: &TestDb, id: Uuid) -> Vec<Uuid> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_failed_at_embedding_re_runs_only_its_embed_stage_and_ends_ready() {
     let fake = refusing_embedder().await;
-    let mut s = embedding_settings("retry-embed", &fake);
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
-    let client = api.client(&s, Uuid::new_v4());
+    let s = embedding_settings("retry-embed", &fake);
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
 
     let up = client
         .upload_bytes(
@@ -149,10 +150,10 @@ async fn a_document_failed_at_embedding_re_runs_only_its_embed_stage_and_ends_re
         [("parse", "done"), ("chunk", "done"), ("embed", "dead")]
     );
     // Retried at once, while the failed job may still be settling in the queue.
-    let parse_before = stage_row(&db, id, "parse").await;
-    let chunk_before = stage_row(&db, id, "chunk").await;
-    let parsed_before = parsed_at(&db, id).await;
-    let chunks_before = chunk_ids(&db, id).await;
+    let parse_before = stage_row(&app.db, id, "parse").await;
+    let chunk_before = stage_row(&app.db, id, "chunk").await;
+    let parsed_before = parsed_at(&app.db, id).await;
+    let chunks_before = chunk_ids(&app.db, id).await;
     assert!(!chunks_before.is_empty());
 
     serve_the_model(&fake).await;
@@ -183,22 +184,22 @@ async fn a_document_failed_at_embedding_re_runs_only_its_embed_stage_and_ends_re
         .remove(0);
     assert_eq!(doc.chunks_total.map(i64::from), Some(doc.chunks_embedded));
     assert_eq!(
-        stage_row(&db, id, "parse").await,
+        stage_row(&app.db, id, "parse").await,
         parse_before,
         "the parse stage did not run again"
     );
     assert_eq!(
-        stage_row(&db, id, "chunk").await,
+        stage_row(&app.db, id, "chunk").await,
         chunk_before,
         "the chunk stage did not run again"
     );
     assert_eq!(
-        parsed_at(&db, id).await,
+        parsed_at(&app.db, id).await,
         parsed_before,
         "the parsed sections were kept"
     );
     assert_eq!(
-        chunk_ids(&db, id).await,
+        chunk_ids(&app.db, id).await,
         chunks_before,
         "the chunks were kept"
     );
@@ -209,17 +210,15 @@ async fn a_document_failed_at_embedding_re_runs_only_its_embed_stage_and_ends_re
         (409, ErrorCode::NotFailed),
         "a ready document has nothing to retry"
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_owner_can_retry_a_failed_document_and_it_runs_the_failed_stage_again() {
-    let mut s = settings(&unique_prefix("retry-owner"), &tests::redis_url());
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = settings(&unique_prefix("retry-owner"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-    let (a, b) = (api.client(&s, alice), api.client(&s, bob));
+    let (a, b) = (app.client(alice), app.client(bob));
 
     let corrupt = a
         .upload_bytes("broken.pdf", CORRUPT_PDF.to_vec(), None)
@@ -228,7 +227,7 @@ async fn only_the_owner_can_retry_a_failed_document_and_it_runs_the_failed_stage
         .document_id;
     let failed = wait_failed(&a, corrupt).await;
     assert_eq!(failed.stages[0].state, "dead");
-    wait_settled(&s, "parse").await;
+    wait_settled(&app.settings, "parse").await;
 
     assert_eq!(
         api_error(b.retry(corrupt).await.unwrap_err()),
@@ -240,8 +239,8 @@ async fn only_the_owner_can_retry_a_failed_document_and_it_runs_the_failed_stage
         (404, ErrorCode::NotFound)
     );
     let not_an_id = reqwest::Client::new()
-        .post(format!("{}/v1/documents/not-an-id/retry", api.url))
-        .bearer_auth(api.token(&s, alice))
+        .post(format!("{}/v1/documents/not-an-id/retry", app.api.url))
+        .bearer_auth(app.token(alice))
         .send()
         .await
         .unwrap();
@@ -268,27 +267,25 @@ async fn only_the_owner_can_retry_a_failed_document_and_it_runs_the_failed_stage
         (again.stages[0].state.as_str(), again.stages[0].attempts),
         ("dead", 1)
     );
-
-    tests::teardown(api, &s, db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploading_the_same_bytes_of_a_failed_document_queues_it_again_and_the_answer_says_so() {
     let fake = refusing_embedder().await;
-    let mut s = embedding_settings("retry-reupload", &fake);
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = embedding_settings("retry-reupload", &fake);
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
     let http = reqwest::Client::new();
-    let token = api.token(&s, user);
+    let token = app.token(user);
     let bytes: &'static [u8] = b"Lichens are a partnership of a fungus and an alga.";
     let post = || {
         let form = reqwest::multipart::Form::new().part(
             "file",
             reqwest::multipart::Part::bytes(bytes).file_name("lichen.txt"),
         );
-        http.post(format!("{}/v1/documents", api.url))
+        http.post(format!("{}/v1/documents", app.api.url))
             .bearer_auth(&token)
             .multipart(form)
             .send()
@@ -304,7 +301,7 @@ async fn uploading_the_same_bytes_of_a_failed_document_queues_it_again_and_the_a
     );
     let id: Uuid = first["document_id"].as_str().unwrap().parse().unwrap();
     wait_failed(&client, id).await;
-    wait_settled(&s, "embed").await;
+    wait_settled(&app.settings, "embed").await;
 
     serve_the_model(&fake).await;
     let again = post().await.unwrap();
@@ -328,12 +325,10 @@ async fn uploading_the_same_bytes_of_a_failed_document_queues_it_again_and_the_a
     let documents: i64 =
         sqlx::query_scalar("SELECT count(*) FROM upload_pipeline.documents WHERE user_id = $1")
             .bind(user)
-            .fetch_one(&db.admin)
+            .fetch_one(app.admin())
             .await
             .unwrap();
     assert_eq!(documents, 1, "the same bytes stay one document");
-
-    tests::teardown(api, &s, db).await;
 }
 
 /// Writes `settings` where `producer --config` reads them.
@@ -392,11 +387,11 @@ async fn listed_failures(config: &Path, args: &[&str]) -> (Vec<(String, i64)>, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_failures_lists_by_stage_and_reason_and_producer_retry_requeues_the_matches() {
     let fake = refusing_embedder().await;
-    let mut s = embedding_settings("retry-cli", &fake);
-    let (db, api) = tests::start_api(&mut s).await;
-    let _worker = WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = embedding_settings("retry-cli", &fake);
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     let user = Uuid::new_v4();
-    let client = api.client(&s, user);
+    let client = app.client(user);
     let mut at_embed = Vec::new();
     for text in [
         "Ferns unroll their fronds from tight coils called fiddleheads.",
@@ -416,9 +411,9 @@ async fn producer_failures_lists_by_stage_and_reason_and_producer_retry_requeues
     for id in at_embed.iter().chain([&at_parse]) {
         wait_failed(&client, *id).await;
     }
-    wait_settled(&s, "parse").await;
-    wait_settled(&s, "embed").await;
-    let config = config_file(&s);
+    wait_settled(&app.settings, "parse").await;
+    wait_settled(&app.settings, "embed").await;
+    let config = config_file(&app.settings);
 
     let (counts, documents) = listed_failures(&config, &[]).await;
     assert_eq!(counts, [("embed".to_owned(), 2), ("parse".to_owned(), 1)]);
@@ -447,11 +442,11 @@ async fn producer_failures_lists_by_stage_and_reason_and_producer_retry_requeues
 
     // The operators' endpoint says the same, to admin tokens only.
     let http = reqwest::Client::new();
-    let auth = Auth::hs256(s.api.jwt_secret.expose());
+    let auth = Auth::hs256(app.settings.api.jwt_secret.expose());
     let admin = auth.issue(Uuid::new_v4(), Duration::from_secs(600), true);
     let failures = |token: String, query: &'static str| {
         let req = http
-            .get(format!("{}/v1/admin/failures{query}", api.url))
+            .get(format!("{}/v1/admin/failures{query}", app.api.url))
             .bearer_auth(token);
         async move {
             let resp = req.send().await.unwrap();
@@ -479,7 +474,7 @@ async fn producer_failures_lists_by_stage_and_reason_and_producer_retry_requeues
     assert_eq!(status, 400);
     let (status, _) = failures(admin, "?limit=0").await;
     assert_eq!(status, 400);
-    let (status, body) = failures(api.token(&s, user), "").await;
+    let (status, body) = failures(app.token(user), "").await;
     assert_eq!(status, 403);
     assert_eq!(body["error"]["code"], "forbidden");
 
@@ -525,5 +520,4 @@ async fn producer_failures_lists_by_stage_and_reason_and_producer_retry_requeues
     assert_eq!(documents, [at_parse]);
 
     let _ = std::fs::remove_file(&config);
-    tests::teardown(api, &s, db).await;
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tests::TestApp;
 use tests::{Api, TestDb, settings, unique_prefix};
 use upload_pipeline::{Settings, auth::Auth};
 use uuid::Uuid;
@@ -180,9 +181,8 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_not_exist() {
-    let mut s = jwks_settings("auth-api");
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
+    let s = jwks_settings("auth-api");
+    let app = TestApp::spawn(s).await;
     let user = Uuid::new_v4();
     let other = Uuid::new_v4();
     let claims = |sub: Uuid, admin: bool| {
@@ -197,7 +197,7 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
         Some("test-ec-1"),
         &claims(Uuid::new_v4(), true),
     );
-    let url = |path: &str| format!("{}{path}", api.url);
+    let url = |path: &str| format!("{}{path}", app.api.url);
     use reqwest::Method;
     let admin_calls = [
         (Method::GET, "/v1/admin/queues"),
@@ -265,7 +265,7 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
 
     // Another user's document answers like one that never existed: same status, same body.
     // HS256 tokens, too, must name the configured issuer and audience.
-    let hs256 = Auth::hs256(s.api.jwt_secret.expose());
+    let hs256 = Auth::hs256(app.settings.api.jwt_secret.expose());
     let (status, _, _) = call(
         Method::GET,
         &url("/v1/documents"),
@@ -275,7 +275,8 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let owner =
-        upload_pipeline::client::Client::new(&api.url, &hs256.sign(&claims(other, false))).unwrap();
+        upload_pipeline::client::Client::new(&app.api.url, &hs256.sign(&claims(other, false)))
+            .unwrap();
     let doc = owner
         .upload_bytes(
             "private.txt",
@@ -317,10 +318,6 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
         doc,
         "the owner's document is untouched"
     );
-
-    api.stop().await;
-    tests::cleanup(&s).await;
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,7 +391,6 @@ async fn uploads_are_rate_limited_per_user_across_replicas_with_retry_after() {
     a.stop().await;
     b.stop().await;
     tests::cleanup(&s).await;
-    db.drop_db().await;
 }
 
 /// A connection as the app role (no superuser, no BYPASSRLS) to the test's database, acting for `user` (or for
@@ -416,10 +412,9 @@ async fn app_connection(s: &Settings, user: Option<Uuid>) -> sqlx::PgConnection 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
-    let mut s = settings(&unique_prefix("rls"), &tests::redis_url());
-    let db = TestDb::create(&mut s).await;
-    let api = Api::start(&s).await;
-    let mut worker = tests::WorkerProcess::start(&s, "parse,chunk,embed");
+    let s = settings(&unique_prefix("rls"), &tests::redis_url());
+    let app = TestApp::spawn(s).await;
+    let mut worker = tests::WorkerProcess::start(&app.settings, "parse,chunk,embed");
     worker.wait_healthy().await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let mut docs = Vec::new();
@@ -430,7 +425,7 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
             "Bob's confidential merger plans for the lighthouse company.",
         ),
     ] {
-        let client = api.client(&s, user);
+        let client = app.client(user);
         let id = client
             .upload_bytes("notes.txt", text.as_bytes().to_vec(), None)
             .await
@@ -442,7 +437,9 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
     let (doc_a, doc_b) = (docs[0], docs[1]);
 
     // The pools the API and workers open never bypass row-level security, even given a superuser's URL.
-    let pool = upload_pipeline::db::connect(&s, 1).await.unwrap();
+    let pool = upload_pipeline::db::connect(&app.settings, 1)
+        .await
+        .unwrap();
     let (who, bypass): (String, bool) = sqlx::query_as(
         "SELECT current_user::text, rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
     )
@@ -461,7 +458,7 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
         "document_chunks",
     ];
     // As A: A's rows in every table, none of B's, whatever the query asks for.
-    let mut as_a = app_connection(&s, Some(a)).await;
+    let mut as_a = app_connection(&app.settings, Some(a)).await;
     for table in tables {
         assert!(
             count_rows(&mut as_a, table, doc_a).await > 0,
@@ -490,7 +487,7 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
         "SELECT embedding::text FROM upload_pipeline.document_chunks WHERE document_id = $1 LIMIT 1",
     )
     .bind(doc_b)
-    .fetch_one(&db.admin)
+    .fetch_one(app.admin())
     .await
     .unwrap();
     let hits: Vec<(Uuid,)> =
@@ -546,7 +543,7 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
     let err = planted.expect_err("A planted a row for B").to_string();
     assert!(err.contains("row-level security"), "{err}");
     // Nobody set: nothing visible. The role cannot switch row-level security off or become another role.
-    let mut anonymous = app_connection(&s, None).await;
+    let mut anonymous = app_connection(&app.settings, None).await;
     for table in tables {
         let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM upload_pipeline.{table}"))
             .fetch_one(&mut anonymous)
@@ -578,12 +575,9 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
         }
     }
     // Through the API, B still sees exactly its document.
-    let b_docs = api.client(&s, b).status(doc_b).await.unwrap();
+    let b_docs = app.client(b).status(doc_b).await.unwrap();
     assert_eq!(b_docs.id, doc_b);
     drop(worker);
-    api.stop().await;
-    tests::cleanup(&s).await;
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,7 +615,7 @@ async fn secrets_never_reach_logs_metrics_or_error_bodies() {
     s.api.jwt_secret = Secret(secrets[2].into());
     s.database_app_password = Some(Secret(secrets[3].into()));
     s.log.filter = "debug".into();
-    let db = TestDb::create(&mut s).await;
+    let _db = TestDb::create(&mut s).await;
 
     // The producer as a process of its own, logging at debug level to a file.
     let dir = std::env::temp_dir().join(unique_prefix("secrets-producer"));
@@ -768,7 +762,6 @@ async fn secrets_never_reach_logs_metrics_or_error_bodies() {
         );
     }
     tests::cleanup(&s).await;
-    db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -859,7 +852,6 @@ async fn migrations_give_the_app_role_the_fleets_password_quoted_by_the_server()
     assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
     assert!(scram_matches(&verifier, &password));
     assert!(!scram_matches(&verifier, "another password"));
-    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -895,5 +887,4 @@ async fn an_api_holding_only_the_app_roles_credentials_serves_without_migrating_
     assert_eq!(owner, user);
     api.stop().await;
     tests::cleanup(&s).await;
-    db.drop_db().await;
 }

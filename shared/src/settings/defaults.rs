@@ -64,7 +64,8 @@ mod tests {
     #[test]
     fn the_example_config_matches_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config.example.toml");
-        figment::Jail::expect_with(|_| {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
             assert_eq!(
                 Settings::load(Some(&path)).expect("the example parses"),
                 Settings::default()
@@ -83,5 +84,24 @@ mod tests {
             .extract::<Settings>()
             .unwrap_err();
         assert!(err.to_string().contains("max_deliveries"), "{err}");
+    }
+
+    #[test]
+    fn the_configuration_page_shows_the_defaults_file_and_every_environment_alias() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+        let page = std::fs::read_to_string(path).unwrap();
+        assert!(
+            page.contains(&format!("```toml\n{DEFAULT_TOML}```")),
+            "docs/configuration.md's Defaults block differs from deploy/config.example.toml: copy the file in"
+        );
+        for (var, field) in super::super::ENV_ALIASES {
+            let row = page
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&format!("`{var}`")));
+            assert!(
+                row.is_some_and(|r| r.contains(&format!("`{field}`"))),
+                "docs/configuration.md has no row saying {var} sets {field}"
+            );
+        }
     }
 }

@@ -114,7 +114,8 @@ impl Fleet {
         for w in &mut self.workers {
             w.wait_exit(Duration::from_secs(60)).await;
         }
-        crate::teardown(self.api, &self.settings, self.db).await;
+        self.api.stop().await;
+        crate::cleanup(&self.settings).await;
     }
 
     /// A reading of every counter, to subtract from a later one.

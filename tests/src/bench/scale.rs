@@ -28,9 +28,7 @@ pub const REPEATS: usize = 3;
 struct Run {
     docs: usize,
     fake: FakeProviders,
-    settings: upload_pipeline::Settings,
-    db: crate::TestDb,
-    api: crate::Api,
+    app: crate::TestApp,
 }
 
 async fn count(db: &crate::TestDb, status: &str) -> usize {
@@ -73,8 +71,8 @@ async fn prepare(name: &str, requests_per_minute: u64, docs: usize) -> Run {
     s.worker.concurrency.embed = SLOTS;
     s.quota.openai.requests_per_minute = requests_per_minute;
     s.quota.openai.tokens_per_minute = 0;
-    let (db, api) = crate::start_api(&mut s).await;
-    let client = api.client(&s, Uuid::new_v4());
+    let app = crate::TestApp::spawn(s).await;
+    let client = app.client(Uuid::new_v4());
     for doc in 0..docs {
         let text = format!(
             "Scale document {doc}. The keeper of lighthouse {doc} logs the tide, the wind and every vessel \
@@ -85,28 +83,22 @@ async fn prepare(name: &str, requests_per_minute: u64, docs: usize) -> Run {
             .await
             .unwrap();
     }
-    let mut front = WorkerProcess::start(&s, "parse,chunk");
+    let mut front = WorkerProcess::start(&app.settings, "parse,chunk");
     wait_for(
         "every document at the embed stage",
         Duration::from_secs(300),
-        || async { (count(&db, "embedding").await == docs).then_some(()) },
+        || async { (count(&app.db, "embedding").await == docs).then_some(()) },
     )
     .await;
     front.signal("TERM");
     front.wait_exit(Duration::from_secs(60)).await;
-    Run {
-        docs,
-        fake,
-        settings: s,
-        db,
-        api,
-    }
+    Run { docs, fake, app }
 }
 
 /// Starts `processes` embed workers; returns them and the moment the first embedding request arrived.
 async fn start_embed(run: &Run, processes: usize) -> (Vec<WorkerProcess>, Instant) {
     let workers: Vec<WorkerProcess> = (0..processes)
-        .map(|_| WorkerProcess::start(&run.settings, "embed"))
+        .map(|_| WorkerProcess::start(&run.app.settings, "embed"))
         .collect();
     let t0 = wait_for(
         "the first embedding request",
@@ -121,7 +113,7 @@ async fn start_embed(run: &Run, processes: usize) -> (Vec<WorkerProcess>, Instan
 async fn embed_all(run: &Run, processes: usize) -> (f64, Vec<WorkerProcess>) {
     let (workers, t0) = start_embed(run, processes).await;
     wait_for("every document ready", Duration::from_secs(600), || async {
-        (count(&run.db, "ready").await == run.docs).then_some(())
+        (count(&run.app.db, "ready").await == run.docs).then_some(())
     })
     .await;
     (t0.elapsed().as_secs_f64(), workers)
@@ -129,8 +121,7 @@ async fn embed_all(run: &Run, processes: usize) -> (f64, Vec<WorkerProcess>) {
 
 async fn finish(run: Run, workers: Vec<WorkerProcess>) {
     drop(workers);
-    assert_eq!(count(&run.db, "failed").await, 0);
-    crate::teardown(run.api, &run.settings, run.db).await;
+    assert_eq!(count(&run.app.db, "failed").await, 0);
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -193,7 +184,7 @@ pub async fn scale_out(docs: usize, repeats: usize) -> serde_json::Value {
     let limited = b.rate_limited as f64 / (b.embedding_requests as f64).max(1.0);
     // The documents left would finish at the quota's pace; the figures are taken.
     drop(workers);
-    crate::teardown(run.api, &run.settings, run.db).await;
+    drop(run);
 
     serde_json::json!({
         "docs_per_run": docs, "latency_ms": LATENCY_MS, "slots_per_process": SLOTS, "repeats": repeats,
@@ -291,7 +282,8 @@ pub async fn capacity() -> serde_json::Value {
     let mut s = embedding_by(&fake, "capacity", "sk-capacity");
     s.quota.openai.requests_per_minute = 0;
     s.quota.openai.tokens_per_minute = 0;
-    let (db, api) = crate::start_api(&mut s).await;
+    let db = crate::TestDb::create(&mut s).await;
+    let api = crate::Api::start(&s).await;
     let client = api.client(&s, Uuid::new_v4());
     let redis0 = redis_commands(&s).await;
     let pg0 = pg_writes(&db).await;
@@ -382,6 +374,5 @@ pub async fn capacity() -> serde_json::Value {
         }),
     );
     crate::cleanup(&s).await;
-    db.drop_db().await;
     serde_json::Value::Object(figures)
 }

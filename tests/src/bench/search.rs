@@ -248,7 +248,6 @@ pub async fn run(chunks: usize, queries: usize) -> Result<Search> {
     s.quota.openai.tokens_per_minute = 0;
     let db = TestDb::create(&mut s).await;
     let result = measure(&mut s, &db, chunks, PER_DOC, DIMS, queries).await;
-    db.drop_db().await;
     crate::cleanup(&s).await;
     result
 }
