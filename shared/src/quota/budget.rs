@@ -8,7 +8,7 @@ use std::{
 use redis::{AsyncCommands, Script, ScriptInvocation, aio::ConnectionManager};
 
 use super::{
-    Limit, PauseReason, RESERVE_AHEAD, WINDOW_SHARE,
+    Keys, Limit, PauseReason, RESERVE_AHEAD, WINDOW_SHARE,
     aimd::{Aimd, Slot},
 };
 use crate::providers::ProviderError;
@@ -39,26 +39,6 @@ static PAUSE: std::sync::LazyLock<Script> =
 
 fn millis(d: Duration) -> u64 {
     d.as_millis() as u64
-}
-
-/// The Redis keys of one budget. All carry the provider's hash tag: one Redis Cluster slot holds them.
-pub(super) struct Keys {
-    /// Bucket levels per dimension and the ticket sequence (hash).
-    pub(super) bucket: String,
-    /// The end of a fleet-wide cool-down, ms.
-    pub(super) cooldown: String,
-    /// Tickets in line, scored by the end of their lease (sorted set).
-    pub(super) line: String,
-    /// What each ticket in line asks for, and when a granted one may send (hash).
-    pub(super) asks: String,
-    /// Units sent per slot of the provider's window, per dimension (hash).
-    pub(super) sent: String,
-    /// The provider's pause: `<reason>: <message>`.
-    pub(super) pause: String,
-    /// The provider's probe lock.
-    pub(super) probe: String,
-    /// The provider's spend, per UTC day (`<spent>:<day>`).
-    pub(super) spent: String,
 }
 
 /// What [`Budget::new`] builds a budget from.

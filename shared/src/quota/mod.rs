@@ -46,6 +46,26 @@ pub use budget::{Budget, Permit, Turn};
 
 use crate::settings::{EmbedderKind, OpenAiQuota, QuotaSettings, Settings};
 
+/// The Redis keys of one budget. All carry the provider's hash tag: one Redis Cluster slot holds them.
+struct Keys {
+    /// Bucket levels per dimension and the ticket sequence (hash).
+    bucket: String,
+    /// The end of a fleet-wide cool-down, ms.
+    cooldown: String,
+    /// Tickets in line, scored by the end of their lease (sorted set).
+    line: String,
+    /// What each ticket in line asks for, and when a granted one may send (hash).
+    asks: String,
+    /// Units sent per slot of the provider's window, per dimension (hash).
+    sent: String,
+    /// The provider's pause: `<reason>: <message>`.
+    pause: String,
+    /// The provider's probe lock.
+    probe: String,
+    /// The provider's spend, per UTC day (`<spent>:<day>`).
+    spent: String,
+}
+
 /// Share of the provider's rate the buckets refill at.
 const RATE_SHARE: f64 = 0.975;
 /// How far ahead of its turn a call reserves its share.
@@ -277,7 +297,7 @@ impl Quota {
         Budget::new(budget::BudgetParts {
             conn: self.conn.clone(),
             provider,
-            keys: budget::Keys {
+            keys: Keys {
                 cooldown: format!("{bucket}:cooldown"),
                 line: format!("{bucket}:line"),
                 asks: format!("{bucket}:asks"),
