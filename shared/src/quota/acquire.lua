@@ -31,6 +31,11 @@
 --   4 in line with `ticket`: its turn comes in about wait_ms; ask again before the lease ends
 --   2 paused (`reason`; the next probe in wait_ms)  3 paused (`reason`), and this caller is the probe
 local SLOTS = 100
+-- A request reaches the provider a little after the time it is logged at (the sender wakes, connects and writes
+-- it late on a busy machine), and the provider's window counts it from its arrival: the log keeps each request
+-- LATE slots (2 % of the window) longer than the window, so a window measured at arrival never holds more than
+-- the limit. Without it a loaded machine saw 429s a few ms before the oldest request left the provider's window.
+local LATE = 2
 local SENDING = 5000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -78,7 +83,7 @@ for i = 0, n - 1 do
   local slot = math.max(math.ceil(window / SLOTS), 1)
   dims[#dims + 1] = {
     name = name, cap = cap, rate = rate, level = level, limit = tonumber(ARGV[at + 4]), window = window,
-    slot = slot, ring = SLOTS + math.ceil(look_ahead / slot) + 2, ahead = 0,
+    slot = slot, ring = SLOTS + math.ceil(look_ahead / slot) + LATE + 2, ahead = 0,
   }
   mine_costs[name] = tonumber(ARGV[at + 3])
   asked_text[#asked_text + 1] = name .. '=' .. ARGV[at + 3]
@@ -96,7 +101,7 @@ local function sent(d)
   for i = 0, d.ring - 1 do
     fields[#fields + 1] = d.name .. ':' .. i
   end
-  local oldest = math.floor((now - d.window) / d.slot)
+  local oldest = math.floor((now - d.window) / d.slot) - LATE
   local log = {}
   for _, v in ipairs(redis.call('HMGET', KEYS[7], unpack(fields))) do
     if v then
@@ -114,7 +119,7 @@ end
 -- The earliest time from `at` on when the window ending then has room for `cost` more.
 local function room(d, cost, at)
   local log = sent(d)
-  local from = math.floor((at - d.window) / d.slot)
+  local from = math.floor((at - d.window) / d.slot) - LATE
   local total = 0
   for _, e in ipairs(log) do
     if e[1] >= from then
@@ -127,7 +132,7 @@ local function room(d, cost, at)
     end
     if e[1] >= from then
       total = total - e[2]
-      at = math.max(at, (e[1] + 1) * d.slot + d.window)
+      at = math.max(at, (e[1] + 1 + LATE) * d.slot + d.window)
     end
   end
   return at
