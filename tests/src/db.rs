@@ -3,7 +3,7 @@
 //! copy is dropped when the test's [`TestDb`] is, whether the test passed or panicked.
 
 use sha2::{Digest, Sha256};
-use sqlx::Connection;
+use sqlx::{Connection, Executor};
 use upload_pipeline::{Settings, db::MIGRATOR, settings::ConnectionUrl};
 
 use crate::block_on_thread;
@@ -38,7 +38,7 @@ async fn maintenance() -> sqlx::PgConnection {
 async fn database_exists(conn: &mut sqlx::PgConnection, name: &str) -> bool {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(name)
-        .fetch_one(conn)
+        .fetch_one(&mut *conn)
         .await
         .expect("look the database up")
 }
@@ -77,16 +77,15 @@ async fn build_template(conn: &mut sqlx::PgConnection, name: &str) {
         .await
         .expect("create and migrate the template database");
     pool.close().await;
-    sqlx::raw_sql(&format!("ALTER DATABASE {building} RENAME TO {name}"))
-        .execute(&mut *conn)
+    let rename = format!("ALTER DATABASE {building} RENAME TO {name}");
+    conn.execute(rename.as_str())
         .await
         .expect("rename the finished template");
 }
 
 async fn drop_database(conn: &mut sqlx::PgConnection, name: &str) {
-    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(conn)
-        .await;
+    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    let _ = conn.execute(drop.as_str()).await;
 }
 
 /// A database of the test's own, copied from the migrated template; dropped with this value.
@@ -105,8 +104,8 @@ impl TestDb {
         let name = format!("up_test_{:016x}", rand::random::<u64>());
         let mut conn = maintenance().await;
         let template = template(&mut conn).await;
-        sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
-            .execute(&mut conn)
+        let copy = format!("CREATE DATABASE {name} TEMPLATE {template}");
+        conn.execute(copy.as_str())
             .await
             .expect("copy the template database");
         let _ = conn.close().await;
