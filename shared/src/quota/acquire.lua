@@ -33,8 +33,10 @@
 local SLOTS = 100
 -- A request reaches the provider a little after the time it is logged at (the sender wakes, connects and writes
 -- it late on a busy machine), and the provider's window counts it from its arrival: the log keeps each request
--- LATE slots (2 % of the window) longer than the window, so a window measured at arrival never holds more than
--- the limit. Without it a loaded machine saw 429s a few ms before the oldest request left the provider's window.
+-- LATE slots (2 % of the window) longer than the window, so a request larger than the burst is admitted only
+-- when the window has room even if earlier requests arrived up to that much late. Without it a loaded machine
+-- saw 429s a few ms before the oldest request left the provider's window. (Requests within the burst are paced
+-- by the bucket alone, at 97.5 % of the rate.)
 local LATE = 2
 local SENDING = 5000
 local t = redis.call('TIME')
