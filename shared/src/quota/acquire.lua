@@ -31,13 +31,15 @@
 --   4 in line with `ticket`: its turn comes in about wait_ms; ask again before the lease ends
 --   2 paused (`reason`; the next probe in wait_ms)  3 paused (`reason`), and this caller is the probe
 local SLOTS = 100
--- A request reaches the provider a little after the time it is logged at (the sender wakes, connects and writes
--- it late on a busy machine), and the provider's window counts it from its arrival: the log keeps each request
--- LATE slots (2 % of the window) longer than the window, so a request larger than the burst is admitted only
--- when the window has room even if earlier requests arrived up to that much late. Without it a loaded machine
--- saw 429s a few ms before the oldest request left the provider's window. (Requests within the burst are paced
--- by the bucket alone, at 97.5 % of the rate.)
+-- A request reaches the provider after the time it is logged at: a caller in line learns of a grant made for it
+-- when it next asks, up to PICKUP ms later (ASK_EVERY in budget.rs), and then wakes, connects and writes it, late
+-- on a busy machine. The provider's window counts it from its arrival, so the log keeps each request PICKUP ms
+-- and LATE slots (2 % of the window) longer than the window: a request larger than the burst is admitted only
+-- when the window has room even if earlier requests arrived that much late. With neither, CI saw 429s 4 to
+-- 555 ms before the oldest request left the provider's window. (Requests within the burst are paced by the
+-- bucket alone, at 97.5 % of the rate.)
 local LATE = 2
+local PICKUP = 500
 local SENDING = 5000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -83,9 +85,10 @@ for i = 0, n - 1 do
   level = math.min(cap, level + math.max(now - ts, 0) * rate)
   local window = tonumber(ARGV[at + 5])
   local slot = math.max(math.ceil(window / SLOTS), 1)
+  local late = LATE + math.ceil(PICKUP / slot)
   dims[#dims + 1] = {
     name = name, cap = cap, rate = rate, level = level, limit = tonumber(ARGV[at + 4]), window = window,
-    slot = slot, ring = SLOTS + math.ceil(look_ahead / slot) + LATE + 2, ahead = 0,
+    slot = slot, late = late, ring = SLOTS + math.ceil(look_ahead / slot) + late + 2, ahead = 0,
   }
   mine_costs[name] = tonumber(ARGV[at + 3])
   asked_text[#asked_text + 1] = name .. '=' .. ARGV[at + 3]
@@ -103,7 +106,7 @@ local function sent(d)
   for i = 0, d.ring - 1 do
     fields[#fields + 1] = d.name .. ':' .. i
   end
-  local oldest = math.floor((now - d.window) / d.slot) - LATE
+  local oldest = math.floor((now - d.window) / d.slot) - d.late
   local log = {}
   for _, v in ipairs(redis.call('HMGET', KEYS[7], unpack(fields))) do
     if v then
@@ -121,7 +124,7 @@ end
 -- The earliest time from `at` on when the window ending then has room for `cost` more.
 local function room(d, cost, at)
   local log = sent(d)
-  local from = math.floor((at - d.window) / d.slot) - LATE
+  local from = math.floor((at - d.window) / d.slot) - d.late
   local total = 0
   for _, e in ipairs(log) do
     if e[1] >= from then
@@ -134,7 +137,7 @@ local function room(d, cost, at)
     end
     if e[1] >= from then
       total = total - e[2]
-      at = math.max(at, (e[1] + 1 + LATE) * d.slot + d.window)
+      at = math.max(at, (e[1] + 1 + d.late) * d.slot + d.window)
     end
   end
   return at

@@ -16,8 +16,9 @@ use crate::providers::ProviderError;
 /// How long a ticket keeps its place in line without its holder asking again: a replica killed while it waits
 /// holds the line up for at most this long. A live caller whose lease ran out takes its place back when it asks.
 const TICKET_LEASE: Duration = Duration::from_secs(2);
-/// A caller in line asks again at least this often, renewing its lease.
-const ASK_EVERY: Duration = Duration::from_millis(500);
+/// A caller in line asks again at least this often, renewing its lease. A grant made for it is picked up (and
+/// sent) up to this late, which `acquire.lua` allows for as `PICKUP`.
+pub(super) const ASK_EVERY: Duration = Duration::from_millis(500);
 /// And at most this often: reservations are made two seconds ahead, so asking a little late loses no budget.
 const ASK_AT_MOST: Duration = Duration::from_millis(100);
 

@@ -409,6 +409,20 @@ pub struct BudgetState {
 mod tests {
     use super::*;
 
+    /// `acquire.lua`'s PICKUP covers a grant picked up as late as a caller in line asks.
+    #[test]
+    fn the_sent_log_allows_for_a_grant_picked_up_late() {
+        let pickup = include_str!("acquire.lua")
+            .lines()
+            .find_map(|l| l.strip_prefix("local PICKUP = "))
+            .and_then(|v| v.trim().parse::<u128>().ok())
+            .expect("acquire.lua sets PICKUP");
+        assert!(
+            pickup >= budget::ASK_EVERY.as_millis(),
+            "PICKUP {pickup} ms < ASK_EVERY"
+        );
+    }
+
     #[test]
     fn buckets_never_let_a_provider_window_see_more_than_its_limit() {
         let l = Limit {
