@@ -321,15 +321,10 @@ pub(crate) async fn lock_document(
     tx: &mut Transaction<'_, Postgres>,
     doc: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    let row: Option<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM upload_pipeline.documents WHERE id = $1 FOR UPDATE")
-            .bind(doc)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(row.is_some())
+    Ok(lock_status(tx, doc).await?.is_some())
 }
 
-/// Locks the document's row and reads its status, for a retry; `None` when there is no such document.
+/// Locks the document's row and reads its status; `None` when there is no such document.
 pub(crate) async fn lock_status(
     tx: &mut Transaction<'_, Postgres>,
     doc: Uuid,
