@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc rules-test deploy-check openapi contract coverage bench bench-queue bench-quota bench-scale fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc settings-doc rules-test deploy-check openapi contract coverage bench bench-queue bench-quota bench-scale fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ dashboards: ## Regenerate grafana/dashboards/*.json and docs/dashboards.md from 
 
 metrics-doc: ## Regenerate docs/metrics.md from the metrics catalogue (shared/src/metrics.rs)
 	UPDATE_DOCS=1 $(CARGO) test --quiet -p tests --test observability the_metrics_document
+
+settings-doc: ## Regenerate the settings table of docs/configuration.md from deploy/config.example.toml
+	UPDATE_DOCS=1 $(CARGO) test --quiet -p upload-pipeline --lib the_settings_table_of_the_configuration_page
 
 rules-test: services ## promtool: check the Prometheus config and rules, run the alert unit tests
 	promtool check config deploy/prometheus/prometheus.yml

@@ -11,7 +11,7 @@ use figment::{
 use super::*;
 
 /// The commented example config; its values are the defaults. The Dockerfile's build stage copies it for this.
-const DEFAULT_TOML: &str = include_str!("../../../deploy/config.example.toml");
+pub(super) const DEFAULT_TOML: &str = include_str!("../../../deploy/config.example.toml");
 
 // No settings struct has `#[serde(default)]`: the file must name every field, and parsing it cannot ask for the
 // defaults it is building.

@@ -6,6 +6,9 @@ mod chunking;
 mod defaults;
 mod embedding;
 mod log;
+// Only the test that keeps docs/configuration.md in step renders the table.
+#[cfg(test)]
+mod markdown;
 mod parsing;
 mod pipeline;
 mod queue;
