@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench-quota`: the quota load runs (tests/tests/quota.rs) as a benchmark. Four worker processes against the
+# `make bench-quota`: the quota load runs (tests/tests/measured/quota.rs) as a benchmark. Four worker processes against the
 # fake providers' enforced limits for two minutes each (OpenAI: 600 requests and 200,000 tokens a minute, embed
 # concurrency 16 per worker; LlamaParse: 10 uploads per 10 s), one worker killed at one minute. Reports the share
 # of the binding limit used (whole run, and the 30 s after the kill) and the share of requests answered 429.
@@ -11,7 +11,7 @@ mkdir -p "$out"
 rm -f "$out/quota.json"
 cd "$root"
 cargo build --quiet --workspace --bins
-QUOTA_BENCH_OUT=$out/quota.json cargo test --quiet -p tests --test quota -- --test-threads=1 --nocapture four_ \
+QUOTA_BENCH_OUT=$out/quota.json cargo test --quiet -p tests --test measured -- --test-threads=1 --nocapture quota::four_ \
   | grep -E '^(openai|llamaparse):' || true
 python3 - "$out/quota.json" "$out/quota.md" <<'PY'
 import json, sys, datetime

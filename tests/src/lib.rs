@@ -118,7 +118,25 @@ pub async fn synthetic_log(settings: &Settings, queue: &str) -> Vec<LogLine> {
         .collect()
 }
 
-/// Deletes every key under `prefix` (call at the end of a test on the shared Redis).
+/// Deletes every Redis key under the test's prefix when dropped, so a test that fails on an assertion leaves no
+/// keys behind either. Tests with a [`TestApp`] have this already.
+pub struct RedisKeys(Settings);
+
+impl RedisKeys {
+    /// Keys under `settings`' prefix, on its Redis.
+    pub fn of(settings: &Settings) -> Self {
+        Self(settings.clone())
+    }
+}
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let settings = self.0.clone();
+        block_on_thread(move || async move { cleanup(&settings).await });
+    }
+}
+
+/// Deletes every key under the settings' prefix on their Redis (what dropping a [`TestApp`] or [`RedisKeys`] does).
 pub async fn cleanup(settings: &Settings) {
     let client = redis::Client::open(settings.redis_url.expose()).expect("redis url");
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {

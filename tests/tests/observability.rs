@@ -20,10 +20,7 @@ use tests::{
     fake::{FakeConfig, FakeProviders, Faults, LlamaParseConfig, OpenAiConfig, Window},
     settings, unique_prefix, wait_for,
 };
-use upload_pipeline::{
-    metrics as m,
-    settings::{EmbedderKind, ParserKind, Secret},
-};
+use upload_pipeline::metrics as m;
 use uuid::Uuid;
 
 fn root() -> PathBuf {
@@ -454,7 +451,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     // retry and recover).
     let fake = FakeProviders::start(FakeConfig {
         openai: OpenAiConfig {
-            keys: vec!["sk-obs".into()],
+            keys: vec!["sk-test".into()],
             requests: Some(Window {
                 limit: 3_000,
                 window_ms: 60_000,
@@ -470,7 +467,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
             ..Default::default()
         },
         llamaparse: LlamaParseConfig {
-            keys: vec!["llx-obs".into()],
+            keys: vec!["llx-test".into()],
             faults: Faults {
                 server_error: 0.1,
                 ..Default::default()
@@ -480,16 +477,8 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     })
     .await;
     let mut s = settings(&unique_prefix("observability"), &tests::redis_url());
-    s.parsing.parser = ParserKind::Llamaparse;
-    s.parsing.llamaparse.base_url = fake.url.clone();
-    s.parsing.llamaparse.api_key = Secret("llx-obs".into());
-    s.parsing.llamaparse.poll_interval = Duration::from_millis(50);
-    s.parsing.llamaparse.poll_interval_max = Duration::from_millis(200);
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
-    s.embedding.openai.api_key = Secret("sk-obs".into());
+    fake.parse_with(&mut s);
+    fake.embed_with(&mut s);
     s.embedding.batch_size = 8;
     s.chunking.max_tokens = 96;
     s.chunking.overlap_tokens = 8;

@@ -443,9 +443,8 @@ async fn record_attempt(
     }
 }
 
-/// Marks the document failed at `stage` with a reason its owner can read, as a compare-and-set: only an
-/// unsettled stage row (last touched at `touched`, when given) of a document that is neither ready nor failed.
-/// Returns whether it did.
+/// [`store::fail_document`] (the compare-and-set that fails the document at `stage` with its reason), counting
+/// the failure in the metrics when it did.
 pub(crate) async fn fail_document(
     pool: &PgPool,
     user: Uuid,

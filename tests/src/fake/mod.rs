@@ -258,6 +258,27 @@ impl FakeProviders {
         format!("{}/v1", self.url)
     }
 
+    /// Points `s`'s embedding at this fake OpenAI: `text-embedding-3-small` at 384 dimensions, key `sk-test`.
+    pub fn embed_with(&self, s: &mut upload_pipeline::Settings) {
+        use upload_pipeline::settings::{EmbedderKind, Secret};
+        s.embedding.embedder = EmbedderKind::Openai;
+        s.embedding.model = "text-embedding-3-small".into();
+        s.embedding.dimensions = 384;
+        s.embedding.openai.base_url = self.openai_url();
+        s.embedding.openai.api_key = Secret("sk-test".into());
+    }
+
+    /// Points `s`'s parsing at this fake LlamaParse: key `llx-test`, a job polled after 50 ms, then at most
+    /// every 200 ms.
+    pub fn parse_with(&self, s: &mut upload_pipeline::Settings) {
+        use upload_pipeline::settings::{ParserKind, Secret};
+        s.parsing.parser = ParserKind::Llamaparse;
+        s.parsing.llamaparse.base_url = self.url.clone();
+        s.parsing.llamaparse.api_key = Secret("llx-test".into());
+        s.parsing.llamaparse.poll_interval = Duration::from_millis(50);
+        s.parsing.llamaparse.poll_interval_max = Duration::from_millis(200);
+    }
+
     /// Calls served so far.
     pub async fn stats(&self) -> Stats {
         self.http

@@ -30,7 +30,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[tokio::test]
 async fn vectors_match_sentence_transformers() {
     let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("../fixtures/minilm-reference.json")).unwrap();
+        serde_json::from_str(include_str!("../../fixtures/minilm-reference.json")).unwrap();
     let embedder =
         LocalEmbedder::load(&settings()).expect("the model loads (run `make model` to fetch it)");
     let cases = fixture["sentences"].as_array().unwrap();

@@ -5,10 +5,8 @@ use std::{path::PathBuf, time::Duration};
 
 use tests::TestApp;
 use tests::fake::{FakeConfig, FakeProviders, Latency, OpenAiConfig};
-use tests::{
-    RedisServer, TestDb, WorkerProcess, cleanup, settings, unique_prefix, wait_for, wait_ready,
-};
-use upload_pipeline::{client::ClientError, settings::EmbedderKind};
+use tests::{RedisServer, TestDb, WorkerProcess, settings, unique_prefix, wait_for, wait_ready};
+use upload_pipeline::client::ClientError;
 use uuid::Uuid;
 
 fn corpus(name: &str) -> PathBuf {
@@ -271,9 +269,7 @@ async fn a_worker_killed_during_embedding_leaves_a_ready_document_with_exact_chu
     })
     .await;
     let mut s = settings(&unique_prefix("kill-embed"), &tests::redis_url());
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.openai.base_url = fake.openai_url();
+    fake.embed_with(&mut s);
     s.embedding.batch_size = 2;
     s.chunking.max_tokens = 48;
     s.chunking.overlap_tokens = 8;
@@ -817,7 +813,7 @@ async fn listing_pages_with_a_cursor_and_the_service_endpoints_answer() {
         .await
         .unwrap();
     let committed: serde_json::Value =
-        serde_json::from_str(include_str!("../../docs/openapi.json"))
+        serde_json::from_str(include_str!("../../../docs/openapi.json"))
             .expect("docs/openapi.json parses");
     assert_eq!(
         served, committed,
@@ -985,6 +981,7 @@ async fn the_reconciler_pushes_lost_stages_again_but_fails_ones_that_keep_crashi
         providers,
     };
     let mut s = settings(&unique_prefix("reconcile"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.pipeline.reconcile_after = Duration::from_secs(1);
     let db = TestDb::create(&mut s).await;
     let broker = tests::broker(&s).await;
@@ -1053,6 +1050,4 @@ async fn the_reconciler_pushes_lost_stages_again_but_fails_ones_that_keep_crashi
         0,
         "nothing is due again yet"
     );
-
-    cleanup(&s).await;
 }

@@ -1,14 +1,10 @@
-//! Bursts and memory: 100,000 jobs at once. Kept apart from the other queue tests (and run one at a time) so
-//! their load does not disturb timing-sensitive tests.
+//! Bursts and memory: 100,000 jobs at once. Each runs alone (see `measured`), so its load disturbs no
+//! timing-sensitive test.
 
 use std::time::Duration;
 
-use tests::{RedisServer, WorkerProcess, broker, cleanup, settings, unique_prefix, wait_for_stats};
-use tokio::sync::Mutex;
+use tests::{RedisServer, WorkerProcess, broker, settings, unique_prefix, wait_for_stats};
 use upload_pipeline::{jobs::synthetic::SyntheticJob, queue::Queue};
-
-/// One 100,000-job test at a time: two at once would only measure the machine.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 const JOBS: u64 = 100_000;
 
@@ -24,8 +20,9 @@ fn no_ops() -> Vec<SyntheticJob> {
 /// c. A burst of 100,000 jobs pushed at once is processed completely by two workers, with no worker error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = super::alone().await;
     let mut s = settings(&unique_prefix("burst"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.worker.concurrency.synthetic = 50;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     let mut workers = [
@@ -69,13 +66,12 @@ async fn c_a_burst_of_100k_jobs_is_processed_completely_without_worker_errors() 
         );
     }
     assert_eq!(done, JOBS as f64, "every job succeeded exactly once");
-    cleanup(&s).await;
 }
 
 /// e. Bounded memory: after 100,000 completed jobs Redis holds within a few MB of what it held before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_redis_memory_returns_to_its_baseline_after_100k_completed_jobs() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = super::alone().await;
     let redis = RedisServer::start().await;
     let mut s = settings(&unique_prefix("memory"), &redis.url());
     s.worker.concurrency.synthetic = 50;

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tests::{
-    RedisServer, WorkerProcess, broker, cleanup, settings, synthetic_log, unique_prefix, wait_for,
+    RedisServer, WorkerProcess, broker, settings, synthetic_log, unique_prefix, wait_for,
     wait_for_stats,
 };
 use upload_pipeline::{
@@ -50,6 +50,7 @@ fn events<'a>(log: &'a [LogLine], seq: u64, event: &str) -> Vec<&'a LogLine> {
 async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_reclaim_after() {
     let prefix = unique_prefix("at-least-once");
     let s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     let mut victim = WorkerProcess::start(&s, "synthetic");
     victim.wait_healthy().await;
@@ -117,7 +118,6 @@ async fn a_worker_killed_mid_job_loses_nothing_and_a_replica_reruns_it_within_re
         |st| (st.pending, st.in_flight, st.dead) == (0, 0, 0),
     )
     .await;
-    cleanup(&s).await;
 }
 
 fn upload_pipeline_now_ms() -> u64 {
@@ -132,6 +132,7 @@ fn upload_pipeline_now_ms() -> u64 {
 async fn b_jobs_lasting_ten_times_reclaim_after_never_run_twice_while_their_worker_lives() {
     let prefix = unique_prefix("no-duplicates");
     let mut s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.queue.reclaim_after = Duration::from_millis(1500);
     s.worker.concurrency.synthetic = 4;
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
@@ -183,7 +184,6 @@ async fn b_jobs_lasting_ten_times_reclaim_after_never_run_twice_while_their_work
             .await,
         0.0
     );
-    cleanup(&s).await;
 }
 
 /// d. Poison jobs: panics, undecodable payloads and jobs that keep crashing their process end in the dead letters
@@ -192,6 +192,7 @@ async fn b_jobs_lasting_ten_times_reclaim_after_never_run_twice_while_their_work
 async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     let prefix = unique_prefix("poison");
     let mut s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.queue.reclaim_after = Duration::from_millis(1000);
     let b = broker(&s).await;
     let queue: Queue<SyntheticJob> = b.queue("synthetic").unwrap();
@@ -304,7 +305,6 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
         (0, 0, 0),
         "{stats:?}"
     );
-    cleanup(&s).await;
 }
 
 /// g. Retries: backoff with jitter, a delay the handler asks for, attempts visible, permanent errors not retried.
@@ -312,6 +312,7 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
 async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not() {
     let prefix = unique_prefix("retries");
     let mut s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.queue.max_deliveries = 5;
     s.queue.retry_base = Duration::from_millis(300);
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
@@ -381,7 +382,6 @@ async fn g_failed_attempts_are_retried_with_backoff_and_permanent_errors_are_not
             .await,
         3.0
     );
-    cleanup(&s).await;
 }
 
 /// h. Redis faults: dropped connections and a Redis restart do not end the worker; it reconnects, logs and
@@ -496,6 +496,7 @@ async fn h_a_redis_restart_or_dropped_connection_does_not_end_the_worker() {
 async fn i_sigterm_drains_running_jobs_gives_back_unfinished_ones_and_exits_zero() {
     let prefix = unique_prefix("shutdown");
     let mut s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.queue.reclaim_after = Duration::from_secs(120);
     s.worker.shutdown_grace = Duration::from_secs(3);
     s.worker.concurrency.synthetic = 2;
@@ -571,7 +572,6 @@ async fn i_sigterm_drains_running_jobs_gives_back_unfinished_ones_and_exits_zero
         },
     )
     .await;
-    cleanup(&s).await;
 }
 
 /// The readable state: pending, in flight, delayed, dead and the age of the oldest pending job.
@@ -579,6 +579,7 @@ async fn i_sigterm_drains_running_jobs_gives_back_unfinished_ones_and_exits_zero
 async fn queue_state_counts_pending_in_flight_delayed_and_dead_jobs() {
     let prefix = unique_prefix("stats");
     let mut s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.worker.concurrency.synthetic = 1;
     let b = broker(&s).await;
     let queue: Queue<SyntheticJob> = b.queue("synthetic").unwrap();
@@ -611,7 +612,6 @@ async fn queue_state_counts_pending_in_flight_delayed_and_dead_jobs() {
         (2, 1, 1),
         "{stats:?}"
     );
-    cleanup(&s).await;
 }
 
 /// Dead letters can be listed, replayed with fresh attempts, and purged.
@@ -619,6 +619,7 @@ async fn queue_state_counts_pending_in_flight_delayed_and_dead_jobs() {
 async fn dead_letters_can_be_listed_replayed_with_fresh_attempts_and_purged() {
     let prefix = unique_prefix("dlq");
     let s = settings(&prefix, &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     let mut worker = WorkerProcess::start(&s, "synthetic");
     for seq in 0..3 {
@@ -697,7 +698,6 @@ async fn dead_letters_can_be_listed_replayed_with_fresh_attempts_and_purged() {
         0,
         "unknown ids are not replayed"
     );
-    cleanup(&s).await;
 }
 
 /// Queue names are checked before any key is made from them.
@@ -770,6 +770,7 @@ async fn queue_errors_are_retryable_while_redis_is_away_or_busy_and_permanent_ot
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_frozen_past_reclaim_after_learns_it_lost_its_job_and_leaves_it_to_the_replica() {
     let mut s = settings(&unique_prefix("frozen"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.queue.reclaim_after = Duration::from_millis(1_000);
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     let mut sleeper = WorkerProcess::start(&s, "synthetic");
@@ -813,7 +814,6 @@ async fn a_worker_frozen_past_reclaim_after_learns_it_lost_its_job_and_leaves_it
     let starts = events(&synthetic_log(&s, "synthetic").await, 1, "start").len();
     assert_eq!(starts, 2, "the frozen run and the replica's, no third");
     drop((sleeper, replica));
-    cleanup(&s).await;
 }
 
 /// What a broker, a queue and its consumers show in logs: their names and key prefix, never the connection.
@@ -844,6 +844,7 @@ async fn queues_and_consumers_show_their_names_in_logs_and_never_the_connection(
 async fn a_stopping_consumer_gives_back_every_job_it_fetched_and_never_ran() {
     use apalis_core::{backend::Backend, worker::context::WorkerContext};
     let s = settings(&unique_prefix("give-back"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     let queue: Queue<SyntheticJob> = broker(&s).await.queue("synthetic").unwrap();
     queue
         .push_many(&(0..3).map(|i| job(i, 0)).collect::<Vec<_>>())
@@ -872,5 +873,4 @@ async fn a_stopping_consumer_gives_back_every_job_it_fetched_and_never_ran() {
     );
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.pending, stats.in_flight), (3, 0), "{stats:?}");
-    cleanup(&s).await;
 }

@@ -16,6 +16,7 @@ fn report(label: &str, var: &str, figures: &serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: make bench-scale"]
 async fn embed_throughput_scales_with_processes_and_stays_at_the_quota() {
+    let _turn = super::alone().await;
     let figures = scale::scale_out(scale::DOCS, scale::REPEATS).await;
     report("scale", "SCALE_BENCH_OUT", &figures);
     let speedup = |i: usize| figures["unlimited"][i]["speedup"].as_f64().unwrap();
@@ -33,6 +34,7 @@ async fn embed_throughput_scales_with_processes_and_stays_at_the_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: make bench-scale"]
 async fn one_replica_per_stage_throughput_and_the_cost_of_a_document() {
+    let _turn = super::alone().await;
     let figures = scale::capacity().await;
     report("capacity", "CAPACITY_BENCH_OUT", &figures);
     for stage in ["parse", "chunk", "embed"] {

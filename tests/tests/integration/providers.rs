@@ -657,6 +657,7 @@ async fn an_openai_server_that_refuses_every_request_as_too_large_is_given_up_on
         settings(&unique_prefix("too-large"), &tests::redis_url()),
         &server,
     );
+    let _keys = tests::RedisKeys::of(&s);
     s.quota.openai.requests_per_minute = 10_000;
     s.quota.openai.tokens_per_minute = 1_000_000;
     let quota = upload_pipeline::quota::Quota::connect(&s).await.unwrap();
@@ -680,7 +681,6 @@ async fn an_openai_server_that_refuses_every_request_as_too_large_is_given_up_on
         "{requests} requests before giving up"
     );
     assert!(client.limits().1 < s.embedding.openai.max_request_tokens);
-    tests::cleanup(&s).await;
 }
 
 const UPLOAD: &str = "/api/v2/parse/upload";

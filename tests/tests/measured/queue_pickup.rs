@@ -1,6 +1,6 @@
 //! f. Pickup: a job pushed to an idle queue starts in under 50 ms at the 99th percentile, because an idle worker
 //! waits in a blocking read that Redis answers on push (its block timeout here is 5 s: polling could not do it).
-//! In a test binary of its own, so no other test's load shares the machine while it measures.
+//! It runs alone (see `measured`), so no other test's load shares the machine while it measures.
 
 use std::{
     sync::Arc,
@@ -16,7 +16,9 @@ use upload_pipeline::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_a_job_pushed_to_an_idle_queue_starts_within_50_ms_p99() {
+    let _turn = super::alone().await;
     let mut s = settings(&unique_prefix("pickup"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.queue.block_timeout = Duration::from_secs(5);
     s.worker.metrics_addr = "127.0.0.1:0".parse().unwrap();
     let (started_tx, mut started) = mpsc::unbounded_channel::<(u64, Instant)>();
@@ -69,5 +71,4 @@ async fn f_a_job_pushed_to_an_idle_queue_starts_within_50_ms_p99() {
     );
     stop_tx.send(()).unwrap();
     fleet.await.unwrap().unwrap();
-    tests::cleanup(&s).await;
 }

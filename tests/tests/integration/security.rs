@@ -323,6 +323,7 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_rate_limited_per_user_across_replicas_with_retry_after() {
     let mut s = settings(&unique_prefix("ratelimit"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.api.uploads_per_minute = 30;
     s.api.upload_burst = 3;
     let db = TestDb::create(&mut s).await;
@@ -390,7 +391,6 @@ async fn uploads_are_rate_limited_per_user_across_replicas_with_retry_after() {
     assert_eq!(stored, 4);
     a.stop().await;
     b.stop().await;
-    tests::cleanup(&s).await;
 }
 
 /// A connection as the app role (no superuser, no BYPASSRLS) to the test's database, acting for `user` (or for
@@ -583,7 +583,7 @@ async fn postgres_itself_keeps_each_users_rows_from_every_other_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_metrics_or_error_bodies() {
     use tests::fake::{FakeConfig, FakeProviders, LlamaParseConfig, OpenAiConfig};
-    use upload_pipeline::settings::{EmbedderKind, ParserKind, Secret};
+    use upload_pipeline::settings::{ParserKind, Secret};
     // The providers know other keys: every call is refused, the refusals pause both providers and are logged at
     // error level.
     let fake = FakeProviders::start(FakeConfig {
@@ -604,10 +604,8 @@ async fn secrets_never_reach_logs_metrics_or_error_bodies() {
         "db-SECRET-app-password-4a6c",
     ];
     let mut s = settings(&unique_prefix("secrets"), &tests::redis_url());
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
+    let _keys = tests::RedisKeys::of(&s);
+    fake.embed_with(&mut s);
     s.embedding.openai.api_key = Secret(secrets[0].into());
     s.parsing.parser = ParserKind::Llamaparse;
     s.parsing.llamaparse.base_url = fake.url.clone();
@@ -761,7 +759,6 @@ async fn secrets_never_reach_logs_metrics_or_error_bodies() {
             "part of {secret} appears"
         );
     }
-    tests::cleanup(&s).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -857,6 +854,7 @@ async fn migrations_give_the_app_role_the_fleets_password_quoted_by_the_server()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_holding_only_the_app_roles_credentials_serves_without_migrating_or_a_parser_key() {
     let mut s = settings(&unique_prefix("app-only"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     let db = TestDb::create(&mut s).await;
     assert!(upload_pipeline::db::can_migrate(&s).await.unwrap());
     // As in the Kubernetes overlays: the app role's URL, no admin URL, LlamaParse chosen but its key only with
@@ -886,5 +884,4 @@ async fn an_api_holding_only_the_app_roles_credentials_serves_without_migrating_
             .unwrap();
     assert_eq!(owner, user);
     api.stop().await;
-    tests::cleanup(&s).await;
 }

@@ -30,9 +30,6 @@ use upload_pipeline::{
 };
 use uuid::Uuid;
 
-/// The runs that measure utilisation take turns, so none competes with another for the CPU.
-static LOAD_RUN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 const WORDS: &[&str] = &[
     "harbour", "lantern", "keeper", "granite", "tide", "beacon", "signal", "storm", "reef",
     "channel", "pilot", "vessel", "current", "shoal", "lens", "mirror", "tower", "gale", "anchor",
@@ -71,11 +68,7 @@ fn fake_keys() -> FakeConfig {
 
 fn base(prefix: &str, fake: &FakeProviders) -> Settings {
     let mut s = settings(&unique_prefix(prefix), &tests::redis_url());
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
-    s.embedding.openai.api_key = Secret("sk-test".into());
+    fake.embed_with(&mut s);
     s.parsing.llamaparse.base_url = fake.url.clone();
     s.parsing.llamaparse.api_key = Secret("llx-test".into());
     s.parsing.llamaparse.poll_interval = Duration::from_millis(50);
@@ -155,7 +148,7 @@ fn report(name: &str, figures: serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed_replica() {
-    let _turn = LOAD_RUN.lock().await;
+    let _turn = super::alone().await;
     const RPM: u64 = 600;
     const TPM: u64 = 200_000;
     let mut config = fake_keys();
@@ -212,7 +205,7 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_killed_replica() {
-    let _turn = LOAD_RUN.lock().await;
+    let _turn = super::alone().await;
     const UPLOADS: u64 = 10;
     let mut config = fake_keys();
     config.llamaparse.uploads = Some(Window {
@@ -264,6 +257,7 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_llamaparse_cool_down_does_not_slow_embedding() {
+    let _turn = super::beside_others().await;
     let fake = FakeProviders::start(fake_keys()).await;
     let mut s = base("quota-isolation", &fake);
     s.parsing.parser = ParserKind::Llamaparse;
@@ -315,7 +309,9 @@ async fn a_llamaparse_cool_down_does_not_slow_embedding() {
 
 #[tokio::test]
 async fn pauses_probe_resume_defer_and_stop_at_the_daily_budget() {
+    let _turn = super::beside_others().await;
     let mut s = settings(&unique_prefix("quota-unit"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.pipeline.quota_wait = Duration::from_millis(300);
     s.quota.max_wait = Duration::from_millis(200);
     let quota = Quota::connect(&s).await.unwrap();
@@ -415,11 +411,11 @@ async fn pauses_probe_resume_defer_and_stop_at_the_daily_budget() {
             .any(|r| r.key.starts_with("openai:spent:") && r.value == "100"),
         "{report:?}"
     );
-    tests::cleanup(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_its_redis_gone_the_limiter_lets_calls_through_and_resumes_with_redis() {
+    let _turn = super::beside_others().await;
     let mut redis = tests::RedisServer::start().await;
     let mut s = settings(&unique_prefix("quota-down"), &redis.url());
     s.quota.max_wait = Duration::from_secs(30);
@@ -579,9 +575,10 @@ async fn embed_like_a_job(embedder: &OpenAiEmbedder, texts: &[String]) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_burst_is_split_and_every_part_is_granted_at_a_40000_token_limit() {
-    let _turn = LOAD_RUN.lock().await;
+    let _turn = super::alone().await;
     let fake = FakeProviders::start(free_tier_fake()).await;
     let mut s = base("quota-split", &fake);
+    let _keys = tests::RedisKeys::of(&s);
     s.quota.max_wait = SCALED_MAX_WAIT;
     let quota = Quota::connect(&s).await.unwrap();
     let budget = quota.budget(
@@ -665,12 +662,13 @@ async fn a_batch_larger_than_the_burst_is_split_and_every_part_is_granted_at_a_4
         "used {:.1} % of the token limit while three batches waited",
         utilisation * 100.0
     );
-    tests::cleanup(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_behind_a_stream_of_small_ones_is_served_in_its_turn() {
+    let _turn = super::beside_others().await;
     let mut s = settings(&unique_prefix("quota-order"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.quota.max_wait = Duration::from_secs(10);
     let quota = Quota::connect(&s).await.unwrap();
     // 6,000 tokens per 6 s: a burst of 120, about a token a millisecond.
@@ -730,12 +728,13 @@ async fn a_large_request_behind_a_stream_of_small_ones_is_served_in_its_turn() {
         task.await.unwrap();
     }
     assert!(waited < s.quota.max_wait, "waited {waited:?}");
-    tests::cleanup(&s).await;
 }
 
 #[tokio::test]
 async fn a_place_in_line_left_by_a_killed_caller_lapses_within_seconds() {
+    let _turn = super::beside_others().await;
     let mut s = settings(&unique_prefix("quota-lapse"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.quota.max_wait = Duration::from_secs(10);
     let quota = Quota::connect(&s).await.unwrap();
     let limits = vec![Limit {
@@ -778,11 +777,11 @@ async fn a_place_in_line_left_by_a_killed_caller_lapses_within_seconds() {
         waited < Duration::from_secs(8),
         "the lapsed ticket let the line move on: {waited:?}"
     );
-    tests::cleanup(&s).await;
 }
 
 #[tokio::test]
 async fn settings_whose_single_chunk_can_never_fit_the_token_budget_are_refused_at_start_up() {
+    let _turn = super::beside_others().await;
     let mut s = settings(&unique_prefix("quota-refused"), &tests::redis_url());
     s.embedding.embedder = EmbedderKind::Openai;
     s.embedding.model = "text-embedding-3-small".into();
@@ -819,6 +818,7 @@ async fn settings_whose_single_chunk_can_never_fit_the_token_budget_are_refused_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_key_works_again() {
+    let _turn = super::beside_others().await;
     let mut config = fake_keys();
     config.openai.key_revoked = true;
     let fake = FakeProviders::start(config.clone()).await;
@@ -887,10 +887,12 @@ async fn a_401_burst_pauses_openai_fleet_wide_and_the_probe_resumes_it_once_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_llamaparse_key_pauses_parsing_until_a_probe_upload_succeeds() {
+    let _turn = super::beside_others().await;
     let mut config = fake_keys();
     config.llamaparse.key_revoked = true;
     let fake = FakeProviders::start(config.clone()).await;
     let mut s = base("quota-401-llamaparse", &fake);
+    let _keys = tests::RedisKeys::of(&s);
     s.parsing.parser = ParserKind::Llamaparse;
     s.pipeline.quota_wait = Duration::from_secs(2);
     let quota = Quota::connect(&s).await.unwrap();
@@ -933,5 +935,4 @@ async fn a_refused_llamaparse_key_pauses_parsing_until_a_probe_upload_succeeds()
     .await;
     assert!(!sections.is_empty());
     assert_eq!(quota.pause_reason("llamaparse").await.unwrap(), None);
-    tests::cleanup(&s).await;
 }

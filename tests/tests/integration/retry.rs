@@ -20,7 +20,6 @@ use upload_pipeline::{
     Settings,
     auth::Auth,
     client::{Client, ClientError, Document, ErrorCode},
-    settings::EmbedderKind,
 };
 use uuid::Uuid;
 
@@ -46,10 +45,7 @@ async fn serve_the_model(fake: &FakeProviders) {
 /// Settings of a test whose embed stage calls `fake`.
 fn embedding_settings(test: &str, fake: &FakeProviders) -> Settings {
     let mut s = settings(&unique_prefix(test), &tests::redis_url());
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
+    fake.embed_with(&mut s);
     s
 }
 

@@ -11,22 +11,14 @@ use upload_pipeline::{
     Settings,
     jobs::Pipeline,
     providers,
-    settings::{EmbedderKind, ParserKind, Secret},
+    settings::{EmbedderKind, ParserKind},
 };
 use uuid::Uuid;
 
 /// Settings that send parsing to the fake LlamaParse and embedding to the fake OpenAI.
 fn with_fakes(mut s: Settings, fake: &FakeProviders) -> Settings {
-    s.parsing.parser = ParserKind::Llamaparse;
-    s.parsing.llamaparse.base_url = fake.url.clone();
-    s.parsing.llamaparse.api_key = Secret("llx-test".into());
-    s.parsing.llamaparse.poll_interval = Duration::from_millis(50);
-    s.parsing.llamaparse.poll_interval_max = Duration::from_millis(200);
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
-    s.embedding.dimensions = 384;
-    s.embedding.openai.base_url = fake.openai_url();
-    s.embedding.openai.api_key = Secret("sk-test".into());
+    fake.parse_with(&mut s);
+    fake.embed_with(&mut s);
     s.embedding.batch_size = 2;
     s.chunking.max_tokens = 48;
     s.chunking.overlap_tokens = 8;
@@ -248,6 +240,7 @@ async fn before_user(db: &tests::TestDb, id: Uuid) -> Uuid {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushing_a_job_that_is_waiting_in_flight_or_delayed_adds_nothing() {
     let mut s = settings(&unique_prefix("dedupe"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.embedding.embedder = EmbedderKind::Hashing;
     s.embedding.batch_size = 2;
     let db = tests::TestDb::create(&mut s).await;
@@ -268,7 +261,6 @@ async fn pushing_a_job_that_is_waiting_in_flight_or_delayed_adds_nothing() {
         .await
         .unwrap();
     assert_eq!(live, vec![true, false]);
-    tests::cleanup(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,6 +270,7 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
         parsing::DocKind,
     };
     let mut s = settings(&unique_prefix("walk"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
     s.embedding.embedder = EmbedderKind::Hashing;
     s.pipeline.reconcile_after = Duration::from_secs(1);
     let db = tests::TestDb::create(&mut s).await;
@@ -319,7 +312,6 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
         0
     );
     assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);
-    tests::cleanup(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
