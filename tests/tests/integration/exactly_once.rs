@@ -316,10 +316,6 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_lost_in_a_redis_restart_runs_again_within_30_seconds() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("info")
-        .with_test_writer()
-        .try_init();
     let mut redis = RedisServer::start().await;
     let mut s = settings(&unique_prefix("lost-restart"), &redis.url());
     s.embedding.embedder = EmbedderKind::Hashing;
