@@ -289,6 +289,17 @@ async fn d_poison_jobs_end_in_the_dead_letters_and_the_worker_carries_on() {
     assert_eq!(crash_runs, 3, "the crashing job ran max_deliveries times");
     assert_eq!(restarts, 3, "each of its runs took the worker down");
 
+    // The healthy job may still be running (or waiting out its turn after a suspect) when the fourth letter
+    // lands: wait for its end, then check it ran once.
+    wait_for(
+        "the healthy job to finish",
+        Duration::from_secs(60),
+        || async {
+            let log = synthetic_log(&s, "synthetic").await;
+            (!events(&log, 4, "finish").is_empty()).then_some(())
+        },
+    )
+    .await;
     let log = synthetic_log(&s, "synthetic").await;
     assert_eq!(
         events(&log, 4, "finish").len(),
