@@ -464,6 +464,9 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
                 server_error: 0.15,
                 ..Default::default()
             },
+            // Besides the random faults, which a run may dodge: the first two embedding requests fail, so at
+            // least one job fails an attempt and recovers.
+            fail_next: 2,
             ..Default::default()
         },
         llamaparse: LlamaParseConfig {
@@ -708,15 +711,21 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
     );
 
     // The recovery metric saw the injected faults: failed attempts that later succeeded.
-    let recovered = prom
-        .query("sum(upload_pipeline_recovery_failed_jobs_total{resolution=\"recovered\"})")
-        .await
-        .expect("query");
-    let recovered: f64 = recovered[0]["value"][1].as_str().unwrap().parse().unwrap();
-    assert!(
-        recovered > 0.0,
-        "no recovered job counted after {faults} faults"
-    );
+    // The workers count it, and each is scraped on its own schedule (a scrape can time out on a busy machine):
+    // wait for a scrape that holds it.
+    wait_for(
+        &format!("a recovered job to be counted after {faults} injected faults"),
+        Duration::from_secs(60),
+        || async {
+            let r = prom
+                .query("sum(upload_pipeline_recovery_failed_jobs_total{resolution=\"recovered\"})")
+                .await
+                .ok()?;
+            let v: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
+            (v > 0.0).then_some(())
+        },
+    )
+    .await;
 
     drop(prom);
     drop(workers);
