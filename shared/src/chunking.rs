@@ -1,6 +1,6 @@
-//! Chunking: parsed Markdown sections to token-bounded chunks that follow the document's structure
-//! (text-splitter's Markdown splitter, sized with the cl100k_base tokenizer), each with its page and the path of
-//! headings above it. Pure: no I/O.
+//! Chunking: parsed Markdown sections, in their normalised form ([`text::normalize`]), to token-bounded chunks that
+//! follow the document's structure (text-splitter's Markdown splitter, sized with the cl100k_base tokenizer), each
+//! with its page, the path of headings above it and its place in the text. Pure: no I/O.
 
 use std::sync::{Arc, LazyLock};
 
@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use text_splitter::{ChunkConfig, MarkdownSplitter};
 use tiktoken_rs::CoreBPE;
 
-use crate::parsing::Section;
+use crate::{parsing::Section, text};
 
 /// The tokenizer chunks are measured with (OpenAI's embedding models use it).
 pub fn tokenizer() -> Arc<CoreBPE> {
@@ -35,7 +35,13 @@ pub struct Chunk {
     pub token_count: usize,
     /// SHA-256 of the content, hex: an unchanged chunk keeps its embedding when a document is chunked again.
     pub content_sha256: String,
-    /// `{"page": n, "headings": ["Title", "Section"]}` (page only when the format has pages).
+    /// `{"page": n, "headings": ["Title", "Section"], "span": [start, end]}` (page only when the format has pages).
+    ///
+    /// `span` is where the content lies in the document's normalised text: the sections' texts, each through
+    /// [`text::normalize`], joined with `"\n\n"` in order. It counts Unicode characters (not bytes) from 0, end
+    /// exclusive, so slicing that text by it gives the content exactly; in the rare document whose nesting was
+    /// flattened for the splitter (more than twelve list levels or eight quote levels) the slice holds the same
+    /// words with the original indentation and quote markers.
     pub metadata: serde_json::Value,
 }
 
@@ -50,7 +56,7 @@ pub enum ChunkError {
     TooMany(usize, usize),
 }
 
-/// Cuts `sections` into chunks of at most `max_tokens`, repeating `overlap_tokens` between neighbours.
+/// Cuts `sections`, normalised, into chunks of at most `max_tokens`, repeating `overlap_tokens` between neighbours.
 pub fn chunk(
     sections: &[Section],
     max_tokens: usize,
@@ -66,8 +72,13 @@ pub fn chunk(
     let mut chunks = Vec::new();
     // Headings carry over from one section (page) to the next.
     let mut outline: Vec<(usize, String)> = Vec::new();
+    // Where the section starts in the document's normalised text, in characters.
+    let mut section_start = 0;
     for section in sections {
-        let markdown = flatten_nesting(&section.markdown);
+        let normalized = text::normalize(&section.markdown);
+        let markdown = flatten_nesting(&normalized);
+        let to_normalized = OffsetMap::new(&normalized, &markdown);
+        let mut chars = CharOffsets::new(&normalized);
         let headings = headings_with_offsets(&markdown);
         let mut next_heading = 0;
         for (offset, text) in splitter.chunk_indices(&markdown) {
@@ -83,7 +94,19 @@ pub fn chunk(
             if content.is_empty() {
                 continue;
             }
-            let mut metadata = serde_json::json!({ "headings": outline.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>() });
+            let start = offset + text.len() - text.trim_start().len();
+            let (start, end) = (
+                to_normalized.start(start),
+                to_normalized.end(start + content.len()),
+            );
+            let span = [
+                section_start + chars.at(start),
+                section_start + chars.at(end.max(start)),
+            ];
+            let mut metadata = serde_json::json!({
+                "headings": outline.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+                "span": span,
+            });
             if let Some(page) = section.page {
                 metadata["page"] = page.into();
             }
@@ -103,8 +126,116 @@ pub fn chunk(
             outline.retain(|(l, _)| l < level);
             outline.push((*level, title.clone()));
         }
+        section_start += chars.at(normalized.len()) + "\n\n".len();
     }
     Ok(chunks)
+}
+
+/// Byte offsets in one text to character offsets, each counted on from the last one asked for: chunks come in
+/// order, a little back for the overlap, so a document is counted about once.
+struct CharOffsets<'a> {
+    text: &'a str,
+    byte: usize,
+    chars: usize,
+}
+
+impl<'a> CharOffsets<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            byte: 0,
+            chars: 0,
+        }
+    }
+
+    /// The character offset of `byte` (a character boundary).
+    fn at(&mut self, byte: usize) -> usize {
+        if byte >= self.byte {
+            self.chars += self.text[self.byte..byte].chars().count();
+        } else {
+            self.chars -= self.text[byte..self.byte].chars().count();
+        }
+        self.byte = byte;
+        self.chars
+    }
+}
+
+/// Byte offsets in the text the splitter saw (after [`flatten_nesting`]) back to the text it was made from. Lines
+/// correspond one to one and differ only in their indentation and quote markers.
+struct OffsetMap {
+    /// One per line; none when nothing was flattened.
+    lines: Vec<LineShift>,
+}
+
+/// Where one line lies in the flattened and the original text.
+struct LineShift {
+    /// Its start in the flattened text.
+    flat_start: usize,
+    /// Where its unchanged end (all but the rewritten indentation and quote markers) starts in the flattened text.
+    flat_tail: usize,
+    /// Where that unchanged end starts in the original.
+    original_tail: usize,
+    /// Its first non-blank character in the original.
+    original_first: usize,
+}
+
+impl OffsetMap {
+    fn new(original: &str, flat: &str) -> Self {
+        if original == flat {
+            return Self { lines: Vec::new() };
+        }
+        let (mut flat_start, mut original_start) = (0, 0);
+        let mut lines = Vec::new();
+        for (o, f) in original
+            .split_inclusive('\n')
+            .zip(flat.split_inclusive('\n'))
+        {
+            let same: usize = o
+                .chars()
+                .rev()
+                .zip(f.chars().rev())
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| a.len_utf8())
+                .sum();
+            lines.push(LineShift {
+                flat_start,
+                flat_tail: flat_start + f.len() - same,
+                original_tail: original_start + o.len() - same,
+                original_first: original_start + o.len() - o.trim_start_matches([' ', '\t']).len(),
+            });
+            flat_start += f.len();
+            original_start += o.len();
+        }
+        Self { lines }
+    }
+
+    /// Where a chunk starting at `flat` starts in the original: a start among rewritten quote markers moves to the
+    /// first marker of the original line.
+    fn start(&self, flat: usize) -> usize {
+        self.map(flat, |line| line.original_first)
+    }
+
+    /// Where a chunk ending at `flat` ends in the original: an end among rewritten quote markers moves to the end of
+    /// the original ones.
+    fn end(&self, flat: usize) -> usize {
+        self.map(flat, |line| line.original_tail)
+    }
+
+    fn map(&self, flat: usize, in_prefix: impl Fn(&LineShift) -> usize) -> usize {
+        let Some(line) = self
+            .lines
+            .partition_point(|l| l.flat_start <= flat)
+            .checked_sub(1)
+            .map(|i| &self.lines[i])
+        else {
+            return flat;
+        };
+        if flat >= line.flat_tail {
+            line.original_tail + (flat - line.flat_tail)
+        } else {
+            in_prefix(line)
+        }
+    }
 }
 
 /// Deepest indentation kept, in columns: about twelve levels of nested lists.
@@ -217,11 +348,26 @@ mod tests {
         assert!(flat.contains("> > > > > > > > deep quote"));
         let sections = [Section {
             page: None,
-            markdown: doc,
+            markdown: doc.clone(),
         }];
         let chunks = chunk(&sections, 512, 64, 100_000).unwrap();
         let all: String = chunks.iter().map(|c| c.content.as_str()).collect();
         assert!(all.contains("item 0") && all.contains("item 1499") && all.contains("deep quote"));
+        // The spans point into the unflattened text: the same words, with the original indentation and quotes.
+        let words = |s: &str| {
+            s.split(|c: char| c.is_whitespace() || c == '>')
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        for c in &chunks {
+            assert_eq!(
+                words(&span_of(&doc, c)),
+                words(&c.content),
+                "chunk {}",
+                c.index
+            );
+        }
         // Ordinary documents pass through untouched.
         let plain = "# A\n\n- one\n  - two\n    - three\n\n> quoted\n";
         assert!(matches!(
@@ -275,12 +421,71 @@ mod tests {
         assert_eq!(chunks.len(), 2);
         assert_eq!(
             chunks[0].metadata,
-            serde_json::json!({"page": 1, "headings": ["Report"]})
+            serde_json::json!({"page": 1, "headings": ["Report"], "span": [0, 21]})
         );
         assert_eq!(
             chunks[1].metadata,
-            serde_json::json!({"page": 2, "headings": ["Report"]})
+            serde_json::json!({"page": 2, "headings": ["Report"], "span": [23, 45]})
         );
+    }
+
+    /// The characters of `text` in `chunk`'s span.
+    fn span_of(text: &str, chunk: &Chunk) -> String {
+        let span = &chunk.metadata["span"];
+        let (start, end) = (span[0].as_u64().unwrap(), span[1].as_u64().unwrap());
+        text.chars()
+            .skip(start as usize)
+            .take((end - start) as usize)
+            .collect()
+    }
+
+    #[test]
+    fn sections_are_chunked_in_their_normalised_form() {
+        let sections = [section(
+            Some(1),
+            "# Speci\u{FB01}cation\n\nThe \u{FB01}le is a data-\nbase of Ｅ０５０２ er\u{00AD}rors.",
+        )];
+        let chunks = chunk(&sections, 512, 0, 10).unwrap();
+        assert_eq!(
+            chunks[0].content,
+            "# Specification\n\nThe file is a database of E0502 errors."
+        );
+        assert_eq!(
+            chunks[0].metadata["headings"],
+            serde_json::json!(["Specification"])
+        );
+    }
+
+    #[test]
+    fn every_chunk_span_slices_the_normalised_document_to_its_content() {
+        let para = "Die Gezeiten \u{FB02}ießen zweimal täglich – der Mond zieht am Meer 🌊. 潮汐は一日二回。 ";
+        let sections = [
+            section(Some(1), &format!("  # Gezeiten\n\n{}\n", para.repeat(12))),
+            section(Some(2), ""),
+            section(
+                Some(3),
+                &format!(
+                    "## Spring-\ntides\n\n{}\n\n- a list-\n  item\n",
+                    para.repeat(9)
+                ),
+            ),
+            section(Some(4), &format!("\n\n> ｑｕｏｔｅｄ {}", para.repeat(5))),
+        ];
+        let chunks = chunk(&sections, 48, 12, 1000).unwrap();
+        assert!(chunks.len() > 10, "{}", chunks.len());
+        let document = sections
+            .iter()
+            .map(|s| text::normalize(&s.markdown))
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        for c in &chunks {
+            assert_eq!(span_of(&document, c), c.content, "chunk {}", c.index);
+        }
+        let starts: Vec<u64> = chunks
+            .iter()
+            .map(|c| c.metadata["span"][0].as_u64().unwrap())
+            .collect();
+        assert!(starts.is_sorted(), "{starts:?}");
     }
 
     #[test]

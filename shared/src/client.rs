@@ -9,6 +9,15 @@
 //! let uploaded = client.upload_file("report.pdf".as_ref(), None).await?;
 //! let doc = client.wait_until_ready(uploaded.document_id, Duration::from_secs(120)).await?;
 //! let hits = client.search("incident timeline", 5).await?;
+//!
+//! use upload_pipeline::client::{ComparisonOp, Filter, SearchMode, SearchRequest};
+//! let cited = client
+//!     .search_with(
+//!         &SearchRequest::new("ERR_TLS_CERT_ALTNAME_INVALID")
+//!             .mode(SearchMode::Keyword)
+//!             .filters(Filter::compare(ComparisonOp::Eq, "team", "ops")),
+//!     )
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -23,7 +32,8 @@ use uuid::Uuid;
 
 use crate::api::ErrorBody;
 pub use crate::api::{
-    Document, DocumentPage, DocumentStatus, ErrorCode, Hit, RetryResponse as Retried,
+    ComparisonOp, CompoundOp, Document, DocumentPage, DocumentStatus, ErrorCode, Filter,
+    FilterValue, Hit, RetryResponse as Retried, Scalar, SearchMode, SearchRequest,
     SearchResponse as SearchResults, StageStatus, UploadResponse as Uploaded,
 };
 
@@ -363,11 +373,19 @@ impl Client {
         Ok(())
     }
 
-    /// Searches the caller's documents.
+    /// Searches the caller's ready documents: `k` hits of a hybrid search, no filter.
     pub async fn search(&self, query: &str, k: u32) -> Result<SearchResults, ClientError> {
-        let body = serde_json::json!({ "query": query, "k": k });
+        self.search_with(&SearchRequest::new(query).k(k)).await
+    }
+
+    /// Searches the caller's ready documents with a mode and filters. A filter the API refuses answers
+    /// [`ErrorCode::InvalidFilter`] (422), its message naming the part at fault.
+    pub async fn search_with(&self, request: &SearchRequest) -> Result<SearchResults, ClientError> {
         Ok(self
-            .send(|| self.http.post(self.url("/v1/search")).json(&body), true)
+            .send(
+                || self.http.post(self.url("/v1/search")).json(request),
+                true,
+            )
             .await?
             .json()
             .await?)

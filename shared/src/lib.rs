@@ -20,8 +20,9 @@
 //!    jobs in batches.
 //! 4. **Embed.** [`jobs::embed`] turns each batch into vectors through an embedder ([`providers`]), within the
 //!    fleet's shared provider budget ([`quota`]), and stores them in pgvector.
-//! 5. **Queryable.** The last batch makes the document `ready`; `POST /v1/search` ([`api`]) embeds the query and
-//!    returns the nearest chunks.
+//! 5. **Queryable.** The last batch makes the document `ready`; `POST /v1/search` ([`api`]) hands the query to
+//!    [`search`]: hybrid (vector and keyword, fused by rank), vector or keyword, over ready documents only,
+//!    narrowed by filters, with citations. Agents call the same SQL function directly.
 //!
 //! [`runtime`] runs the stage workers; [`retry`] and [`reconciler`] recover what failed or was lost between
 //! Postgres and Redis. The transport ([`queue`]) knows nothing of documents: it moves typed jobs and guarantees
@@ -41,10 +42,12 @@
 //! | [`queue`] | the durable Redis Streams queue and its apalis backend: at-least-once delivery, retries, dead letters |
 //! | [`quota`] | each provider's fleet-wide budget in Redis: reservations, cool-downs after 429, pauses |
 //! | [`parsing`] | local parsers: uploaded bytes to Markdown sections with page numbers; pure |
+//! | [`text`] | the normalised form of parsed text and search queries (NFKC, invisibles, hyphenated words); pure |
 //! | [`chunking`] | Markdown sections to token-bounded chunks with their heading path; pure |
 //! | [`helper`] | bounded child processes for parsing and chunking hostile input (deadline, memory cap) |
 //! | [`providers`] | the parser and embedder clients (LlamaParse, OpenAI-compatible, local model, hashing) and [`providers::ProviderError`] |
 //! | [`documents`] | documents as the API sees them: the durable upload, its [`documents::DocumentStatus`], listing, deletion |
+//! | [`search`] | hybrid, vector and keyword search of ready documents, its [`search::Filter`]s, and its hits with citations |
 //! | [`jobs`] | the stages ([`jobs::Stage`], [`jobs::JobState`]), their queues, the jobs those carry, each stage's handler |
 //! | [`runtime`] | the worker runtime: one apalis worker per stage, health, metrics, restarts, graceful drain |
 //! | [`gauges`] | the gauges read at scrape time from Redis, Postgres and the quota, and the process metrics |
@@ -74,8 +77,10 @@ pub mod ratelimit;
 pub mod reconciler;
 pub mod retry;
 pub mod runtime;
+pub mod search;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 
 pub use settings::Settings;

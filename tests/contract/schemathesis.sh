@@ -55,7 +55,8 @@ include-method = "POST"
 expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "413", "415", "429", "5xx"]
 TOML
 
-"$venv/bin/st" --config-file "$config" run "http://127.0.0.1:$port/openapi.json" \
+SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$root/tests/contract${PYTHONPATH:+:$PYTHONPATH}" \
+  "$venv/bin/st" --config-file "$config" run "http://127.0.0.1:$port/openapi.json" \
   --checks all \
   --max-examples "${MAX_EXAMPLES:-30}" \
   --header "Authorization: Bearer $token" \

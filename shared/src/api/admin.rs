@@ -203,11 +203,24 @@ fn dead_letter_ids(headers: &HeaderMap, body: &[u8]) -> Result<Vec<String>, ApiE
                 "send Content-Type: application/json",
             ));
         }
-        // `null` is the body the schema's optional object allows: all of the stage's, like no body.
-        serde_json::from_slice::<Option<DeadLetterIds>>(body)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?
-            .unwrap_or_default()
-            .ids
+        // `null` is the body the schema's optional object allows: all of the stage's, like no body. Anything
+        // else must be an object: serde would read a struct from an array too (`[]` as `{}`).
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?;
+        match value {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Object(_) => {
+                serde_json::from_value::<DeadLetterIds>(value)
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?
+                    .ids
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidJson,
+                    "the body must be an object ({\"ids\": [...]}) or null",
+                ));
+            }
+        }
     };
     let digits = |p: &str| (1..=19).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
     let valid = |id: &String| {

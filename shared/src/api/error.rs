@@ -10,7 +10,10 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{db::DbError, documents::UploadError, parsing::ParseError, queue::QueueError};
+use crate::{
+    db::DbError, documents::UploadError, parsing::ParseError, queue::QueueError,
+    search::SearchError,
+};
 
 /// The stable codes of API errors (the `code` of `{"error": {"code", "message"}}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -46,10 +49,17 @@ pub enum ErrorCode {
     InvalidQuery,
     /// 422: `k` out of range.
     InvalidK,
+    /// 422: a search `mode` other than `hybrid`, `vector` or `keyword`.
+    InvalidMode,
+    /// 422: a search `filters` that is malformed; the message names the part (`filters.filters[1].type`).
+    InvalidFilter,
     /// 429: too many uploads from this user; `Retry-After` says when to try again.
     RateLimited,
     /// 503: Postgres, Redis or the embedding provider is unavailable; try again.
     Unavailable,
+    /// 504: the search took longer than `search.timeout` in Postgres (a narrower filter or a shorter query may
+    /// help; the same search again will likely take as long).
+    SearchTimeout,
     /// 500: a bug; the details are in the server's logs.
     Internal,
 }
@@ -68,11 +78,15 @@ impl ErrorCode {
             Self::IdempotencyConflict | Self::NotFailed => StatusCode::CONFLICT,
             Self::FileTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::InvalidDocument | Self::InvalidText | Self::InvalidQuery | Self::InvalidK => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::InvalidDocument
+            | Self::InvalidText
+            | Self::InvalidQuery
+            | Self::InvalidK
+            | Self::InvalidMode
+            | Self::InvalidFilter => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SearchTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -123,6 +137,16 @@ impl ApiError {
         }
     }
 
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The message for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// 404 `not_found` for a document that does not exist or is another user's.
     pub(super) fn not_found() -> Self {
         Self::new(ErrorCode::NotFound, "no such document")
@@ -161,6 +185,28 @@ impl From<DbError> for ApiError {
         } else {
             tracing::error!(error = %e, "Database error");
             Self::new(ErrorCode::Internal, "internal error")
+        }
+    }
+}
+
+impl From<SearchError> for ApiError {
+    fn from(e: SearchError) -> Self {
+        match e {
+            SearchError::Timeout(_) => {
+                tracing::warn!(error = %e, "Search timed out");
+                Self::new(ErrorCode::SearchTimeout, e.to_string())
+            }
+            // The SQL check's paths start at `filter`, the request's at `filters`.
+            SearchError::Invalid(ref message) if e.is_filter() => {
+                tracing::warn!(error = %e, "search_chunks refused a filter the API had accepted");
+                let part = message.strip_prefix("filter").unwrap_or(message);
+                Self::new(ErrorCode::InvalidFilter, format!("filters{part}"))
+            }
+            SearchError::Invalid(message) => {
+                tracing::warn!(error = %message, "search_chunks refused an argument the API had accepted");
+                Self::unprocessable(message)
+            }
+            SearchError::Db(e) => e.into(),
         }
     }
 }
@@ -210,5 +256,44 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::JsonDataError(e) => Self::unprocessable(e.body_text()),
             other => Self::new(ErrorCode::InvalidJson, other.body_text()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn search_errors_are_a_timeout_or_the_part_of_the_filter_at_fault() {
+        let timeout = ApiError::from(SearchError::Timeout(Duration::from_secs(10)));
+        assert_eq!(
+            (timeout.code(), timeout.status, timeout.message()),
+            (
+                ErrorCode::SearchTimeout,
+                StatusCode::GATEWAY_TIMEOUT,
+                "the search took longer than 10s"
+            )
+        );
+        // search_chunks names the filter's parts from `filter`, the API from `filters`.
+        let filter = ApiError::from(SearchError::Invalid(
+            "filter.filters[2].value: document_id is compared with UUID strings".into(),
+        ));
+        assert_eq!(
+            (filter.code(), filter.status, filter.message()),
+            (
+                ErrorCode::InvalidFilter,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "filters.filters[2].value: document_id is compared with UUID strings"
+            )
+        );
+        let other = ApiError::from(SearchError::Invalid(
+            "match_count must be between 1 and 100, got 0".into(),
+        ));
+        assert_eq!(
+            (other.code(), other.status),
+            (ErrorCode::InvalidRequest, StatusCode::UNPROCESSABLE_ENTITY)
+        );
     }
 }

@@ -14,14 +14,17 @@ use super::{
     types::{Document, Hit, StageStatus},
     upload::{Metadata, MetadataValue},
 };
-use crate::retry::{FailedDocument, FailureCount};
+use crate::{
+    retry::{FailedDocument, FailureCount},
+    search::{ComparisonFilter, CompoundFilter, Filter, SearchMode},
+};
 
 /// The OpenAPI 3.1 document of the API (served at `/openapi.json`, committed as `docs/openapi.json`).
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "upload-pipeline producer API",
-        description = "Upload documents on behalf of users and search their chunks by meaning. Every /v1 call needs \
+        description = "Upload documents on behalf of users and search their chunks (hybrid: by meaning and by words). Every /v1 call needs \
                        `Authorization: Bearer <JWT>` (HS256, or RS256/ES256 with a JWKS file; `sub` = the user). Errors are \
                        `{\"error\": {\"code\", \"message\"}}` with the codes of `ErrorCode`."
     ),
@@ -32,11 +35,11 @@ use crate::retry::{FailedDocument, FailureCount};
         admin::admin_quota, admin::admin_resume,
         ops::healthz, ops::readyz, ops::render_metrics,
     ),
-    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Metadata, MetadataValue, Document, StageStatus, DocumentPage, DocumentStatus, RetryResponse, SearchRequest, SearchResponse, Hit, Health, Readiness, QueueState, PipelineStage, Failures, FailureCount, FailedDocument, DeadLetterEntry, DeadLetterId, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
+    components(schemas(ErrorBody, ErrorDetail, ErrorCode, UploadResponse, Metadata, MetadataValue, Document, StageStatus, DocumentPage, DocumentStatus, RetryResponse, SearchRequest, SearchMode, Filter, ComparisonFilter, CompoundFilter, SearchResponse, Hit, Health, Readiness, QueueState, PipelineStage, Failures, FailureCount, FailedDocument, DeadLetterEntry, DeadLetterId, DeadLetterIds, DeadLetterAction, Moved, BudgetEntry, Resumed)),
     modifiers(&BearerAuth),
     tags(
         (name = "documents", description = "Upload, follow, list, retry and delete documents"),
-        (name = "search", description = "Search the caller's documents"),
+        (name = "search", description = "Search the caller's ready documents: hybrid, vector or keyword, with filters and citations"),
         (name = "admin", description = "Operator endpoints: queues, failures, dead letters, quota (tokens with the admin claim)"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
@@ -89,6 +92,6 @@ mod tests {
             .as_array()
             .unwrap()
             .len();
-        assert_eq!(codes, 18);
+        assert_eq!(codes, 21);
     }
 }

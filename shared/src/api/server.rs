@@ -45,11 +45,17 @@ pub async fn run_server_on(
         .await
         .map_err(ServerError::Db)?
     {
-        crate::db::migrate(&settings)
+        let admin = crate::db::migrate_schema(&settings)
             .await
-            .map_err(ServerError::Db)?
-            .close()
-            .await;
+            .map_err(ServerError::Db)?;
+        // The keyword index of chunks written before it (or in another text configuration) is computed in batches
+        // while the API serves; keyword search skips those chunks until then.
+        tokio::spawn(async move {
+            if let Err(e) = crate::db::backfill_keywords(&admin).await {
+                tracing::warn!(error = %e, "The keyword index backfill stopped; the next start-up or `producer migrate` resumes it");
+            }
+            admin.close().await;
+        });
     } else {
         tracing::info!("database_url is the app role's: leaving migrations to `producer migrate`");
     }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::documents;
+use crate::{documents, search};
 
 /// The progress of one stage.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -96,33 +96,68 @@ impl From<documents::Document> for Document {
     }
 }
 
-/// A search hit.
+/// A search hit, with what a citation needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Hit {
-    /// Cosine similarity, 1 = same direction.
+    /// By mode: `hybrid`, the reciprocal rank fusion `sum of weight / (rrf_k + rank)` over the lists the chunk is
+    /// in (with the default settings at most 2/61, about 0.033); `vector`, the cosine similarity (1 = same
+    /// direction); `keyword`, `ts_rank_cd` scaled to 0..1. Higher is better; compare scores within one search.
     pub score: f64,
+    /// The chunk.
+    pub chunk_id: Uuid,
     /// The document.
     pub document_id: Uuid,
     /// Its file name.
     pub filename: String,
-    /// The chunk's position.
+    /// Its MIME type.
+    pub content_type: String,
+    /// The chunk's position in the document, from 0.
     pub chunk_index: i32,
     /// The chunk's text.
     pub content: String,
-    /// Page (when the format has pages) and heading path.
+    /// The page the chunk starts on, when the format has pages (PDF, DOCX page breaks).
+    pub page: Option<i32>,
+    /// The heading path above the chunk, outermost first.
+    pub headings: Vec<String>,
+    /// The chunk's characters `[start, end)` in the document's normalised text, when recorded.
+    #[schema(value_type = Option<Vec<u64>>, min_items = 2, max_items = 2)]
+    pub span: Option<[u64; 2]>,
+    /// The chunk's metadata as stored (`page`, `headings`, `span`).
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
+    /// The document's metadata, as uploaded.
+    #[schema(value_type = Object)]
+    pub document_metadata: serde_json::Value,
+    /// The chunk's place in the vector list, from 1 (`vector` and `hybrid`; null: not among its candidates).
+    #[schema(minimum = 1)]
+    pub vector_rank: Option<u32>,
+    /// The chunk's place in the keyword list, from 1 (`keyword` and `hybrid`; null: its words do not match).
+    #[schema(minimum = 1)]
+    pub keyword_rank: Option<u32>,
 }
 
-impl From<documents::Hit> for Hit {
-    fn from(h: documents::Hit) -> Self {
+impl From<search::Hit> for Hit {
+    fn from(h: search::Hit) -> Self {
+        let rank = |r: Option<i32>| r.and_then(|r| u32::try_from(r).ok());
+        let span = h.span.and_then(|s| match s.as_slice() {
+            [start, end] => Some([u64::try_from(*start).ok()?, u64::try_from(*end).ok()?]),
+            _ => None,
+        });
         Self {
             score: h.score,
+            chunk_id: h.chunk_id,
             document_id: h.document_id,
             filename: h.filename,
+            content_type: h.content_type,
             chunk_index: h.chunk_index,
             content: h.content,
+            page: h.page,
+            headings: h.headings,
+            span,
             metadata: h.metadata,
+            document_metadata: h.document_metadata,
+            vector_rank: rank(h.vector_rank),
+            keyword_rank: rank(h.keyword_rank),
         }
     }
 }

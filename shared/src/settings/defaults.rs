@@ -41,6 +41,7 @@ defaults_from_the_file! {
     OpenAiSettings => embedding.openai;
     LocalModelSettings => embedding.local;
     ChunkingSettings => chunking;
+    SearchSettings => search;
     QuotaSettings => quota;
     OpenAiQuota => quota.openai;
     LlamaParseQuota => quota.llamaparse;

@@ -27,7 +27,8 @@ pub struct EmbeddingSettings {
     pub embedder: EmbedderKind,
     /// The model name sent to the provider and stored with every vector; a new name gets its own index.
     pub model: String,
-    /// Vector dimensions (sent as `dimensions` to OpenAI text-embedding-3 models; checked against a local model).
+    /// Vector dimensions (sent as `dimensions` to OpenAI text-embedding-3 models; checked against a local model):
+    /// 1 to 4,000. Up to 2,000 the HNSW index holds the vectors as they are; above, at half precision (`halfvec`).
     pub dimensions: u32,
     /// Chunks per embed job (each job is one or more provider requests within the provider's limits).
     pub batch_size: usize,
@@ -105,9 +106,9 @@ impl EmbeddingSettings {
             "must name a model",
         )?;
         ensure(
-            (1..=2000).contains(&self.dimensions),
+            (1..=4000).contains(&self.dimensions),
             "embedding.dimensions",
-            "must be between 1 and 2000 (the HNSW limit)",
+            "must be between 1 and 4000 (the HNSW limit of halfvec; above 2000 the index holds half precision)",
         )?;
         ensure(
             (1..=2048).contains(&self.batch_size),

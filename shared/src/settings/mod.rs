@@ -13,6 +13,7 @@ mod parsing;
 mod pipeline;
 mod queue;
 mod quota;
+mod search;
 mod secrets;
 mod worker;
 
@@ -34,6 +35,7 @@ pub use parsing::{LlamaParseApi, LlamaParseSettings, ParserKind, ParsingSettings
 pub use pipeline::PipelineSettings;
 pub use queue::QueueSettings;
 pub use quota::{LlamaParseQuota, OpenAiQuota, QuotaSettings};
+pub use search::SearchSettings;
 /// The name callers used before Redis and Postgres URLs shared one type.
 pub use secrets::ConnectionUrl as RedisUrl;
 pub use secrets::{ConnectionUrl, Secret};
@@ -84,6 +86,8 @@ pub struct Settings {
     pub embedding: EmbeddingSettings,
     /// How parsed documents are cut into chunks.
     pub chunking: ChunkingSettings,
+    /// Keyword search and the fusion of hybrid search.
+    pub search: SearchSettings,
     /// The fleet-wide provider budgets.
     pub quota: QuotaSettings,
     /// Limits and recovery of the document pipeline.
@@ -178,6 +182,7 @@ impl Settings {
         self.quota.validate()?;
         self.pipeline.validate()?;
         self.chunking.validate()?;
+        self.search.validate()?;
         // A chunk the token budget can never grant within quota.max_wait would keep its document waiting for ever.
         if let Some((field, reason)) = crate::quota::oversized_request(self) {
             return Err(SettingsError::Invalid { field, reason });
@@ -305,8 +310,36 @@ mod tests {
             "embedding.model"
         );
         assert_eq!(
-            field_named(|s| s.embedding.dimensions = 2001),
+            field_named(|s| s.embedding.dimensions = 4001),
             "embedding.dimensions"
+        );
+        assert_eq!(
+            field_named(|s| s.search.text_config = "english; drop".into()),
+            "search.text_config"
+        );
+        assert_eq!(
+            field_named(|s| s.search.timeout = Duration::ZERO),
+            "search.timeout"
+        );
+        assert_eq!(
+            field_named(|s| s.search.candidates = 0),
+            "search.candidates"
+        );
+        assert_eq!(field_named(|s| s.search.rrf_k = 0), "search.rrf_k");
+        assert_eq!(
+            field_named(|s| s.search.vector_weight = f64::NAN),
+            "search.vector_weight"
+        );
+        assert_eq!(
+            field_named(|s| s.search.keyword_weight = -1.0),
+            "search.keyword_weight"
+        );
+        assert_eq!(
+            field_named(|s| {
+                s.search.vector_weight = 0.0;
+                s.search.keyword_weight = 0.0;
+            }),
+            "search.keyword_weight"
         );
         assert_eq!(
             field_named(|s| s.embedding.openai.max_inputs = 0),

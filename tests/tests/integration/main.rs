@@ -10,5 +10,6 @@ mod pipeline;
 mod providers;
 mod queue;
 mod retry;
+mod search;
 mod security;
 mod tls;

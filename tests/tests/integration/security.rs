@@ -256,6 +256,16 @@ async fn operator_endpoints_need_the_admin_claim_and_other_users_documents_do_no
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // An array is not the object the schema names, though serde would read `[]` as `{}`: all of the stage's.
+    let (status, body, _) = call(
+        Method::POST,
+        &url("/v1/admin/dead-letters/parse/purge"),
+        Some(&admin),
+        Some(json!([])),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
     // A token from the wrong issuer is a 401 whatever it claims.
     let mut foreign = claims(user, true);
     foreign["iss"] = json!("https://evil.example/");
