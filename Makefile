@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc settings-doc rules-test deploy-check openapi contract coverage bench bench-queue bench-quota bench-scale fake-providers clean
+.PHONY: help services model build demo run run-mock test lint fmt fuzz dashboards metrics-doc settings-doc rules-test deploy-check openapi contract coverage bench bench-queue bench-quota bench-scale bench-quality fake-providers clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ build: ## Build the producer and worker binaries
 demo: services model build ## Upload the sample corpus through the fleet on the embedded defaults, then search it
 	@bash deploy/local/demo.sh
 
-run: services build ## Run the fleet (producer API + a worker for every stage) in the foreground
+run: services model build ## Run the fleet (producer API + a worker for every stage, all-MiniLM-L6-v2 embeddings) in the foreground
 	@bash deploy/local/run.sh
 
 run-mock: services build ## Run the fleet with LlamaParse and OpenAI served by fake-providers (deploy/mock/)
@@ -70,7 +70,7 @@ fuzz: ## Fuzz the parsers, the chunker, token verification and multipart uploads
 coverage: services model ## Line coverage of the workspace with cargo-tarpaulin (same tests as make test): target/coverage/ HTML, a summary per module, the bar on providers, errors, quota and queue, the fault-recovery ratio
 	@bash tests/coverage/coverage.sh
 
-bench: services ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale, backlog): tests/bench-results/summary.md, JSON, PNG plots
+bench: services model ## Every benchmark scenario (queue vs BullMQ, pipeline instant and realistic, search, scale, backlog, quality: make bench-quality): tests/bench-results/summary.md, JSON, PNG plots
 	$(CARGO) clippy -p tests --features bench --all-targets -- -D warnings
 	@bash tests/bench/bench.sh $(BENCH_ARGS)
 
@@ -82,6 +82,9 @@ bench-quota: services ## Quota benchmark: four workers vs the fake providers' en
 
 bench-scale: services ## The scale scenario of make bench at full size: 1, 2 and 4 embed processes, 4 under a quota, one replica per stage (docs/capacity.md)
 	@bash tests/bench/scale.sh
+
+bench-quality: services model ## Retrieval quality alone: hit@5 and MRR@10 of vector, keyword and hybrid search on the PostgreSQL-manual evaluation set (tests/fixtures/eval), all-MiniLM-L6-v2
+	@bash tests/bench/bench.sh --scenarios quality $(BENCH_ARGS)
 
 fake-providers: ## Serve fake LlamaParse and OpenAI on 127.0.0.1:9100 (FAKE_PROVIDERS_CONFIG: latency, limits, faults)
 	$(CARGO) run --quiet -p tests --bin fake-providers

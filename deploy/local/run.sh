@@ -24,6 +24,8 @@ if [ "${PROFILE:-}" = mock ]; then
   export UPLOAD_PIPELINE__QUEUE__KEY_PREFIX=${UPLOAD_PIPELINE__QUEUE__KEY_PREFIX:-upload-pipeline-mock}
   export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/upload_pipeline_mock}
 fi
+# The embedded defaults embed with all-MiniLM-L6-v2 from models/ (`make model`), wherever this is started from.
+export UPLOAD_PIPELINE__EMBEDDING__LOCAL__MODEL_DIR=${UPLOAD_PIPELINE__EMBEDDING__LOCAL__MODEL_DIR:-$root/models/all-MiniLM-L6-v2}
 "$bin/producer" migrate
 "$bin/producer" serve &
 pids+=($!)

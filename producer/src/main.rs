@@ -6,7 +6,7 @@ mod cli;
 use anyhow::Context;
 use clap::Parser;
 use cli::{Args, Command, documents, failures, queue, quota, serve, setup, synthetic};
-use upload_pipeline::Settings;
+use upload_pipeline::{Settings, client::SearchRequest};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,7 +24,20 @@ async fn main() -> anyhow::Result<()> {
             documents::upload(&settings, &api, &paths, wait).await
         }
         Command::Status { id, api } => documents::status(&settings, &api, id).await,
-        Command::Search { query, k, api } => documents::search(&settings, &api, &query, k).await,
+        Command::Search {
+            query,
+            k,
+            mode,
+            filter,
+            json,
+            api,
+        } => {
+            let mut request = SearchRequest::new(query).k(k).mode(mode);
+            if let Some(filter) = filter {
+                request = request.filters(filter);
+            }
+            documents::search(&settings, &api, &request, json).await
+        }
         Command::Queues { json } => queue::show(&settings, json).await,
         Command::Failures {
             filter,

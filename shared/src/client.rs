@@ -18,6 +18,8 @@
 //!             .filters(Filter::compare(ComparisonOp::Eq, "team", "ops")),
 //!     )
 //!     .await?;
+//! let reranked = client.search_with(&SearchRequest::new("incident timeline").rerank(true)).await?;
+//! let best = reranked.results.first().and_then(|h| h.rerank_score);
 //! # Ok(()) }
 //! ```
 //!
@@ -378,8 +380,11 @@ impl Client {
         self.search_with(&SearchRequest::new(query).k(k)).await
     }
 
-    /// Searches the caller's ready documents with a mode and filters. A filter the API refuses answers
-    /// [`ErrorCode::InvalidFilter`] (422), its message naming the part at fault.
+    /// Searches the caller's ready documents with a mode, filters and reranking. A filter the API refuses answers
+    /// [`ErrorCode::InvalidFilter`] (422), its message naming the part at fault; `rerank(true)` where the server
+    /// has no reranker answers [`ErrorCode::RerankNotConfigured`] (422). A reranked answer has `reranked` true
+    /// and each hit's `rerank_score`; when the server's reranker fails, `reranked` is false and the hits are in the
+    /// mode's order.
     pub async fn search_with(&self, request: &SearchRequest) -> Result<SearchResults, ClientError> {
         Ok(self
             .send(

@@ -2,9 +2,12 @@
 //!
 //! Every read and write of user data goes through [`begin_as`]: the transaction takes the role
 //! `upload_pipeline_app` (no BYPASSRLS) and sets `upload_pipeline.user_id`, so row-level security shows it only
-//! that user's rows, whatever the query says.
+//! that user's rows, whatever the query says. Keyword search's text configuration and the backfill of the chunks'
+//! keywords are in `db/keywords.rs` (re-exported here).
 
-use std::time::{Duration, Instant};
+mod keywords;
+
+use std::{future::Future, time::Duration};
 
 use sqlx::{
     ConnectOptions, PgPool, Postgres, Transaction,
@@ -13,6 +16,10 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+pub use self::keywords::{
+    BACKFILL_BATCH, backfill_keywords, backfill_keywords_unless_busy,
+    keyword_search_uses_its_index, set_text_search_config, text_search_config_matches,
+};
 use crate::settings::Settings;
 
 /// The migrations in `migrations/`, compiled in.
@@ -105,17 +112,20 @@ pub async fn can_migrate(settings: &Settings) -> Result<bool, DbError> {
 }
 
 /// Creates the database if missing, applies the migrations, registers the configured embedding model (its HNSW
-/// index), stores the keyword search's text configuration (`search.text_config`) and brings every chunk's keyword
-/// index up to date ([`backfill_keywords`]). Idempotent; run by `producer migrate` and by the tests. `producer
-/// serve`, when its credentials may migrate ([`can_migrate`]), runs [`migrate_schema`] and the backfill in the
-/// background instead, so that it starts serving meanwhile.
+/// index), stores the keyword search's text configuration (`search.text_config`) and brings every chunk's keywords
+/// up to date ([`backfill_keywords`], waiting for another process that is at it). Idempotent; run by `producer
+/// migrate` and by the tests, and the only place the text configuration is applied. `producer serve`, when its
+/// credentials may migrate ([`can_migrate`]), runs [`migrate_schema`] and the backfill in the background instead,
+/// so that it starts serving meanwhile.
 pub async fn migrate(settings: &Settings) -> Result<PgPool, DbError> {
     let pool = migrate_schema(settings).await?;
+    set_text_search_config(&pool, &settings.search.text_config).await?;
     backfill_keywords(&pool).await?;
     Ok(pool)
 }
 
-/// [`migrate`] but the keyword backfill: the pool it returns (as the migrating role) is for [`backfill_keywords`].
+/// [`migrate`] but the text configuration and the keyword backfill: the pool it returns (as the migrating role) is
+/// for [`backfill_keywords`].
 pub async fn migrate_schema(settings: &Settings) -> Result<PgPool, DbError> {
     let url = settings
         .database_admin_url
@@ -149,18 +159,15 @@ pub async fn migrate_schema(settings: &Settings) -> Result<PgPool, DbError> {
            END IF; \
          EXCEPTION WHEN duplicate_object OR unique_violation OR insufficient_privilege THEN NULL; \
          END $$";
-    for attempt in 1.. {
-        match sqlx::raw_sql(ensure_role).execute(&pool).await {
-            Ok(_) => break,
-            // "tuple concurrently updated": another migration changed the role at the same moment.
-            Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("XX000") && attempt < 5 =>
-            {
-                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    // XX000, "tuple concurrently updated": another migration changed the role at the same moment.
+    retry_transient(
+        "Creating the app role met another migration",
+        &["XX000"],
+        5,
+        Duration::from_millis(50),
+        || sqlx::raw_sql(ensure_role).execute(&pool),
+    )
+    .await?;
     if let Some(password) = &settings.database_app_password {
         set_app_password(url, &settings.database_app_role, password.expose()).await?;
     }
@@ -172,7 +179,6 @@ pub async fn migrate_schema(settings: &Settings) -> Result<PgPool, DbError> {
         settings.embedding.dimensions,
     )
     .await?;
-    set_text_search_config(&pool, &settings.search.text_config).await?;
     keyword_search_uses_its_index(&pool).await?;
     Ok(pool)
 }
@@ -201,23 +207,48 @@ async fn set_app_password(url: &str, role: &str, password: &str) -> Result<(), D
         pool.close().await;
         return Ok(());
     };
-    for attempt in 1.. {
-        match sqlx::raw_sql(&statement).execute(&pool).await {
-            Ok(_) => break,
-            // Another migration set it at the same moment.
+    // Another migration may set it at the same moment.
+    let set = retry_transient(
+        "Setting the app role's password met another migration",
+        &["XX000"],
+        5,
+        Duration::from_millis(50),
+        || sqlx::raw_sql(&statement).execute(&pool),
+    )
+    .await;
+    pool.close().await;
+    set?;
+    Ok(())
+}
+
+/// Runs `attempt` until it succeeds or fails for good. A database error whose SQLSTATE is in `transient` (a lost
+/// deadlock, a lock not granted in time, a catalogue row updated concurrently) is tried again, `tries` times in
+/// all, waiting `pause` times the failures so far, with a warning that starts with `what`.
+async fn retry_transient<T, Fut>(
+    what: &str,
+    transient: &[&str],
+    tries: u32,
+    pause: Duration,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, sqlx::Error>
+where
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut failures = 0;
+    loop {
+        match attempt().await {
             Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("XX000") && attempt < 5 =>
+                if failures + 1 < tries
+                    && e.code()
+                        .is_some_and(|code| transient.contains(&code.as_ref())) =>
             {
-                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                failures += 1;
+                tracing::warn!(error = %e, failures, "{what}; trying again");
+                tokio::time::sleep(pause * failures).await;
             }
-            Err(e) => {
-                pool.close().await;
-                return Err(e.into());
-            }
+            outcome => return outcome,
         }
     }
-    pool.close().await;
-    Ok(())
 }
 
 /// Registers an embedding model and creates its HNSW index; returns the index name.
@@ -233,187 +264,6 @@ pub async fn register_model(
             .fetch_one(pool)
             .await?,
     )
-}
-
-/// Stores the text-search configuration of keyword search (`search.text_config`); returns whether it changed. It
-/// recomputes nothing: [`backfill_keywords`] does, in batches. A change waits for the chunk writes under way (at
-/// most 10 s; tried three times).
-pub async fn set_text_search_config(pool: &PgPool, config: &str) -> Result<bool, DbError> {
-    for attempt in 1.. {
-        let changed =
-            sqlx::query_scalar("SELECT upload_pipeline.set_text_search_config($1::regconfig)")
-                .bind(config)
-                .fetch_one(pool)
-                .await;
-        match changed {
-            Ok(changed) => {
-                if changed {
-                    tracing::info!(
-                        config,
-                        "The text-search configuration changed; the chunks' keyword index will be recomputed"
-                    );
-                }
-                return Ok(changed);
-            }
-            // lock_not_available: chunk writes held the table past the lock timeout.
-            Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("55P03") && attempt < 3 =>
-            {
-                tracing::warn!(error = %e, "Waiting for chunk writes to change the text-search configuration");
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    unreachable!("the loop returns")
-}
-
-/// Chunks per transaction of [`backfill_keywords`]: a chunk write waits for at most one batch.
-pub const BACKFILL_BATCH: i32 = 2000;
-
-/// The key of the session advisory lock that lets one process at a time run [`backfill_keywords`].
-const BACKFILL_LOCK: i64 = 0x7570_5f6b_7762_6631; // "up_kwbf1"
-
-/// Brings every chunk's keyword index (`content_tsv`) to the configured text-search configuration: after the
-/// migration that added it (existing chunks start without one, and keyword search skips them until then) and after
-/// `search.text_config` changes. Walks the chunks in id order, [`BACKFILL_BATCH`] per transaction
-/// (`upload_pipeline.backfill_content_tsv`), recomputing those in another configuration or none, and logs its
-/// progress; when the walk completes in the configuration it started with, marks the index up to date, so later
-/// calls return at once. One process at a time (an advisory lock): another that finds it taken returns at once.
-/// Returns the chunks recomputed.
-pub async fn backfill_keywords(pool: &PgPool) -> Result<u64, DbError> {
-    let mut conn = pool.acquire().await?;
-    let due: bool = sqlx::query_scalar(
-        "SELECT indexed_config IS DISTINCT FROM config FROM upload_pipeline.text_search",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    if !due {
-        return Ok(0);
-    }
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(BACKFILL_LOCK)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !locked {
-        tracing::info!("Another process is bringing the keyword index up to date");
-        return Ok(0);
-    }
-    let walked = backfill_passes(&mut conn).await;
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(BACKFILL_LOCK)
-        .execute(&mut *conn)
-        .await;
-    let recomputed = walked?;
-    unlocked?;
-    Ok(recomputed)
-}
-
-/// The walks of [`backfill_keywords`], until one completes in the configuration still in force.
-async fn backfill_passes(conn: &mut sqlx::PgConnection) -> Result<u64, DbError> {
-    let mut recomputed = 0u64;
-    loop {
-        let (config, due, estimate): (String, bool, f32) = sqlx::query_as(
-            "SELECT t.config::text, t.indexed_config IS DISTINCT FROM t.config, \
-               (SELECT greatest(c.reltuples, 0) FROM pg_catalog.pg_class c \
-                WHERE c.oid = 'upload_pipeline.document_chunks'::regclass) \
-             FROM upload_pipeline.text_search t",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        if !due {
-            return Ok(recomputed);
-        }
-        tracing::info!(
-            config,
-            chunks = estimate as u64,
-            batch = BACKFILL_BATCH,
-            "Computing the keyword index of the chunks written before it existed or in another configuration"
-        );
-        let started = Instant::now();
-        let mut logged = Instant::now();
-        let (mut after, mut walked) = (None::<Uuid>, 0u64);
-        loop {
-            let (last, done): (Option<Uuid>, i32) = backfill_batch(conn, after).await?;
-            recomputed += done as u64;
-            let Some(last) = last else { break };
-            after = Some(last);
-            walked += BACKFILL_BATCH as u64;
-            if logged.elapsed() >= Duration::from_secs(10) {
-                logged = Instant::now();
-                tracing::info!(
-                    walked,
-                    of = estimate as u64,
-                    recomputed,
-                    "Keyword index backfill in progress"
-                );
-            }
-        }
-        // Complete unless the configuration changed meanwhile (then the next walk brings the rest to it).
-        let marked = sqlx::query(
-            "UPDATE upload_pipeline.text_search SET indexed_config = config WHERE config = $1::regconfig",
-        )
-        .bind(&config)
-        .execute(&mut *conn)
-        .await?;
-        tracing::info!(
-            config,
-            recomputed,
-            seconds = started.elapsed().as_secs(),
-            complete = marked.rows_affected() == 1,
-            "Keyword index backfill walked every chunk"
-        );
-    }
-}
-
-/// One batch of [`backfill_keywords`], tried again when it lost a deadlock or waited too long for a lock.
-async fn backfill_batch(
-    conn: &mut sqlx::PgConnection,
-    after: Option<Uuid>,
-) -> Result<(Option<Uuid>, i32), DbError> {
-    for attempt in 1u64.. {
-        let batch = sqlx::query_as(
-            "SELECT last_id, recomputed FROM upload_pipeline.backfill_content_tsv($1, $2)",
-        )
-        .bind(after)
-        .bind(BACKFILL_BATCH)
-        .fetch_one(&mut *conn)
-        .await;
-        match batch {
-            Ok(batch) => return Ok(batch),
-            Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("40P01" | "40001" | "55P03"))
-                    && attempt < 10 =>
-            {
-                tracing::warn!(error = %e, attempt, "Keyword index backfill: trying the batch again");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    unreachable!("the loop returns")
-}
-
-/// Whether keyword search can use its full-text index: `keyword_candidates` runs as its owner, who must bypass
-/// row-level security (a superuser or BYPASSRLS; the migrating role normally is). Otherwise it still returns only
-/// the caller's chunks, but Postgres may not use the index under the policy, and every keyword search reads all of
-/// the caller's chunks: logged as a warning.
-pub async fn keyword_search_uses_its_index(pool: &PgPool) -> Result<bool, DbError> {
-    let (owner, bypass): (String, bool) = sqlx::query_as(
-        "SELECT r.rolname::text, r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_proc p \
-         JOIN pg_catalog.pg_roles r ON r.oid = p.proowner \
-         WHERE p.oid = 'upload_pipeline.keyword_candidates(tsquery, uuid[], integer)'::regprocedure",
-    )
-    .fetch_one(pool)
-    .await?;
-    if !bypass {
-        tracing::warn!(
-            owner,
-            "upload_pipeline.keyword_candidates is owned by a role that does not bypass row-level security: \
-             keyword search cannot use its full-text index and reads every chunk of the caller's. Give the owner \
-             BYPASSRLS (ALTER ROLE ... BYPASSRLS) or make a role that has it the owner (docs/security.md)"
-        );
-    }
-    Ok(bypass)
 }
 
 /// Begins a transaction that sees and changes only `user_id`'s rows.

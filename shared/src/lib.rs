@@ -22,7 +22,8 @@
 //!    fleet's shared provider budget ([`quota`]), and stores them in pgvector.
 //! 5. **Queryable.** The last batch makes the document `ready`; `POST /v1/search` ([`api`]) hands the query to
 //!    [`search`]: hybrid (vector and keyword, fused by rank), vector or keyword, over ready documents only,
-//!    narrowed by filters, with citations. Agents call the same SQL function directly.
+//!    narrowed by filters, with citations, and optionally reranked by a cross-encoder ([`providers::rerank`]).
+//!    Agents call the same SQL function directly.
 //!
 //! [`runtime`] runs the stage workers; [`retry`] and [`reconciler`] recover what failed or was lost between
 //! Postgres and Redis. The transport ([`queue`]) knows nothing of documents: it moves typed jobs and guarantees
@@ -45,7 +46,7 @@
 //! | [`text`] | the normalised form of parsed text and search queries (NFKC, invisibles, hyphenated words); pure |
 //! | [`chunking`] | Markdown sections to token-bounded chunks with their heading path; pure |
 //! | [`helper`] | bounded child processes for parsing and chunking hostile input (deadline, memory cap) |
-//! | [`providers`] | the parser and embedder clients (LlamaParse, OpenAI-compatible, local model, hashing) and [`providers::ProviderError`] |
+//! | [`providers`] | the parser, embedder and reranker clients (LlamaParse, OpenAI-compatible, local model, hashing; Cohere, Jina, TEI) and [`providers::ProviderError`] |
 //! | [`documents`] | documents as the API sees them: the durable upload, its [`documents::DocumentStatus`], listing, deletion |
 //! | [`search`] | hybrid, vector and keyword search of ready documents, its [`search::Filter`]s, and its hits with citations |
 //! | [`jobs`] | the stages ([`jobs::Stage`], [`jobs::JobState`]), their queues, the jobs those carry, each stage's handler |

@@ -12,7 +12,7 @@ mod record;
 pub use markdown::catalogue_markdown;
 pub use record::{
     cache_lookups, describe, document_failed, document_ready, provider_request, quota_spent,
-    quota_waited, register_series,
+    quota_waited, register_rerank, register_series,
 };
 
 /// What kind of series a metric is.
@@ -177,8 +177,11 @@ pub const DOCUMENTS_FAILED: &str = "upload_pipeline_documents_failed_total";
 pub const DOCUMENTS_UPLOADED: &str = "upload_pipeline_documents_uploaded_total";
 /// Documents stored, by status (read from Postgres at scrape time).
 pub const DOCUMENTS_STORED: &str = "upload_pipeline_documents_stored_documents";
-/// Search latency through the API, embedding of the query included.
+/// Search latency through the API, embedding of the query (and reranking) included, by mode.
 pub const SEARCH_DURATION: &str = "upload_pipeline_search_duration_seconds";
+/// Searches that asked for reranking and were answered in fused order because the reranker failed, by reason
+/// (an outcome of [`PROVIDER_OUTCOMES`] other than `ok` and `too_large`).
+pub const SEARCH_RERANK_FAILURES: &str = "upload_pipeline_search_rerank_failures_total";
 /// Stage jobs pushed again by the reconciler, by stage.
 pub const RECONCILER_REQUEUED: &str = "upload_pipeline_reconciler_requeued_jobs_total";
 /// API responses, by route and status class.
@@ -399,10 +402,16 @@ pub const CATALOGUE: &[Metric] = &[
     ),
     histogram(
         SEARCH_DURATION,
-        &[],
-        "Search latency through the API, query embedding included (bounds at 20 ms and 3 s).",
+        &["mode"],
+        "Search latency through the API, query embedding and reranking included, by mode (hybrid, vector, keyword; bounds at 20 ms and 3 s).",
         Producer,
         SEARCH_BUCKETS,
+    ),
+    counter(
+        SEARCH_RERANK_FAILURES,
+        &["reason"],
+        "Searches answered in fused order, unreranked, because the reranker failed, by reason (rate_limited: a 429; throttled: the fleet's budget or a cool-down was longer than search.rerank.max_wait; quota; unauthorized: a 401/403 or a pause for it; transient: a timeout, connection failure or 5xx; permanent: another 4xx or an invalid answer).",
+        Producer,
     ),
     counter(
         RECONCILER_REQUEUED,

@@ -4,9 +4,10 @@
 
 use unicode_normalization::UnicodeNormalization;
 
-/// Invisible characters that only steer rendering: zero-width space, non-joiner, joiner, word joiner and the
-/// byte-order mark (a zero-width no-break space inside text).
-const ZERO_WIDTH: [char; 5] = ['\u{200B}', '\u{200C}', '\u{200D}', '\u{2060}', '\u{FEFF}'];
+/// Invisible characters that only steer line breaking: zero-width space, word joiner and the byte-order mark (a
+/// zero-width no-break space inside text). The zero-width non-joiner and joiner stay: they are spelling in Persian
+/// and Indic scripts and hold emoji sequences together, so removing them would change the text a citation quotes.
+const ZERO_WIDTH: [char; 3] = ['\u{200B}', '\u{2060}', '\u{FEFF}'];
 /// A hyphen shown only where a word breaks at a line end.
 const SOFT_HYPHEN: char = '\u{00AD}';
 /// The hyphens that may end a line in the middle of a word: hyphen-minus, the Unicode hyphen (NFKC's form of the
@@ -20,7 +21,8 @@ const LINE_END_HYPHENS: [char; 3] = ['-', '\u{2010}', SOFT_HYPHEN];
 ///   `E0502`), non-breaking and other compatibility spaces to a plain space. Superscripts, subscripts and vulgar
 ///   fractions keep their form: NFKC would make plain digits of them that run into their neighbours (`10³` would
 ///   read `103`, `1½` `11⁄2`, a footnote mark `results²` `results2`).
-/// - Zero-width spaces and joiners, word joiners, byte-order marks and soft hyphens removed.
+/// - Zero-width spaces, word joiners, byte-order marks and soft hyphens removed (zero-width joiners and
+///   non-joiners kept).
 /// - A word hyphenated across a line break joined (`speci-\nfication` → `specification`): when a hyphen (`-`,
 ///   U+2010 or a soft hyphen) ends a line right after a letter and the next line, after its indentation, starts
 ///   with a lowercase letter. Inside fenced code, on headings, fence lines and table rows (lines with a `|`) nothing
@@ -176,9 +178,16 @@ mod tests {
     fn invisible_characters_are_removed() {
         assert_eq!(normalize("hyphen\u{00AD}ation"), "hyphenation");
         assert_eq!(
-            normalize("\u{FEFF}zero\u{200B}width\u{200C}non\u{200D}joiner\u{2060}s"),
-            "zerowidthnonjoiners"
+            normalize("\u{FEFF}zero\u{200B}width\u{2060}s"),
+            "zerowidths"
         );
+        // Joiners are spelling (Persian, Indic scripts) and emoji glue: kept.
+        for kept in [
+            "\u{0645}\u{06CC}\u{200C}\u{062E}\u{0648}\u{0627}\u{0647}\u{0645}",
+            "\u{1F468}\u{200D}\u{1F469}",
+        ] {
+            assert_eq!(normalize(kept), kept);
+        }
         // Removed before composition: the accent still composes with its letter.
         assert_eq!(normalize("e\u{200B}\u{0301}"), "\u{00E9}");
     }

@@ -9,6 +9,7 @@ import os
 import struct
 import urllib.request
 
+import cohere
 import openai
 from llama_cloud import LlamaCloud
 from openai import AzureOpenAI, OpenAI
@@ -33,7 +34,7 @@ def stats():
     return json.load(urllib.request.urlopen(f"{URL}/_fake/stats"))
 
 
-KEYS = {"openai": {"keys": ["sk-test", "azure-key"]}, "llamaparse": {"keys": ["llx-test"]}}
+KEYS = {"openai": {"keys": ["sk-test", "azure-key"]}, "llamaparse": {"keys": ["llx-test"]}, "rerank": {"keys": ["co-test"]}}
 configure(KEYS)
 checks = []
 
@@ -129,6 +130,29 @@ except Exception as e:  # the SDK's own error type for failed jobs
     assert "Injected failure" in str(e) or "FAILED" in str(e), repr(e)
 configure(KEYS)
 checks.append("llama-cloud: a failed job raises with the provider's reason")
+
+# cohere: rerank v2 (and v1, which Jina's /v1/rerank shares) in the fake's order: the share of the query's words.
+docs = ["spring tides follow the moon", "the harbour pilot climbs the boarding ladder", "a pilot boat"]
+co = cohere.ClientV2(api_key="co-test", base_url=URL, max_retries=0)
+ranked = co.rerank(model="rerank-v3.5", query="harbour pilot ladder", documents=docs, top_n=2)
+assert [(r.index, round(r.relevance_score, 3)) for r in ranked.results] == [(1, 1.0), (2, 0.333)], ranked
+assert ranked.meta.billed_units.search_units == 1, ranked
+v1 = cohere.Client(api_key="co-test", base_url=URL, max_retries=0).rerank(
+    model="rerank-v3.5", query="harbour pilot ladder", documents=docs, top_n=1, return_documents=True)
+assert v1.results[0].index == 1 and v1.results[0].document.text == docs[1], v1
+try:
+    cohere.ClientV2(api_key="co-wrong", base_url=URL, max_retries=0).rerank(model="m", query="q", documents=["d"])
+    raise AssertionError("a wrong key must fail")
+except cohere.errors.UnauthorizedError as e:
+    assert e.status_code == 401, e
+configure({**KEYS, "rerank": {**KEYS["rerank"], "fail_next": [429], "retry_after_s": 3}})
+try:
+    co.rerank(model="rerank-v3.5", query="q", documents=["d"])
+    raise AssertionError("a scripted 429 must fail")
+except cohere.errors.TooManyRequestsError as e:
+    assert e.headers["retry-after"] == "3", e.headers
+configure(KEYS)
+checks.append("cohere rerank (v2, v1 with documents), UnauthorizedError, TooManyRequestsError with Retry-After")
 
 for c in checks:
     print("ok  " + c)

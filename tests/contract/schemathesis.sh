@@ -20,6 +20,8 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 db=up_contract_$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
 export DATABASE_URL=${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432}/$db
 export UPLOAD_PIPELINE__QUEUE__KEY_PREFIX=contract-$db
+# The hashing embedder, chosen explicitly: the contract is the API's shapes, and queries embed instantly.
+export UPLOAD_PIPELINE__EMBEDDING__EMBEDDER=hashing UPLOAD_PIPELINE__EMBEDDING__MODEL=hashing-v1
 export RUST_LOG=${RUST_LOG:-warn}
 export PGOPTIONS="-c client_min_messages=warning"
 log=$root/target/contract-producer.log

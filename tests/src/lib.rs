@@ -46,6 +46,10 @@ pub fn settings(prefix: &str, redis_url: &str) -> Settings {
         redis_url: RedisUrl(redis_url.to_owned()),
         ..Default::default()
     };
+    // The hashing embedder, chosen explicitly: instant, and the vectors tests predict (the fake OpenAI server
+    // answers with the same); tests of the local model choose it themselves.
+    s.embedding.embedder = upload_pipeline::settings::EmbedderKind::Hashing;
+    s.embedding.model = "hashing-v1".into();
     s.queue.key_prefix = prefix.to_owned();
     s.queue.reclaim_after = Duration::from_secs(4);
     s.queue.block_timeout = Duration::from_millis(200);
@@ -155,7 +159,7 @@ pub async fn cleanup(settings: &Settings) {
 /// Runs `cleanup` to completion on a thread of its own with a small runtime of its own: what a `Drop` that must
 /// do I/O calls, since it cannot await and may run inside the test's runtime (where blocking on another future
 /// panics), even while the test unwinds from a failed assertion.
-pub(crate) fn block_on_thread<F, Fut>(cleanup: F)
+pub fn block_on_thread<F, Fut>(cleanup: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,

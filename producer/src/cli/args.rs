@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use upload_pipeline::{
     jobs::Stage,
     retry::{self, FailureFilter},
+    search::{Filter, SearchMode},
 };
 use uuid::Uuid;
 
@@ -91,13 +92,25 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Searches your documents.
+    /// Searches your ready documents.
     Search {
         /// What to look for.
         query: String,
         /// How many results.
         #[arg(short, long, default_value_t = 5)]
         k: u32,
+        /// hybrid (both lists fused by reciprocal rank), vector (by meaning) or keyword (by words: "a phrase",
+        /// or, -word).
+        #[arg(long, default_value = "hybrid", value_parser = search_mode)]
+        mode: SearchMode,
+        /// Only documents that pass this filter, OpenAI-style JSON: '{"type":"eq","key":"team","value":"ops"}',
+        /// or {"type":"and","filters":[...]}; keys are metadata fields or filename, content_type, created_at,
+        /// document_id.
+        #[arg(long, value_parser = search_filter)]
+        filter: Option<Filter>,
+        /// Print the API's JSON answer instead of a list.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -243,6 +256,21 @@ fn pipeline_stage(s: &str) -> Result<Stage, String> {
         .ok()
         .filter(|stage| Stage::PIPELINE.contains(stage))
         .ok_or_else(|| format!("unknown stage {s:?}: expected parse, chunk or embed"))
+}
+
+/// A search mode by its name on the wire.
+fn search_mode(s: &str) -> Result<SearchMode, String> {
+    [SearchMode::Hybrid, SearchMode::Vector, SearchMode::Keyword]
+        .into_iter()
+        .find(|mode| mode.as_str() == s)
+        .ok_or_else(|| format!("unknown mode {s:?}: expected hybrid, vector or keyword"))
+}
+
+/// A search filter as JSON, checked as the API checks it (the message names the part at fault).
+fn search_filter(s: &str) -> Result<Filter, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("the filter is not JSON: {e}"))?;
+    Filter::parse(&value).map_err(|e| e.to_string())
 }
 
 /// A duration such as `24h` or `90m`.

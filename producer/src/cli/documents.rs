@@ -6,7 +6,11 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use upload_pipeline::{Settings, auth::Auth, client::Client};
+use upload_pipeline::{
+    Settings,
+    auth::Auth,
+    client::{Client, SearchRequest},
+};
 use uuid::Uuid;
 
 use super::{
@@ -143,18 +147,28 @@ pub async fn status(settings: &Settings, api: &ApiArgs, id: Uuid) -> anyhow::Res
     Ok(())
 }
 
-/// Prints the `k` best matches for `query`, each with the start of its text.
-pub async fn search(settings: &Settings, api: &ApiArgs, query: &str, k: u32) -> anyhow::Result<()> {
+/// Prints the best matches for `request`, each with the start of its text (or, with `json`, the API's answer).
+pub async fn search(
+    settings: &Settings,
+    api: &ApiArgs,
+    request: &SearchRequest,
+    json: bool,
+) -> anyhow::Result<()> {
     let found = api
         .client(settings)?
-        .search(query, k)
+        .search_with(request)
         .await
         .context("Search failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(());
+    }
     let n = found.results.len();
     println!(
-        "{n} result{} in {:.1} ms ({})",
+        "{n} result{} in {:.1} ms ({}, {})",
         plural(n as u64),
         found.took_ms,
+        request.mode,
         found.embedding_model
     );
     for (i, hit) in found.results.iter().enumerate() {

@@ -32,12 +32,18 @@ pub async fn run(
     Ok(())
 }
 
-/// Builds the query embedder without connecting to anything, and says the server is ready to start.
+/// Builds the query embedder and the reranker without connecting to anything, and says the server is ready to start.
 fn preflight(settings: &Settings) -> anyhow::Result<()> {
     upload_pipeline::providers::embedder(settings, None)
         .context("The query embedder cannot start")?;
+    let reranker = upload_pipeline::providers::reranker(settings, None)
+        .context("The reranker cannot start")?
+        .map_or_else(
+            || "none".to_owned(),
+            |r| format!("{} {}", r.provider(), r.model()),
+        );
     println!(
-        "serve on {}: settings and providers ready (embedder {:?})",
+        "serve on {}: settings and providers ready (embedder {:?}, reranker {reranker})",
         settings.api.listen, settings.embedding.embedder
     );
     Ok(())

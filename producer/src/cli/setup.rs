@@ -6,15 +6,17 @@ use anyhow::Context;
 use upload_pipeline::{Settings, auth::Auth};
 use uuid::Uuid;
 
-/// Migrates the database and registers the embedding model's index.
+/// Migrates the database, registers the embedding model's index and applies the text-search configuration, with
+/// every chunk's keywords brought up to date in it.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     super::start_logging(settings, super::QUIET)?;
     upload_pipeline::db::migrate(settings)
         .await
         .context("Failed to migrate")?;
     println!(
-        "database migrated; embedding model {} ({} dimensions) registered",
-        settings.embedding.model, settings.embedding.dimensions
+        "database migrated; embedding model {} ({} dimensions) registered; every chunk's keywords in text-search \
+         configuration {}",
+        settings.embedding.model, settings.embedding.dimensions, settings.search.text_config
     );
     Ok(())
 }

@@ -53,6 +53,8 @@ pub enum ErrorCode {
     InvalidMode,
     /// 422: a search `filters` that is malformed; the message names the part (`filters.filters[1].type`).
     InvalidFilter,
+    /// 422: a search asked for `rerank` where no reranker is configured (`search.rerank.model`).
+    RerankNotConfigured,
     /// 429: too many uploads from this user; `Retry-After` says when to try again.
     RateLimited,
     /// 503: Postgres, Redis or the embedding provider is unavailable; try again.
@@ -83,7 +85,8 @@ impl ErrorCode {
             | Self::InvalidQuery
             | Self::InvalidK
             | Self::InvalidMode
-            | Self::InvalidFilter => StatusCode::UNPROCESSABLE_ENTITY,
+            | Self::InvalidFilter
+            | Self::RerankNotConfigured => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::SearchTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -8,15 +8,15 @@
 //! | `POST /v1/documents/{id}/retry` | a failed document re-runs from the stage that gave up | 202 `{stage, document}`, 404, 409 `not_failed` |
 //! | `GET /v1/documents?status=&limit=&cursor=` | the caller's documents, newest first | 200 `{documents, next_cursor}` |
 //! | `DELETE /v1/documents/{id}` | removes it with its chunks | 204, 404 |
-//! | `POST /v1/search` | `{query, k, mode, filters}` | 200 `{results, took_ms, mode, embedding_model}`; hits of ready documents with citations |
+//! | `POST /v1/search` | `{query, k, mode, filters, rerank}` | 200 `{results, took_ms, mode, embedding_model, reranked}`; hits of ready documents with citations |
 //! | `GET /v1/admin/failures?stage=&since=&user=&limit=` | admin claim: failed documents of every user | 200 `{counts, documents}` |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness; Postgres and Redis reachable; Prometheus | |
 //!
 //! Error codes: `invalid_request` 400, `invalid_json` 400, `empty_file` 400, `invalid_metadata` 400,
 //! `unauthorized` 401, `forbidden` 403, `not_found` 404, `idempotency_conflict` 409, `not_failed` 409, `file_too_large` 413,
 //! `unsupported_media_type` 415, `invalid_document` 422, `invalid_text` 422, `invalid_query` 422, `invalid_k` 422,
-//! `invalid_mode` 422, `invalid_filter` 422, `rate_limited` 429, `unavailable` 503, `search_timeout` 504,
-//! `internal` 500.
+//! `invalid_mode` 422, `invalid_filter` 422, `rerank_not_configured` 422, `rate_limited` 429, `unavailable` 503,
+//! `search_timeout` 504, `internal` 500.
 //!
 //! Each concern has its file: `error` the codes and the error body, `extract` the caller and path extractors,
 //! `documents` (with `upload` for reading the form), `search`, `admin` and `ops` the handlers, `types` the wire
@@ -78,9 +78,11 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     /// Uploads per user, fleet-wide.
     pub uploads: crate::ratelimit::RateLimit,
+    /// The search reranker, when one is configured (`search.rerank.model`).
+    pub reranker: Option<std::sync::Arc<dyn crate::providers::Reranker>>,
 }
 
-/// Shared pieces for binaries and tests; fails when the JWKS file is unusable.
+/// Shared pieces for binaries and tests, without a reranker; fails when the JWKS file is unusable.
 pub fn state(
     pipeline: Pipeline,
     broker: Broker,
@@ -100,6 +102,7 @@ pub fn state(
         pipeline,
         broker,
         metrics,
+        reranker: None,
     })
 }
 

@@ -92,6 +92,6 @@ mod tests {
             .as_array()
             .unwrap()
             .len();
-        assert_eq!(codes, 21);
+        assert_eq!(codes, 22);
     }
 }

@@ -1,5 +1,10 @@
 //! The search handler: the caller's chunks of ready documents for a query, hybrid (by default), vector or keyword,
-//! narrowed by filters on the documents. The search itself is [`crate::search`].
+//! narrowed by filters on the documents, and optionally reranked. The search itself is [`crate::search`].
+//!
+//! A reranker that fails never fails the search: the answer is the fused order with `reranked: false`, the failure
+//! logged and counted (`upload_pipeline_search_rerank_failures_total`). Search is what agents depend on, and the
+//! fused order is a good answer; a reranker that stays refused (a bad key, a wrong model) shows on that counter,
+//! by reason, and in the logs, and a refused key pauses it fleet-wide instead of being asked on every search.
 
 use std::{fmt, time::Instant};
 
@@ -20,6 +25,7 @@ use super::{
 };
 use crate::{
     metrics as m,
+    providers::{ProviderError, Reranker},
     search::{self, Filter, SearchMode},
 };
 
@@ -43,6 +49,11 @@ pub struct SearchRequest {
     /// Only chunks of documents that pass this filter (OpenAI's vector store `filters`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filters: Option<Filter>,
+    /// Rerank the best hits with the configured reranker (`true`) or not (`false`); absent or null: as
+    /// `search.rerank.enabled` says (off by default). `true` where no reranker is configured is refused with 422
+    /// `rerank_not_configured`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<bool>,
 }
 
 impl SearchRequest {
@@ -53,6 +64,7 @@ impl SearchRequest {
             k: default_k(),
             mode: SearchMode::default(),
             filters: None,
+            rerank: None,
         }
     }
 
@@ -73,6 +85,12 @@ impl SearchRequest {
         self.filters = Some(filter);
         self
     }
+
+    /// Reranks the best hits (`true`) or not (`false`), whatever `search.rerank.enabled` says.
+    pub fn rerank(mut self, rerank: bool) -> Self {
+        self.rerank = Some(rerank);
+        self
+    }
 }
 
 /// The body as read before `mode` and `filters` are checked, so that those answer `invalid_mode` and
@@ -88,6 +106,8 @@ pub(super) struct RawSearchRequest {
     mode: Option<Value>,
     #[serde(default)]
     filters: Option<Value>,
+    #[serde(default)]
+    rerank: Option<bool>,
 }
 
 /// A field that is present, `null` included (plain `Option` reads `null` as absent).
@@ -119,6 +139,7 @@ impl RawSearchRequest {
             k: self.k,
             mode,
             filters,
+            rerank: self.rerank,
         })
     }
 }
@@ -134,6 +155,10 @@ pub struct SearchResponse {
     pub mode: SearchMode,
     /// The model the query and the chunks were embedded with (in `keyword` mode, the configured model, unused).
     pub embedding_model: String,
+    /// Whether `results` are in the reranker's order (each with its `rerank_score`). False when reranking was not
+    /// asked for, and when the reranker failed: then `results` are the mode's order, as without reranking.
+    #[serde(default)]
+    pub reranked: bool,
 }
 
 fn default_k() -> i64 {
@@ -179,6 +204,9 @@ fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> 
 
 /// The `k` best chunks of the caller's ready documents for the query: hybrid (vector and keyword lists fused by
 /// reciprocal rank), vector or keyword, among the documents that pass `filters`.
+///
+/// Reranked when asked (`rerank`, else `search.rerank.enabled`): the best `search.rerank.candidates`, and at least
+/// `k`, reordered by the reranker; when it fails, the mode's order with `reranked: false`.
 #[utoipa::path(
     post, path = "/v1/search", tag = "search",
     request_body = SearchRequest,
@@ -188,7 +216,8 @@ fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> 
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type` (send application/json)", body = ErrorBody),
         (status = 422, description = "`invalid_query`, `invalid_k`, `invalid_mode`, `invalid_filter` (the message \
-                                      names the part, e.g. `filters.filters[1].type`), `invalid_request`", body = ErrorBody),
+                                      names the part, e.g. `filters.filters[1].type`), `rerank_not_configured` \
+                                      (`rerank: true` where no reranker is configured), `invalid_request`", body = ErrorBody),
         (status = 503, description = "`unavailable` (database or embedding provider)", body = ErrorBody),
         (status = 504, description = "`search_timeout` (longer than `search.timeout` in Postgres)", body = ErrorBody),
     ),
@@ -225,6 +254,7 @@ pub(super) async fn search(
             format!("k must be between 1 and {max_k}"),
         ));
     }
+    let reranker = chosen_reranker(&state, req.rerank)?;
     let embedder = &state.pipeline.embedder;
     let embedding = if req.mode.needs_embedding() {
         let mut vectors = embedder
@@ -249,21 +279,95 @@ pub(super) async fn search(
             text: &query,
             embedding: embedding.as_deref(),
             model: embedder.model(),
-            k: req.k as u32,
+            // The reranker chooses among the best candidates, and at least k.
+            k: match reranker {
+                Some(_) => (req.k as u32).max(state.pipeline.settings.search.rerank.candidates),
+                None => req.k as u32,
+            },
             mode: req.mode,
             filter: req.filters.as_ref(),
         },
     )
     .await?;
+    let (results, reranked) = match reranker {
+        Some(reranker) => rerank(reranker.as_ref(), &query, hits, req.k as usize).await,
+        None => (hits.into_iter().map(Hit::from).collect(), false),
+    };
     let took = started.elapsed();
-    metrics::histogram!(m::SEARCH_DURATION).record(took.as_secs_f64());
+    metrics::histogram!(m::SEARCH_DURATION, "mode" => req.mode.as_str()).record(took.as_secs_f64());
     Ok(Json(SearchResponse {
-        results: hits.into_iter().map(Hit::from).collect(),
+        results,
         took_ms: (took.as_secs_f64() * 1e5).round() / 100.0,
         mode: req.mode,
         embedding_model: embedder.model().to_owned(),
+        reranked,
     })
     .into_response())
+}
+
+/// The reranker a search uses: the request's `rerank`, else `search.rerank.enabled`; asking for one where none is
+/// configured is refused.
+fn chosen_reranker(
+    state: &ApiState,
+    asked: Option<bool>,
+) -> Result<Option<std::sync::Arc<dyn Reranker>>, ApiError> {
+    if !asked.unwrap_or(state.pipeline.settings.search.rerank.enabled) {
+        return Ok(None);
+    }
+    match &state.reranker {
+        Some(reranker) => Ok(Some(reranker.clone())),
+        None => Err(ApiError::new(
+            ErrorCode::RerankNotConfigured,
+            "no reranker is configured (search.rerank.model): leave rerank out, or set it to false",
+        )),
+    }
+}
+
+/// The `k` best of `hits` (in the mode's order) in the reranker's order, each with its score, and `true`; when the
+/// reranker fails, the first `k` in the mode's order and `false`, the failure logged and counted.
+async fn rerank(
+    reranker: &dyn Reranker,
+    query: &str,
+    mut hits: Vec<search::Hit>,
+    k: usize,
+) -> (Vec<Hit>, bool) {
+    if hits.is_empty() {
+        return (Vec::new(), true);
+    }
+    let documents: Vec<String> = hits.iter().map(|h| h.content.clone()).collect();
+    match reranker.rerank(query, &documents, k).await {
+        Ok(ranked) => {
+            let mut slots: Vec<Option<search::Hit>> = hits.into_iter().map(Some).collect();
+            let results = ranked
+                .into_iter()
+                .filter_map(|r| {
+                    let hit = slots.get_mut(r.index)?.take()?;
+                    Some(Hit {
+                        rerank_score: Some(r.score),
+                        ..Hit::from(hit)
+                    })
+                })
+                .collect();
+            (results, true)
+        }
+        Err(e) => {
+            let (provider, reason) = (reranker.provider(), e.outcome());
+            match e {
+                // Not something the next search's luck changes: an operator has to act.
+                ProviderError::Permanent { .. }
+                | ProviderError::Unauthorized { .. }
+                | ProviderError::QuotaExhausted { .. } => {
+                    tracing::error!(provider, reason, error = %e, "Reranking failed; the search answers in fused order")
+                }
+                _ => {
+                    tracing::warn!(provider, reason, error = %e, "Reranking failed; the search answers in fused order")
+                }
+            }
+            metrics::counter!(m::SEARCH_RERANK_FAILURES, "reason" => reason).increment(1);
+            hits.truncate(k);
+            (hits.into_iter().map(Hit::from).collect(), false)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -312,13 +416,24 @@ mod tests {
         let req = SearchRequest::new("q")
             .k(7)
             .mode(SearchMode::Vector)
-            .filters(Filter::compare(search::ComparisonOp::Gte, "year", 2024));
+            .filters(Filter::compare(search::ComparisonOp::Gte, "year", 2024))
+            .rerank(false);
         let raw: RawSearchRequest =
             serde_json::from_value(serde_json::to_value(&req).unwrap()).unwrap();
         let back = raw.check().unwrap();
         assert_eq!(
-            (back.k, back.mode, back.filters),
-            (7, SearchMode::Vector, req.filters)
+            (back.k, back.mode, back.filters, back.rerank),
+            (7, SearchMode::Vector, req.filters, Some(false))
+        );
+        let plain = serde_json::to_value(SearchRequest::new("q")).unwrap();
+        assert!(plain.get("rerank").is_none(), "{plain}");
+        assert_eq!(
+            checked(r#"{"query": "q", "rerank": null}"#).unwrap().rerank,
+            None
+        );
+        assert_eq!(
+            checked(r#"{"query": "q", "rerank": true}"#).unwrap().rerank,
+            Some(true)
         );
     }
 

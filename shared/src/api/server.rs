@@ -48,11 +48,11 @@ pub async fn run_server_on(
         let admin = crate::db::migrate_schema(&settings)
             .await
             .map_err(ServerError::Db)?;
-        // The keyword index of chunks written before it (or in another text configuration) is computed in batches
-        // while the API serves; keyword search skips those chunks until then.
+        // The keywords of chunks written before their table (or in another text configuration) are computed in
+        // batches while the API serves; keyword search skips those chunks until then.
         tokio::spawn(async move {
-            if let Err(e) = crate::db::backfill_keywords(&admin).await {
-                tracing::warn!(error = %e, "The keyword index backfill stopped; the next start-up or `producer migrate` resumes it");
+            if let Err(e) = crate::db::backfill_keywords_unless_busy(&admin).await {
+                tracing::warn!(error = %e, "The keyword backfill stopped; the next start-up or `producer migrate` resumes it");
             }
             admin.close().await;
         });
@@ -62,6 +62,11 @@ pub async fn run_server_on(
     let pool = crate::db::connect(&settings, 16)
         .await
         .map_err(ServerError::Db)?;
+    // Only `producer migrate` applies search.text_config: replicas of two settings in a rolling deploy would
+    // otherwise take turns changing it, each change a pass over every chunk.
+    crate::db::text_search_config_matches(&pool, &settings.search.text_config)
+        .await
+        .map_err(ServerError::Db)?;
     let broker = Broker::connect(settings.redis_url.expose(), settings.queue.clone())
         .await
         .map_err(ServerError::Queue)?;
@@ -69,6 +74,8 @@ pub async fn run_server_on(
         .await
         .map_err(|e| ServerError::Setup(format!("cannot reach Redis for the quota state: {e}")))?;
     let embedder = crate::providers::embedder(&settings, Some(&quota))
+        .map_err(|e| ServerError::Setup(e.to_string()))?;
+    let reranker = crate::providers::reranker(&settings, Some(&quota))
         .map_err(|e| ServerError::Setup(e.to_string()))?;
     // The producer pushes and reconciles stages but never parses: it needs no LlamaParse client (nor its key).
     let parser: Arc<dyn crate::providers::Parser> = Arc::new(
@@ -99,7 +106,10 @@ pub async fn run_server_on(
         .local_addr()
         .map_err(|e| ServerError::Setup(format!("listener has no address: {e}")))?;
     tracing::info!(listen = %local, "Producer API serving");
-    let state = state(pipeline, broker, metrics).map_err(|e| ServerError::Setup(e.to_string()))?;
+    let state = ApiState {
+        reranker,
+        ..state(pipeline, broker, metrics).map_err(|e| ServerError::Setup(e.to_string()))?
+    };
     let served = serve(listener, state, async move {
         shutdown.await;
         let _ = stop_tx.send(true);

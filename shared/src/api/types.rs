@@ -134,6 +134,10 @@ pub struct Hit {
     /// The chunk's place in the keyword list, from 1 (`keyword` and `hybrid`; null: its words do not match).
     #[schema(minimum = 1)]
     pub keyword_rank: Option<u32>,
+    /// The reranker's relevance score when the search was reranked (`reranked` true; Cohere, Jina and TEI answer
+    /// 0 to 1, higher is better), the order of `results`; null otherwise. `score` stays the mode's.
+    #[serde(default)]
+    pub rerank_score: Option<f64>,
 }
 
 impl From<search::Hit> for Hit {
@@ -158,6 +162,7 @@ impl From<search::Hit> for Hit {
             document_metadata: h.document_metadata,
             vector_rank: rank(h.vector_rank),
             keyword_rank: rank(h.keyword_rank),
+            rerank_score: None,
         }
     }
 }

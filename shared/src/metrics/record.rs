@@ -75,6 +75,18 @@ pub fn register_series(
     }
 }
 
+/// Creates, at zero, the series of a search reranker of `provider`: its requests by outcome, and the searches its
+/// failures left unreranked by reason.
+pub fn register_rerank(provider: &'static str) {
+    for &outcome in PROVIDER_OUTCOMES {
+        metrics::counter!(PROVIDER_REQUESTS, "provider" => provider, "operation" => "rerank", "outcome" => outcome)
+            .absolute(0);
+        if !matches!(outcome, "ok" | "too_large") {
+            metrics::counter!(SEARCH_RERANK_FAILURES, "reason" => outcome).absolute(0);
+        }
+    }
+}
+
 /// Records a document that became ready `seconds` after its upload.
 pub fn document_ready(seconds: f64) {
     metrics::histogram!(DOCUMENT_UPLOAD_TO_QUERYABLE).record(seconds);

@@ -250,7 +250,8 @@ fn load_error(dir: &Path, what: impl std::fmt::Display) -> ProviderError {
     ProviderError::permanent(
         EMBEDDER,
         format!(
-            "cannot load the model in {}: {what} (run `make model`, or set embedding.local.model_dir)",
+            "cannot load the model in {}: {what} (run `make model`, or set embedding.local.model_dir; \
+             or choose embedding.embedder = \"openai\", or \"hashing\" for vectors that are not semantic)",
             dir.display()
         ),
     )

@@ -1,12 +1,13 @@
-//! Providers behind traits: parsers turn uploads into Markdown sections, embedders turn text into vectors.
-//! Clients know nothing of the database or the queues; every failure is classified once, here, as
-//! [`ProviderError`].
+//! Providers behind traits: parsers turn uploads into Markdown sections, embedders turn text into vectors,
+//! rerankers reorder a search's hits. Clients know nothing of the database or the queues; every failure is
+//! classified once, here, as [`ProviderError`].
 
 pub mod hashing;
 mod http;
 pub mod llamaparse;
 pub mod local;
 pub mod openai;
+pub mod rerank;
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -17,6 +18,7 @@ use crate::{
 };
 
 pub use http::retry_after;
+pub use rerank::{Ranked, RerankFuture, Reranker};
 
 #[allow(missing_docs)]
 pub type EmbedFuture<'a> =
@@ -222,6 +224,24 @@ pub fn embedder(
     })
 }
 
+/// Builds the configured reranker, when there is one (`search.rerank.model` is set), and creates its series at
+/// zero; with `quota`, its calls take their share of the fleet's budget first.
+pub fn reranker(
+    settings: &Settings,
+    quota: Option<&Quota>,
+) -> Result<Option<Arc<dyn Reranker>>, ProviderError> {
+    let r = &settings.search.rerank;
+    if !r.configured() {
+        return Ok(None);
+    }
+    let client = match quota {
+        Some(q) => rerank::HttpReranker::with_quota(r, q)?,
+        None => rerank::HttpReranker::new(r)?,
+    };
+    crate::metrics::register_rerank(r.api_style.as_str());
+    Ok(Some(Arc::new(client)))
+}
+
 /// Builds the configured parser; with `quota`, LlamaParse uploads take their share of the fleet's budget first.
 pub fn parser(
     settings: &Settings,
@@ -260,6 +280,16 @@ mod tests {
         assert_eq!(operations(&s, true, false).len(), 5);
         s.parsing.parser = ParserKind::Local;
         assert_eq!(operations(&s, true, true), vec![("local", "parse")]);
+    }
+
+    #[test]
+    fn a_reranker_is_built_only_when_a_model_is_named() {
+        let mut s = Settings::default();
+        assert!(reranker(&s, None).unwrap().is_none());
+        s.search.rerank.model = "rerank-v3.5".into();
+        s.search.rerank.api_style = crate::settings::RerankApi::Jina;
+        let r = reranker(&s, None).unwrap().expect("a reranker");
+        assert_eq!((r.provider(), r.model()), ("jina", "rerank-v3.5"));
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! the sum of all replicas stays inside the provider's limits, uses nearly all of them, and backs off together.
 //!
 //! - **Budgets** are token buckets per dimension (requests and tokens per minute for embeddings, uploads per window
-//!   for LlamaParse), refilled at 97.5 % of the provider's rate with a burst of 2 % of its limit, so no sliding
-//!   window of the provider's length ever sees more than its limit. A call reserves its cost before it goes out
-//!   (tokens counted with the tokenizer) in one atomic script; a reservation may put the bucket in debt, and the
-//!   caller then waits its turn (the wait is counted) instead of failing. A request larger than the burst goes
-//!   when the bucket is full, leaves it in debt for the next caller to wait out, and also waits until the
-//!   provider's window has room for it (a log of what was sent per hundredth of the window), since the bucket
-//!   alone would let a window see the limit plus that request.
+//!   for LlamaParse, requests per minute for a search's reranker), refilled at 97.5 % of the provider's rate with a
+//!   burst of 2 % of its limit, so no sliding window of the provider's length ever sees more than its limit. A call
+//!   reserves its cost before it goes out (tokens counted with the tokenizer) in one atomic script; a reservation
+//!   may put the bucket in debt, and the caller then waits its turn (the wait is counted) instead of failing. A
+//!   request larger than the burst goes when the bucket is full, leaves it in debt for the next caller to wait out,
+//!   and also waits until the provider's window has room for it (a log of what was sent per hundredth of the
+//!   window), since the bucket alone would let a window see the limit plus that request.
 //! - **Order**: callers are served in the order they came. One that cannot reserve now takes a ticket, a place
 //!   in a line kept in Redis, and reservations are made in ticket order only (each ask reserves for every waiting
 //!   ticket whose turn has come, which picks its grant up when it next asks), so a large request is never starved
@@ -129,6 +129,18 @@ pub fn openai_limits(quota: &OpenAiQuota) -> Vec<Limit> {
         window: Duration::from_secs(60),
     })
     .collect()
+}
+
+/// The limit of a reranker's budget: `requests_per_minute` (none at 0).
+pub fn rerank_limits(requests_per_minute: u64) -> Vec<Limit> {
+    (requests_per_minute > 0)
+        .then(|| Limit {
+            name: "requests",
+            limit: requests_per_minute as f64,
+            window: Duration::from_secs(60),
+        })
+        .into_iter()
+        .collect()
 }
 
 /// Checks that the smallest embeddings request the settings can make, one chunk, fits the OpenAI token budget:
@@ -277,14 +289,32 @@ impl Quota {
         limits: Vec<Limit>,
         concurrency: usize,
     ) -> Budget {
+        let max_wait = self.settings.max_wait;
+        self.budget_waiting(provider, model, api_key, limits, concurrency, max_wait)
+    }
+
+    /// Like [`Quota::budget`], but a call waits at most `max_wait` for its share (or a cool-down) instead of
+    /// `quota.max_wait` before it is refused as [`ProviderError::Throttled`](crate::providers::ProviderError):
+    /// for calls someone is waiting on, such as a search's reranking.
+    pub fn budget_waiting(
+        &self,
+        provider: &'static str,
+        model: &str,
+        api_key: &str,
+        limits: Vec<Limit>,
+        concurrency: usize,
+        max_wait: Duration,
+    ) -> Budget {
         let key_hash = hex::encode(&Sha256::digest(api_key.as_bytes())[..6]);
-        // LlamaParse counts pages and has no price setting; embeddings count tokens at the configured price.
+        // LlamaParse counts pages and has no price setting; embeddings count tokens at the configured price; other
+        // providers (rerankers) have no daily cap.
         let (daily_units, usd_per_million) = match provider {
             "llamaparse" => (self.settings.llamaparse.pages_per_day, 0.0),
-            _ => (
+            "openai" => (
                 self.settings.openai.daily_tokens,
                 self.settings.openai.usd_per_million_tokens,
             ),
+            _ => (0, 0.0),
         };
         for l in &limits {
             let labels = [("provider", provider), ("resource", l.name)];
@@ -308,7 +338,7 @@ impl Quota {
                 spent: format!("{base}:spent"),
             },
             limits,
-            max_wait: self.settings.max_wait,
+            max_wait,
             probe_every: self.quota_wait,
             daily_units,
             usd_per_million,

@@ -42,6 +42,7 @@ defaults_from_the_file! {
     LocalModelSettings => embedding.local;
     ChunkingSettings => chunking;
     SearchSettings => search;
+    RerankSettings => search.rerank;
     QuotaSettings => quota;
     OpenAiQuota => quota.openai;
     LlamaParseQuota => quota.llamaparse;

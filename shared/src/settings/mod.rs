@@ -35,7 +35,7 @@ pub use parsing::{LlamaParseApi, LlamaParseSettings, ParserKind, ParsingSettings
 pub use pipeline::PipelineSettings;
 pub use queue::QueueSettings;
 pub use quota::{LlamaParseQuota, OpenAiQuota, QuotaSettings};
-pub use search::SearchSettings;
+pub use search::{RerankApi, RerankSettings, SearchSettings};
 /// The name callers used before Redis and Postgres URLs shared one type.
 pub use secrets::ConnectionUrl as RedisUrl;
 pub use secrets::{ConnectionUrl, Secret};
@@ -86,7 +86,7 @@ pub struct Settings {
     pub embedding: EmbeddingSettings,
     /// How parsed documents are cut into chunks.
     pub chunking: ChunkingSettings,
-    /// Keyword search and the fusion of hybrid search.
+    /// Keyword search, the fusion of hybrid search, and the reranker.
     pub search: SearchSettings,
     /// The fleet-wide provider budgets.
     pub quota: QuotaSettings,
@@ -109,6 +109,9 @@ const ENV_ALIASES: &[(&str, &str)] = &[
     ("OPENAI_API_KEY", "embedding.openai.api_key"),
     ("AZURE_OPENAI_API_KEY", "embedding.openai.api_key"),
     ("LLAMA_CLOUD_API_KEY", "parsing.llamaparse.api_key"),
+    ("CO_API_KEY", "search.rerank.api_key"),
+    ("COHERE_API_KEY", "search.rerank.api_key"),
+    ("JINA_API_KEY", "search.rerank.api_key"),
     ("LOG_FORMAT", "log.format"),
     ("RUST_LOG", "log.filter"),
 ];
@@ -129,10 +132,24 @@ impl Settings {
             }
             fig = fig.merge(Toml::file(file));
         }
-        let aliases = Env::raw().filter_map(|var| {
+        // The reranker's key variables are the chosen provider's only (CO_API_KEY is not sent to Jina).
+        let style: RerankApi = fig
+            .clone()
+            .merge(
+                Env::prefixed("UPLOAD_PIPELINE__")
+                    .split("__")
+                    .lowercase(true),
+            )
+            .extract_inner("search.rerank.api_style")
+            .unwrap_or(RerankApi::Cohere);
+        let aliases = Env::raw().filter_map(move |var| {
             ENV_ALIASES
                 .iter()
-                .find(|(name, _)| *name == var)
+                .find(|(name, path)| {
+                    *name == var
+                        && (*path != "search.rerank.api_key"
+                            || style.key_variables().contains(name))
+                })
                 .map(|(_, path)| (*path).into())
         });
         let settings: Settings = fig
@@ -342,6 +359,30 @@ mod tests {
             "search.keyword_weight"
         );
         assert_eq!(
+            field_named(|s| s.search.rerank.enabled = true),
+            "search.rerank.model"
+        );
+        assert_eq!(
+            field_named(|s| s.search.rerank.base_url = "api.cohere.com".into()),
+            "search.rerank.base_url"
+        );
+        assert_eq!(
+            field_named(|s| s.search.rerank.candidates = 101),
+            "search.rerank.candidates"
+        );
+        assert_eq!(
+            field_named(|s| s.search.rerank.candidates = 0),
+            "search.rerank.candidates"
+        );
+        assert_eq!(
+            field_named(|s| s.search.rerank.timeout = Duration::ZERO),
+            "search.rerank.timeout"
+        );
+        assert_eq!(
+            field_named(|s| s.search.rerank.max_wait = Duration::from_secs(11)),
+            "search.rerank.max_wait"
+        );
+        assert_eq!(
             field_named(|s| s.embedding.openai.max_inputs = 0),
             "embedding.openai.max_inputs"
         );
@@ -407,6 +448,59 @@ mod tests {
             assert!(err.to_string().contains("LLAMA_CLOUD_API_KEY"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_reranker_is_off_by_default_and_its_key_comes_from_cohere_or_jina_variables() {
+        let r = Settings::default().search.rerank;
+        assert!(!r.enabled && !r.configured(), "{r:?}");
+        assert_eq!((r.api_style, r.candidates), (RerankApi::Cohere, 50));
+        for var in ["CO_API_KEY", "COHERE_API_KEY", "JINA_API_KEY"] {
+            figment::Jail::expect_with(|jail| {
+                jail.clear_env();
+                jail.set_env(var, "very-secret-rerank-key");
+                jail.set_env("UPLOAD_PIPELINE__SEARCH__RERANK__ENABLED", "true");
+                jail.set_env("UPLOAD_PIPELINE__SEARCH__RERANK__MODEL", "rerank-v3.5");
+                let style = if var == "JINA_API_KEY" {
+                    RerankApi::Jina
+                } else {
+                    RerankApi::Cohere
+                };
+                let other = if style == RerankApi::Jina {
+                    "cohere"
+                } else {
+                    "jina"
+                };
+                // Another provider's variable is not this one's key, and that provider needs one.
+                jail.set_env("UPLOAD_PIPELINE__SEARCH__RERANK__API_STYLE", other);
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(err.contains("search.rerank.api_key"), "{err}");
+                jail.set_env("UPLOAD_PIPELINE__SEARCH__RERANK__API_STYLE", "tei");
+                assert_eq!(
+                    Settings::load(None)
+                        .expect("valid")
+                        .search
+                        .rerank
+                        .api_key
+                        .expose(),
+                    ""
+                );
+                jail.set_env("UPLOAD_PIPELINE__SEARCH__RERANK__API_STYLE", style.as_str());
+                let s = Settings::load(None).expect("valid");
+                assert_eq!(s.search.rerank.api_key.expose(), "very-secret-rerank-key");
+                assert_eq!(s.search.rerank.api_style, style);
+                assert!(s.search.rerank.enabled && s.search.rerank.configured());
+                let printed = format!("{s:?} {}", s.redacted());
+                assert!(!printed.contains("very-secret"), "{printed}");
+                jail.set_env("UPLOAD_PIPELINE__SEARCH__RERANK__API_STYLE", "voyage");
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(
+                    err.to_lowercase().contains("search.rerank.api_style"),
+                    "{err}"
+                );
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -1,18 +1,18 @@
-//! `[search]`: keyword search and how its results are fused with the vector search's.
+//! `[search]`: keyword search, how its results are fused with the vector search's, and the optional reranker.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{SettingsError, ensure};
+use super::{Secret, SettingsError, ensure, is_http_url};
 
 /// Keyword search and the fusion of hybrid search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchSettings {
     /// The Postgres text-search configuration chunks and queries are read with (`english`, `simple`, `german`, ...):
-    /// its stemming and stop words. Applied by `producer migrate` and at start-up; after a change the chunks' keyword
-    /// index is recomputed in batches (see `db::backfill_keywords`).
+    /// its stemming and stop words. Applied by `producer migrate` only (`producer serve` warns when it differs from
+    /// the database's); after a change the chunks' keywords are recomputed in batches (see `db::backfill_keywords`).
     pub text_config: String,
     /// Longest time one search may spend in Postgres (its transaction's `statement_timeout`); past it the API
     /// answers 504 `search_timeout`.
@@ -26,6 +26,118 @@ pub struct SearchSettings {
     pub vector_weight: f64,
     /// The weight of the keyword list in the fusion.
     pub keyword_weight: f64,
+    /// The reranker the fused hits may go through.
+    pub rerank: RerankSettings,
+}
+
+/// Which `/rerank` protocol the reranker speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RerankApi {
+    /// Cohere: `POST {base_url}/v2/rerank` `{model, query, documents, top_n}`.
+    Cohere,
+    /// Jina AI: `POST {base_url}/v1/rerank` `{model, query, documents, top_n}`.
+    Jina,
+    /// Hugging Face text-embeddings-inference: `POST {base_url}/rerank` `{query, texts}` (it serves one model).
+    Tei,
+}
+
+impl RerankApi {
+    /// Its name in settings, metrics (the `provider` label) and the fleet's quota keys.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Cohere => "cohere",
+            Self::Jina => "jina",
+            Self::Tei => "tei",
+        }
+    }
+
+    /// The environment variables that may hold this provider's key (`ENV_ALIASES` of `search.rerank.api_key`):
+    /// a Cohere key is never sent to Jina, nor either to a text-embeddings-inference server.
+    pub const fn key_variables(self) -> &'static [&'static str] {
+        match self {
+            Self::Cohere => &["CO_API_KEY", "COHERE_API_KEY"],
+            Self::Jina => &["JINA_API_KEY"],
+            Self::Tei => &[],
+        }
+    }
+}
+
+/// The reranker: a cross-encoder that reorders a search's best fused hits by their relevance to the query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerankSettings {
+    /// Whether searches are reranked when the request does not say (its `rerank` field); needs `model`.
+    pub enabled: bool,
+    /// `cohere`, `jina` or `tei`.
+    pub api_style: RerankApi,
+    /// The server, without the protocol's path (`https://api.cohere.com`, `https://api.jina.ai`, a TEI server).
+    pub base_url: String,
+    /// The bearer key (`CO_API_KEY`, `COHERE_API_KEY` or `JINA_API_KEY`); empty for servers without auth.
+    pub api_key: Secret,
+    /// The model; empty: no reranker (a request asking for one is refused). TEI serves one model and is not sent
+    /// it: there it names the budget and the logs only.
+    pub model: String,
+    /// How many of the best fused hits (and at least `k`) are sent to be reranked, 1 to 100.
+    pub candidates: u32,
+    /// Timeout of one request to the reranker.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Requests per minute the reranker allows this key, shared by the fleet through Redis; 0: no limit.
+    pub requests_per_minute: u64,
+    /// Longest a search waits for its share of that budget (or a cool-down after a 429) before it answers in
+    /// fused order, unreranked.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl RerankSettings {
+    /// Whether a reranker is configured (a model named), so that a search may ask for it.
+    pub fn configured(&self) -> bool {
+        !self.model.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        ensure(
+            !self.enabled || self.configured(),
+            "search.rerank.model",
+            "name the reranker's model when search.rerank.enabled is true",
+        )?;
+        ensure(
+            is_http_url(&self.base_url) && reqwest::Url::parse(&self.base_url).is_ok(),
+            "search.rerank.base_url",
+            "must be an http(s) URL",
+        )?;
+        if self.configured()
+            && self.api_key.expose().is_empty()
+            && let [first, rest @ ..] = self.api_style.key_variables()
+        {
+            let others: String = rest.iter().map(|v| format!(" or {v}")).collect();
+            return Err(SettingsError::Invalid {
+                field: "search.rerank.api_key",
+                reason: format!(
+                    "{} needs a key: set {first}{others} (or search.rerank.api_style = \"tei\" for a server \
+                     without auth)",
+                    self.api_style.as_str()
+                ),
+            });
+        }
+        ensure(
+            (1..=100).contains(&self.candidates),
+            "search.rerank.candidates",
+            "must be between 1 and 100 (the most hits one search returns)",
+        )?;
+        ensure(
+            (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.timeout),
+            "search.rerank.timeout",
+            "must be between 10ms and 1m",
+        )?;
+        ensure(
+            self.max_wait <= Duration::from_secs(10),
+            "search.rerank.max_wait",
+            "must be at most 10s (a search waits for it)",
+        )
+    }
 }
 
 impl SearchSettings {
@@ -65,7 +177,8 @@ impl SearchSettings {
             self.vector_weight + self.keyword_weight > 0.0,
             "search.keyword_weight",
             "search.vector_weight and search.keyword_weight must not both be 0",
-        )
+        )?;
+        self.rerank.validate()
     }
 }
 

@@ -59,6 +59,7 @@ const SECRET_FIELDS: &[&str] = &[
     "/api/jwt_secret",
     "/embedding/openai/api_key",
     "/parsing/llamaparse/api_key",
+    "/search/rerank/api_key",
 ];
 
 impl Settings {
@@ -102,10 +103,11 @@ mod tests {
         s.api.jwt_secret = Secret("jwt-pw".into());
         s.embedding.openai.api_key = Secret("sk-pw".into());
         s.parsing.llamaparse.api_key = Secret("llx-pw".into());
+        s.search.rerank.api_key = Secret("co-pw".into());
         let shown = s.redacted();
         let text = shown.to_string();
         for secret in [
-            "redis-pw", "db-pw", "owner-pw", "app-pw", "jwt-pw", "sk-pw", "llx-pw",
+            "redis-pw", "db-pw", "owner-pw", "app-pw", "jwt-pw", "sk-pw", "llx-pw", "co-pw",
         ] {
             assert!(!text.contains(secret), "{secret} shown in {text}");
         }

@@ -4,11 +4,13 @@
 //! the `bench` feature, so test builds do not compile plotters.
 
 pub mod backlog;
+pub mod corpus;
 pub mod fleet;
 pub mod pgcount;
 pub mod pipeline;
 #[cfg(feature = "bench")]
 pub mod plot;
+pub mod quality;
 #[cfg(feature = "bench")]
 pub mod report;
 pub mod scale;

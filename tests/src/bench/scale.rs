@@ -313,10 +313,16 @@ pub async fn capacity() -> serde_json::Value {
     ] {
         let mut worker = WorkerProcess::start(&s, stage);
         let seconds = stage_window(&db, later, DOCS).await;
-        wait_for("the stage to finish", Duration::from_secs(300), || async {
-            (passed(&db, later).await >= DOCS).then_some(())
-        })
-        .await;
+        // A loop rather than `wait_for` with a closure: the closure's future, borrowing `db` and `later`, is Send
+        // only for some lifetimes, and the optimised build of the bench binary cannot spawn the scenario then.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while passed(&db, later).await < DOCS {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 300 s waiting for the stage to finish"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let cpu = cpu_seconds(worker.pid());
         worker.signal("TERM");
         worker.wait_exit(Duration::from_secs(60)).await;

@@ -1,41 +1,37 @@
-//! The `search` scenario: 100,000 chunks of 384 dimensions for one user, searched through the API at concurrency
-//! 1 and 8, and the API's top 10 compared with an exact scan (recall@10).
+//! The `search` scenario: many tenants of very different sizes in one table (1,000,000 chunks of 384 dimensions
+//! across 1,000 tenants of 10 to 300,000 chunks by default), their documents drawn from the same topics, and per
+//! tenant-size bucket: recall@10 of vector search against an exact scan of the tenant's own chunks (the mean and
+//! the worst query), and the latency of vector and hybrid search at concurrency 1.
 //!
-//! The corpus is synthetic but not uniform noise (see [`Corpus`]): 1,000 documents on 200 subjects, embedded with
-//! the hashing embedder (the offline default). Queries are new texts about passages of the stored documents,
-//! embedded by the API as a user's would be.
+//! Searches run in SQL, through `upload_pipeline.search_chunks` as the app role under the tenant's row-level
+//! security: the function the API calls (which adds the query's embedding and HTTP around it) and agents call.
+//! The corpus is in [`super::corpus`]; it is loaded by COPY with the tables' secondary indexes dropped, which are
+//! then built once (the model's HNSW index among them).
 
-use std::{
-    fmt::Write as _,
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use serde::Serialize;
-use upload_pipeline::{
-    Settings,
-    client::{Client, SearchMode, SearchRequest},
-    settings::{EmbedderKind, Secret},
-};
+use sqlx::{Connection as _, PgConnection};
+use upload_pipeline::Settings;
 use uuid::Uuid;
 
-use super::stats::{Distribution, Spread};
-use crate::{Api, TestDb, unique_prefix};
+use super::{
+    corpus::{self, Corpus, Doc, Latent},
+    stats::Distribution,
+};
+use crate::{TestDb, unique_prefix};
 
-/// One load level.
-#[derive(Debug, Clone, Serialize)]
-pub struct Load {
-    /// Clients searching at once.
-    pub concurrency: usize,
-    /// Queries answered.
+/// What to load and ask.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Chunks stored.
+    pub chunks: usize,
+    /// Tenants they belong to.
+    pub tenants: usize,
+    /// Queries per tenant-size bucket.
     pub queries: usize,
-    /// Queries a second over the run.
-    pub queries_per_second: f64,
-    /// Request latency seen by the client, milliseconds.
-    pub latency_ms: Distribution,
-    /// Raw latencies, milliseconds (for the plot).
-    pub latencies: Vec<f64>,
 }
 
 /// Results of `search`.
@@ -43,263 +39,401 @@ pub struct Load {
 pub struct Search {
     /// Chunks stored.
     pub chunks: usize,
-    /// Documents they belong to.
+    /// Tenants.
+    pub tenants: usize,
+    /// Documents.
     pub documents: usize,
     /// Dimensions.
     pub dimensions: usize,
-    /// Seconds to load the chunks (COPY) without the index.
+    /// Seconds to load documents and chunks by COPY, secondary indexes dropped.
     pub load_seconds: f64,
-    /// Seconds to build the HNSW index over them.
-    pub index_build_seconds: f64,
-    /// Index size, bytes.
-    pub index_bytes: i64,
-    /// Table size with TOAST, bytes.
+    /// Seconds to build the HNSW index.
+    pub hnsw_build_seconds: f64,
+    /// Seconds to build the other secondary indexes and analyse.
+    pub other_indexes_seconds: f64,
+    /// HNSW index size, bytes.
+    pub hnsw_bytes: i64,
+    /// Chunk table size with TOAST, bytes.
     pub table_bytes: i64,
-    /// `hnsw.ef_search` in effect.
-    pub ef_search: String,
-    /// Per load level.
-    pub loads: Vec<Load>,
-    /// recall@10 against an exact scan, per query: mean and spread over the queries.
-    pub recall_at_10_mean: f64,
-    /// Its spread over the queries.
-    pub recall_at_10: Spread,
-    /// Queries compared.
-    pub recall_queries: usize,
-    /// The index alone, in SQL (the query `match_chunks` runs), at several `hnsw.ef_search`: what recall costs.
-    pub ef_sweep: Vec<EfPoint>,
+    /// A search among at most this many chunks scans them exactly (`upload_pipeline.exact_search_chunks()`).
+    pub exact_search_chunks: i64,
+    /// `search_chunks`' own `hnsw.ef_search`, and so on: its `SET` clauses.
+    pub search_settings: Vec<String>,
+    /// Per tenant-size bucket.
+    pub buckets: Vec<Bucket>,
 }
 
-/// recall@10 and latency of the index at one `hnsw.ef_search`.
+/// The tenants of one size range and their queries.
 #[derive(Debug, Clone, Serialize)]
-pub struct EfPoint {
-    /// `hnsw.ef_search`.
-    pub ef_search: u32,
-    /// Mean recall@10 over the queries.
+pub struct Bucket {
+    /// Smallest tenant size of the range (chunks).
+    pub from: usize,
+    /// Largest (inclusive).
+    pub to: usize,
+    /// Tenants in it.
+    pub tenants: usize,
+    /// Their chunks.
+    pub chunks: usize,
+    /// Queries asked (half about a passage of the tenant's own, half about another tenant's).
+    pub queries: usize,
+    /// Of which the vector list was taken by exact scan (the tenant at or under `exact_search_chunks`; the others
+    /// walk the model's index).
+    pub exact_queries: usize,
+    /// recall@10 of vector search against an exact scan of the tenant's chunks: mean over the queries.
     pub recall_at_10_mean: f64,
-    /// Query latency in SQL, milliseconds.
-    pub latency_ms: Distribution,
+    /// The worst query's.
+    pub recall_at_10_min: f64,
+    /// Queries under 0.9.
+    pub queries_under_0_9: usize,
+    /// Vector search latency, milliseconds (the `search_chunks` statement).
+    pub vector_ms: Distribution,
+    /// Hybrid search latency, milliseconds.
+    pub hybrid_ms: Distribution,
+    /// Raw vector latencies (for the plot).
+    pub vector_latencies: Vec<f64>,
+    /// Both paths forced on the bucket's first queries (at most [`COMPARED`]), whatever the limit says: what the
+    /// choice is made between.
+    pub paths: Paths,
 }
 
-/// Synthetic text with the shape of real documents: a document follows a subject (a topic's vocabulary) and
-/// drifts through it, so neighbouring chunks share more words than distant ones and similarity is graded, not a
-/// cluster of interchangeable bags of words. Function words come from a common Zipf-weighted vocabulary.
-struct Corpus {
-    topics: Vec<Vec<String>>,
-    common: Vec<String>,
+/// Vector search by each path, forced (`upload_pipeline.exact_search_chunks` set very high, then to 0).
+#[derive(Debug, Clone, Serialize)]
+pub struct Paths {
+    /// Queries compared.
+    pub queries: usize,
+    /// The exact scan's latency, milliseconds.
+    pub exact_ms: Distribution,
+    /// The graph walk's latency, milliseconds.
+    pub graph_ms: Distribution,
+    /// The graph walk's recall@10: mean over the queries.
+    pub graph_recall_mean: f64,
+    /// The worst query's.
+    pub graph_recall_min: f64,
 }
 
-/// Words of a topic a chunk draws from: a window that slides `DRIFT` words a chunk.
-const WINDOW: usize = 80;
-const DRIFT: usize = 2;
-const TOPIC_WORDS: usize = 600;
+/// Queries per bucket on which both paths are forced.
+pub const COMPARED: usize = 20;
 
-impl Corpus {
-    fn new(rng: &mut SmallRng) -> Self {
-        const SYLLABLES: &[&str] = &[
-            "ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zi", "bra", "cho", "dre", "fli",
-            "gro", "hu", "jin", "kel", "mar", "nor", "pel", "qua", "ros", "sul", "tor", "ulm",
-            "vex", "wen", "yar",
-        ];
-        let word = |rng: &mut SmallRng| {
-            let n = rng.random_range(2..=4);
-            (0..n)
-                .map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())])
-                .collect::<String>()
-        };
-        let common = (0..2000).map(|_| word(rng)).collect();
-        let topics = (0..200)
-            .map(|_| (0..TOPIC_WORDS).map(|_| word(rng)).collect())
-            .collect();
-        Self { topics, common }
-    }
+/// The buckets' bounds: 10-100, 100-1k, 1k-10k, 10k-100k, 100k-300k chunks.
+const BUCKETS: [(usize, usize); 5] = [
+    (10, 99),
+    (100, 999),
+    (1_000, 9_999),
+    (10_000, 99_999),
+    (100_000, 300_000),
+];
 
-    /// `words` words at position `at` of `topic`'s drift, `common` of them (a share) function words.
-    fn text(
-        &self,
-        topic: usize,
-        at: usize,
-        words: usize,
-        common: f64,
-        rng: &mut SmallRng,
-    ) -> String {
-        let mut out = String::new();
-        for i in 0..words {
-            let w = if rng.random::<f64>() < common {
-                // Zipf-like: index n * u^3 favours the first words.
-                let u: f64 = rng.random();
-                &self.common[((self.common.len() as f64) * u * u * u) as usize]
-            } else {
-                &self.topics[topic][(at + rng.random_range(0..WINDOW)) % TOPIC_WORDS]
-            };
-            if i > 0 {
-                out.push(' ');
-            }
-            out.push_str(w);
-        }
-        out
-    }
+const DIMS: usize = 384;
+const MODEL: &str = "bench-tenants-384";
+
+/// One query: whose, and about what.
+struct Question {
+    tenant: usize,
+    text: String,
+    vector: String,
+    exact: Vec<Uuid>,
 }
 
-/// Vectors with the structure of a real embedding model's: subjects (200 centres), documents scattered around
-/// their subject, passages drifting along a path within their document, and every direction's variance falling
-/// off as a power law (as the principal components of real sentence embeddings do), so the data has a low
-/// intrinsic dimension in 384. A query is a fresh paraphrase of one passage: the passage's point plus new noise.
-///
-/// Why not the hashing embedder's own vectors: they hash words, word pairs and trigrams into 384 signed buckets,
-/// which spreads every text over all directions alike; nearest neighbours in such data are near-ties, and no
-/// index finds them reliably (HNSW recall@10 0.47 at ef_search 40, 0.87 at 400, measured on 2026-11-24). The
-/// hashing embedder is for tests and offline demos, not for a production index.
-struct Latent {
-    topics: Vec<Vec<f32>>,
-    scale: Vec<f32>,
-}
-
-/// A document's place: its centre and the two directions its passages drift along.
-struct DocPath {
-    centre: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-}
-
-fn gaussian(rng: &mut SmallRng) -> f32 {
-    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-}
-
-fn normalised(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= norm);
-    v
-}
-
-impl Latent {
-    fn new(dims: usize, topics: usize, rng: &mut SmallRng) -> Self {
-        let scale: Vec<f32> = (0..dims).map(|j| (1.0 + j as f32).powf(-0.5)).collect();
-        let mut l = Self {
-            topics: Vec::new(),
-            scale,
-        };
-        l.topics = (0..topics).map(|_| l.noise(rng)).collect();
-        l
-    }
-
-    fn noise(&self, rng: &mut SmallRng) -> Vec<f32> {
-        self.scale.iter().map(|s| s * gaussian(rng)).collect()
-    }
-
-    fn document(&self, topic: usize, rng: &mut SmallRng) -> DocPath {
-        let n = self.noise(rng);
-        DocPath {
-            centre: self.topics[topic]
-                .iter()
-                .zip(n)
-                .map(|(t, n)| t + 0.7 * n)
-                .collect(),
-            a: self.noise(rng),
-            b: self.noise(rng),
-        }
-    }
-
-    /// Passage `i` of `doc`, with fresh noise.
-    fn passage(&self, doc: &DocPath, i: usize, rng: &mut SmallRng) -> Vec<f32> {
-        let phase = i as f32 / 8.0;
-        let n = self.noise(rng);
-        normalised(
-            (0..self.scale.len())
-                .map(|j| {
-                    doc.centre[j]
-                        + 0.6 * (doc.a[j] * phase.cos() + doc.b[j] * phase.sin())
-                        + 0.5 * n[j]
-                })
-                .collect(),
-        )
-    }
-}
-
-fn literal(v: &[f32]) -> String {
-    let mut s = String::with_capacity(v.len() * 8);
-    s.push('[');
-    for (i, x) in v.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        if *x == 0.0 {
-            s.push('0');
-        } else {
-            let _ = write!(s, "{x:.6}");
-        }
-    }
-    s.push(']');
-    s
-}
-
-/// Runs the scenario over `chunks` chunks (100 a document).
-pub async fn run(chunks: usize, queries: usize) -> Result<Search> {
-    const DIMS: usize = 384;
-    const PER_DOC: usize = 100;
+/// Runs the scenario.
+pub async fn run(config: Config) -> Result<Search> {
     let mut s = crate::settings(&unique_prefix("bench-search"), &crate::redis_url());
-    // Queries are embedded by an OpenAI-compatible server (the fake, answering with the corpus's query vectors).
-    s.embedding.embedder = EmbedderKind::Openai;
-    s.embedding.model = "text-embedding-3-small".into();
+    s.embedding.model = MODEL.into();
     s.embedding.dimensions = DIMS as u32;
-    s.embedding.openai.api_key = Secret("sk-bench".into());
-    // No provider quota in the way: at OpenAI tier 1 (3,000 requests a minute, shared by the fleet) query
-    // embeddings alone would cap search at 50 a second, whatever the index does.
-    s.quota.openai.requests_per_minute = 0;
-    s.quota.openai.tokens_per_minute = 0;
     let db = TestDb::create(&mut s).await;
-    let result = measure(&mut s, &db, chunks, PER_DOC, DIMS, queries).await;
+    let result = measure(s.clone(), config).await;
+    drop(db);
     crate::cleanup(&s).await;
     result
 }
 
-async fn measure(
-    s: &mut Settings,
-    db: &TestDb,
-    chunks: usize,
-    per_doc: usize,
-    dims: usize,
-    queries: usize,
-) -> Result<Search> {
-    let model = s.embedding.model.clone();
+async fn measure(s: Settings, config: Config) -> Result<Search> {
     let mut rng = SmallRng::seed_from_u64(42);
     let corpus = Corpus::new(&mut rng);
-    let latent = Latent::new(dims, corpus.topics.len(), &mut rng);
-    let user = Uuid::new_v4();
-    let documents = chunks.div_ceil(per_doc);
-    let index: String = sqlx::query_scalar(
-        "SELECT index_name FROM upload_pipeline.embedding_models WHERE model = $1",
-    )
-    .bind(&model)
-    .fetch_one(&db.admin)
-    .await
-    .context("the configured model is registered by the migration")?;
-    sqlx::query(&format!("DROP INDEX upload_pipeline.{index}"))
-        .execute(&db.admin)
-        .await?;
+    let latent = Latent::new(DIMS, &mut rng);
+    let sizes = corpus::tenant_sizes(config.chunks, config.tenants);
+    let users: Vec<Uuid> = sizes.iter().map(|_| Uuid::new_v4()).collect();
+    let docs = latent.documents(&sizes, &mut rng);
+
+    let mut connection = PgConnection::connect(s.database_url.expose()).await?;
+    let conn = &mut connection;
+    let indexes = drop_indexes(conn).await?;
     let t = Instant::now();
-    let mut conn = db.admin.acquire().await?;
-    let mut doc_ids = Vec::new();
-    for d in 0..documents {
-        let id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO upload_pipeline.documents (id, user_id, filename, content_type, size_bytes, sha256, \
-             status, chunks_total, ready_at) VALUES ($1, $2, $3, 'text/plain', 0, $4, 'ready', $5, now())",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(format!("doc-{d}.txt"))
-        .bind(format!("{:064x}", d))
-        .bind(per_doc as i32)
+    load(conn, &corpus, &latent, &docs, &users, &mut rng).await?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    let (hnsw_build_seconds, other_indexes_seconds) = build_indexes(conn, &indexes).await?;
+    let (hnsw_bytes, table_bytes): (i64, i64) = sqlx::query_as(
+        "SELECT pg_relation_size(format('upload_pipeline.%I', m.index_name)::regclass), \
+                pg_table_size('upload_pipeline.document_chunks') \
+         FROM upload_pipeline.embedding_models m WHERE m.model = $1",
+    )
+    .bind(MODEL)
+    .fetch_one(&mut *conn)
+    .await?;
+    let exact_search_chunks: i64 =
+        sqlx::query_scalar("SELECT upload_pipeline.exact_search_chunks()::bigint")
+            .fetch_one(&mut *conn)
+            .await?;
+    let search_settings: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(proconfig) FROM pg_proc WHERE proname = 'search_chunks' \
+         AND pronamespace = 'upload_pipeline'::regnamespace",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let mut questions = ask(&corpus, &latent, &docs, &sizes, config.queries, &mut rng);
+    for q in &mut questions {
+        q.exact = exact_top_10(conn, users[q.tenant], &q.vector).await?;
+    }
+    // Warm-up: every query once, so that both passes below read from memory alike.
+    for q in &questions {
+        search(conn, users[q.tenant], q, "vector", None).await?;
+    }
+    let mut found = Vec::with_capacity(questions.len());
+    for q in &questions {
+        let (vector_ms, hits) = search(conn, users[q.tenant], q, "vector", None).await?;
+        let (hybrid_ms, _) = search(conn, users[q.tenant], q, "hybrid", None).await?;
+        found.push((vector_ms, hybrid_ms, q.recall(&hits)));
+    }
+    // Both paths, forced, on each bucket's first queries.
+    let mut forced = Vec::new();
+    for (n, q) in questions.iter().enumerate() {
+        let earlier = questions[..n]
+            .iter()
+            .filter(|o| bucket_of(sizes[o.tenant]) == bucket_of(sizes[q.tenant]));
+        if earlier.count() >= COMPARED {
+            continue;
+        }
+        let (exact_ms, _) = search(conn, users[q.tenant], q, "vector", Some(100_000_000)).await?;
+        let (graph_ms, hits) = search(conn, users[q.tenant], q, "vector", Some(0)).await?;
+        forced.push((
+            bucket_of(sizes[q.tenant]),
+            exact_ms,
+            graph_ms,
+            q.recall(&hits),
+        ));
+    }
+    let buckets = BUCKETS
+        .iter()
+        .filter_map(|&(from, to)| {
+            let in_bucket = |t: usize| (from..=to).contains(&sizes[t]);
+            let tenants = (0..sizes.len()).filter(|&t| in_bucket(t)).count();
+            if tenants == 0 {
+                return None;
+            }
+            let rows: Vec<(&Question, &(f64, f64, f64))> = questions
+                .iter()
+                .zip(&found)
+                .filter(|(q, _)| in_bucket(q.tenant))
+                .collect();
+            let recalls: Vec<f64> = rows.iter().map(|(_, f)| f.2).collect();
+            let vector: Vec<f64> = rows.iter().map(|(_, f)| f.0).collect();
+            let hybrid: Vec<f64> = rows.iter().map(|(_, f)| f.1).collect();
+            Some(Bucket {
+                from,
+                to,
+                tenants,
+                chunks: (0..sizes.len())
+                    .filter(|&t| in_bucket(t))
+                    .map(|t| sizes[t])
+                    .sum(),
+                queries: rows.len(),
+                exact_queries: rows
+                    .iter()
+                    .filter(|(q, _)| sizes[q.tenant] as i64 <= exact_search_chunks)
+                    .count(),
+                recall_at_10_mean: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
+                recall_at_10_min: min(&recalls),
+                queries_under_0_9: recalls.iter().filter(|r| **r < 0.9).count(),
+                vector_ms: Distribution::of(&vector),
+                hybrid_ms: Distribution::of(&hybrid),
+                vector_latencies: vector,
+                paths: paths(&forced, bucket_of(from)),
+            })
+        })
+        .collect();
+    Ok(Search {
+        chunks: config.chunks,
+        tenants: config.tenants,
+        documents: docs.len(),
+        dimensions: DIMS,
+        load_seconds,
+        hnsw_build_seconds,
+        other_indexes_seconds,
+        hnsw_bytes,
+        table_bytes,
+        exact_search_chunks,
+        search_settings,
+        buckets,
+    })
+}
+
+/// The bucket of a tenant of `size` chunks (an index of [`BUCKETS`]).
+fn bucket_of(size: usize) -> usize {
+    BUCKETS
+        .iter()
+        .position(|&(from, to)| (from..=to).contains(&size))
+        .unwrap_or(BUCKETS.len())
+}
+
+fn min(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NAN, f64::min)
+}
+
+/// Both paths' figures in bucket `bucket`, from `forced`: (bucket, exact ms, graph ms, graph recall) per query.
+fn paths(forced: &[(usize, f64, f64, f64)], bucket: usize) -> Paths {
+    let rows: Vec<_> = forced.iter().filter(|f| f.0 == bucket).collect();
+    let recalls: Vec<f64> = rows.iter().map(|f| f.3).collect();
+    Paths {
+        queries: rows.len(),
+        exact_ms: Distribution::of(&rows.iter().map(|f| f.1).collect::<Vec<_>>()),
+        graph_ms: Distribution::of(&rows.iter().map(|f| f.2).collect::<Vec<_>>()),
+        graph_recall_mean: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
+        graph_recall_min: min(&recalls),
+    }
+}
+
+impl Question {
+    /// recall@10 of `hits` against the exact top 10.
+    fn recall(&self, hits: &[Uuid]) -> f64 {
+        self.exact.iter().filter(|id| hits.contains(id)).count() as f64
+            / self.exact.len().max(1) as f64
+    }
+}
+
+/// `queries` questions per bucket, in random order across buckets: each about a random tenant of the bucket,
+/// alternately about a passage of one of its own documents and about a passage of anyone's (whose nearest chunks
+/// are mostly other tenants': the tenant's best answers are then far down the list for everyone).
+fn ask(
+    corpus: &Corpus,
+    latent: &Latent,
+    docs: &[Doc],
+    sizes: &[usize],
+    queries: usize,
+    rng: &mut SmallRng,
+) -> Vec<Question> {
+    let mut own: Vec<Vec<usize>> = vec![Vec::new(); sizes.len()];
+    for (i, d) in docs.iter().enumerate() {
+        own[d.tenant].push(i);
+    }
+    let mut out = Vec::new();
+    for (from, to) in BUCKETS {
+        let tenants: Vec<usize> = (0..sizes.len())
+            .filter(|&t| (from..=to).contains(&sizes[t]))
+            .collect();
+        if tenants.is_empty() {
+            continue;
+        }
+        for n in 0..queries {
+            let tenant = tenants[rng.random_range(0..tenants.len())];
+            let doc = if n % 2 == 0 {
+                &docs[own[tenant][rng.random_range(0..own[tenant].len())]]
+            } else {
+                &docs[rng.random_range(0..docs.len())]
+            };
+            let i = rng.random_range(0..doc.chunks);
+            let mut vector = String::new();
+            corpus::write_vector(&mut vector, &latent.passage(doc, i, rng));
+            out.push(Question {
+                tenant,
+                text: corpus::question(corpus, doc, i, rng),
+                vector,
+                exact: Vec::new(),
+            });
+        }
+    }
+    for i in (1..out.len()).rev() {
+        out.swap(i, rng.random_range(0..=i));
+    }
+    out
+}
+
+/// The secondary indexes of the chunk tables (all but those of constraints): dropped for the load, each with its
+/// definition, to be built again once the rows are in.
+async fn drop_indexes(conn: &mut PgConnection) -> Result<Vec<(String, String)>> {
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i \
+         WHERE i.indrelid IN ('upload_pipeline.document_chunks'::regclass, \
+                              to_regclass('upload_pipeline.chunk_keywords')) \
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for (name, _) in &indexes {
+        sqlx::query(&format!("DROP INDEX {name}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(indexes)
+}
+
+/// Builds `indexes` again, with the memory an HNSW build of this size needs to stay in memory; returns the seconds
+/// the HNSW index took and the seconds the others and `VACUUM ANALYZE` took.
+async fn build_indexes(
+    conn: &mut PgConnection,
+    indexes: &[(String, String)],
+) -> Result<(f64, f64)> {
+    sqlx::query("SET maintenance_work_mem = '4GB'")
         .execute(&mut *conn)
         .await?;
-        let (topic, start) = (
-            rng.random_range(0..corpus.topics.len()),
-            rng.random_range(0..TOPIC_WORDS),
-        );
-        let path = latent.document(topic, &mut rng);
-        doc_ids.push((id, topic, start, path));
+    let (mut hnsw, mut other) = (0.0, 0.0);
+    for (_, definition) in indexes {
+        let t = Instant::now();
+        sqlx::query(definition)
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("building {definition}"))?;
+        if definition.contains("USING hnsw") {
+            hnsw += t.elapsed().as_secs_f64();
+        } else {
+            other += t.elapsed().as_secs_f64();
+        }
     }
+    let t = Instant::now();
+    // As autovacuum leaves a table at rest: statistics, and a visibility map for index-only scans.
+    let keywords: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('upload_pipeline.chunk_keywords')::text")
+            .fetch_one(&mut *conn)
+            .await?;
+    let tables = [
+        "upload_pipeline.documents",
+        "upload_pipeline.document_chunks",
+    ];
+    for table in tables.iter().copied().chain(keywords.as_deref()) {
+        sqlx::query(&format!("VACUUM ANALYZE {table}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("RESET maintenance_work_mem")
+        .execute(&mut *conn)
+        .await?;
+    Ok((hnsw, other + t.elapsed().as_secs_f64()))
+}
+
+/// COPYs the documents (all ready) and their chunks, in the documents' arrival order.
+async fn load(
+    conn: &mut PgConnection,
+    corpus: &Corpus,
+    latent: &Latent,
+    docs: &[Doc],
+    users: &[Uuid],
+    rng: &mut SmallRng,
+) -> Result<()> {
+    let ids: Vec<Uuid> = docs.iter().map(|_| Uuid::new_v4()).collect();
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY upload_pipeline.documents (id, user_id, filename, content_type, size_bytes, sha256, status, \
+             chunks_total, ready_at) FROM STDIN",
+        )
+        .await?;
+    let mut buf = String::new();
+    for (n, (doc, id)) in docs.iter().zip(&ids).enumerate() {
+        buf.push_str(&format!(
+            "{id}\t{}\tdoc-{n}.txt\ttext/plain\t0\t{n:064x}\tready\t{}\tnow\n",
+            users[doc.tenant], doc.chunks
+        ));
+    }
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await?;
     let mut copy = conn
         .copy_in_raw(
             "COPY upload_pipeline.document_chunks (document_id, user_id, chunk_index, content, token_count, \
@@ -307,235 +441,81 @@ async fn measure(
         )
         .await?;
     let mut buf = String::new();
-    for c in 0..chunks {
-        let (doc, topic, start, path) = &doc_ids[c / per_doc];
-        let at = start + (c % per_doc) * DRIFT;
-        let text = corpus.text(*topic, at, rng.random_range(250..350), 0.3, &mut rng);
-        let v = latent.passage(path, c % per_doc, &mut rng);
-        let _ = writeln!(
-            buf,
-            "{doc}\t{user}\t{}\t{text}\t{}\t{:064x}\t{}\t{model}",
-            c % per_doc,
-            text.split(' ').count(),
-            c,
-            literal(&v)
-        );
-        if buf.len() > 4 << 20 {
-            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+    let mut n = 0u64;
+    for (doc, id) in docs.iter().zip(&ids) {
+        for i in 0..doc.chunks {
+            buf.push_str(&format!("{id}\t{}\t{i}\t", users[doc.tenant]));
+            let words = corpus::chunk_text(corpus, doc, i, &mut buf, rng);
+            buf.push_str(&format!("\t{words}\t{n:064x}\t"));
+            corpus::write_vector(&mut buf, &latent.passage(doc, i, rng));
+            buf.push('\t');
+            buf.push_str(MODEL);
+            buf.push('\n');
+            n += 1;
+            if buf.len() > 4 << 20 {
+                copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+            }
         }
     }
     copy.send(buf.into_bytes()).await?;
     copy.finish().await?;
-    drop(conn);
-    let load_seconds = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let mut conn = db.admin.acquire().await?;
-    sqlx::query("SET maintenance_work_mem = '1GB'")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("SELECT upload_pipeline.register_embedding_model($1, $2)")
-        .bind(&model)
-        .bind(dims as i32)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("ANALYZE upload_pipeline.document_chunks")
-        .execute(&mut *conn)
-        .await?;
-    drop(conn);
-    let index_build_seconds = t.elapsed().as_secs_f64();
-    let (index_bytes, table_bytes): (i64, i64) = sqlx::query_as(
-        "SELECT pg_relation_size(format('upload_pipeline.%I', $1::text)::regclass), \
-                pg_table_size('upload_pipeline.document_chunks')",
-    )
-    .bind(&index)
-    .fetch_one(&db.admin)
-    .await?;
-    // What match_chunks runs with: its own setting, else the server's.
-    let ef_search: String = sqlx::query_scalar(
-        "SELECT coalesce((SELECT split_part(c, '=', 2) FROM pg_proc p, unnest(p.proconfig) c \
-           WHERE p.proname = 'match_chunks' AND c LIKE 'hnsw.ef_search=%'), current_setting('hnsw.ef_search'))",
-    )
-    .fetch_one(&db.admin)
-    .await?;
+    Ok(())
+}
 
-    // A user asks about what they uploaded: each query about one passage of a stored document, in words of
-    // its own (drawn afresh from that passage's vocabulary), with few function words.
-    let mut vectors = std::collections::HashMap::new();
-    let texts: Vec<String> = (0..queries)
-        .map(|n| {
-            let (_, topic, start, path) = &doc_ids[rng.random_range(0..doc_ids.len())];
-            let i = rng.random_range(0..per_doc);
-            let words = rng.random_range(8..16);
-            let text = format!(
-                "question {n}: {}",
-                corpus.text(*topic, start + i * DRIFT, words, 0.15, &mut rng)
-            );
-            vectors.insert(text.clone(), latent.passage(path, i, &mut rng));
-            text
-        })
-        .collect();
-    let fake = crate::fake::FakeProviders::start_with_vectors(
-        crate::fake::FakeConfig::default(),
-        std::sync::Arc::new(vectors.clone()),
-    )
-    .await;
-    s.embedding.openai.base_url = fake.openai_url();
+/// The tenant's true top 10: every chunk of `user`'s of the model, by exact distance (index scans off, so the HNSW
+/// index cannot serve the order; the tenant's rows come by a bitmap scan).
+async fn exact_top_10(conn: &mut PgConnection, user: Uuid, vector: &str) -> Result<Vec<Uuid>> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET LOCAL enable_indexscan = off")
+        .execute(&mut *tx)
+        .await?;
+    let ids = sqlx::query_scalar(&format!(
+        "SELECT c.id FROM upload_pipeline.document_chunks c JOIN upload_pipeline.documents d ON d.id = c.document_id \
+         WHERE c.user_id = $1 AND c.embedding_model = $2 AND d.status = 'ready' \
+         ORDER BY c.embedding::vector({DIMS}) <=> $3::vector({DIMS}), c.id LIMIT 10"
+    ))
+    .bind(user)
+    .bind(MODEL)
+    .bind(vector)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
 
-    let api = Api::start(s).await;
-    let client = api.client(s, user);
-    let outcome = async {
-        // Warm-up: the index and the table into the page cache, the API's pool filled.
-        for q in texts.iter().take(200) {
-            vector_search(&client, q).await?;
-        }
-        let mut loads = Vec::new();
-        for concurrency in [1usize, 8] {
-            loads.push(load(&client, &texts, concurrency).await?);
-        }
-        // recall@10: the API's answer against an exact scan of the same vector (no index).
-        let recall_queries = texts.len().min(200);
-        let mut recalls = Vec::new();
-        let mut exacts = Vec::new();
-        for q in texts.iter().take(recall_queries) {
-            let got: Vec<(Uuid, i32)> = vector_search(&client, q)
-                .await?
-                .results
-                .iter()
-                .map(|h| (h.document_id, h.chunk_index))
-                .collect();
-            let vector = literal(&vectors[q]);
-            let mut tx = db.admin.begin().await?;
-            sqlx::query("SET LOCAL enable_indexscan = off")
-                .execute(&mut *tx)
-                .await?;
-            let exact: Vec<(Uuid, i32)> = sqlx::query_as(&format!(
-                "SELECT document_id, chunk_index FROM upload_pipeline.document_chunks WHERE embedding_model = $2 \
-                 ORDER BY embedding::vector({dims}) <=> $1::vector({dims}) LIMIT 10"
-            ))
-            .bind(&vector)
-            .bind(&model)
-            .fetch_all(&mut *tx)
+/// `search_chunks` in `mode` for `q` as `user` under row-level security, at the exact-scan limit `limit` (`None`:
+/// the database's): the statement's milliseconds and the hits' chunk ids.
+async fn search(
+    conn: &mut PgConnection,
+    user: Uuid,
+    q: &Question,
+    mode: &str,
+    limit: Option<i64>,
+) -> Result<(f64, Vec<Uuid>)> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET LOCAL ROLE upload_pipeline_app")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT set_config('upload_pipeline.user_id', $1, true)")
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await?;
+    if let Some(limit) = limit {
+        sqlx::query("SELECT set_config('upload_pipeline.exact_search_chunks', $1, true)")
+            .bind(limit.to_string())
+            .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            recalls.push(recall(&exact, &got));
-            exacts.push((vector, exact));
-        }
-        let mut ef_sweep = Vec::new();
-        for ef in [40u32, 100, 200, 400] {
-            ef_sweep.push(sweep_point(db, &model, dims, ef, &exacts).await?);
-        }
-        Ok::<_, anyhow::Error>((loads, recalls, recall_queries, ef_sweep))
     }
-    .await;
-    api.stop().await;
-    let (loads, recalls, recall_queries, ef_sweep) = outcome?;
-    Ok(Search {
-        chunks,
-        documents,
-        dimensions: dims,
-        load_seconds,
-        index_build_seconds,
-        index_bytes,
-        table_bytes,
-        ef_search,
-        loads,
-        recall_at_10_mean: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
-        recall_at_10: Spread::of(&recalls),
-        recall_queries,
-        ef_sweep,
-    })
-}
-
-fn recall(exact: &[(Uuid, i32)], got: &[(Uuid, i32)]) -> f64 {
-    exact.iter().filter(|e| got.contains(e)).count() as f64 / exact.len().max(1) as f64
-}
-
-/// The top 10 for `query` by vector alone: the scenario measures the HNSW index, which hybrid search would blend
-/// with the keyword list.
-async fn vector_search(
-    client: &Client,
-    query: &str,
-) -> Result<upload_pipeline::client::SearchResults, upload_pipeline::client::ClientError> {
-    let request = SearchRequest::new(query).k(10).mode(SearchMode::Vector);
-    client.search_with(&request).await
-}
-
-/// The index's recall and latency at `ef`, running `match_chunks`' own query (`match_chunks_sql`) in SQL.
-async fn sweep_point(
-    db: &TestDb,
-    model: &str,
-    dims: usize,
-    ef: u32,
-    exacts: &[(String, Vec<(Uuid, i32)>)],
-) -> Result<EfPoint> {
-    let sql: String = sqlx::query_scalar("SELECT upload_pipeline.match_chunks_sql($1, $2, false)")
-        .bind(model)
-        .bind(dims as i32)
-        .fetch_one(&db.admin)
-        .await?;
-    let mut conn = db.admin.acquire().await?;
-    for set in [
-        format!("SET hnsw.ef_search = {ef}"),
-        "SET hnsw.iterative_scan = 'relaxed_order'".to_owned(),
-    ] {
-        sqlx::query(&set).execute(&mut *conn).await?;
-    }
-    let (mut recalls, mut latencies) = (Vec::new(), Vec::new());
-    for (vector, exact) in exacts {
-        let t = Instant::now();
-        let rows: Vec<(Uuid, Uuid, i32)> = sqlx::query_as(&format!(
-            "SELECT m.id, m.document_id, m.chunk_index FROM ({sql}) m"
-        ))
-        .bind(vector)
-        .bind(serde_json::json!({}))
-        .bind(10i32)
-        .fetch_all(&mut *conn)
-        .await?;
-        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
-        let got: Vec<(Uuid, i32)> = rows.into_iter().map(|r| (r.1, r.2)).collect();
-        recalls.push(recall(exact, &got));
-    }
-    for reset in ["RESET hnsw.ef_search", "RESET hnsw.iterative_scan"] {
-        sqlx::query(reset).execute(&mut *conn).await?;
-    }
-    Ok(EfPoint {
-        ef_search: ef,
-        recall_at_10_mean: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
-        latency_ms: Distribution::of(&latencies),
-    })
-}
-
-async fn load(
-    client: &upload_pipeline::client::Client,
-    texts: &[String],
-    concurrency: usize,
-) -> Result<Load> {
-    let per_client = (texts.len() * if concurrency > 1 { 2 } else { 1 }).div_ceil(concurrency);
     let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..concurrency {
-        let (client, texts) = (client.clone(), texts.to_vec());
-        tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(per_client);
-            for i in 0..per_client {
-                let q = &texts[(c * 7919 + i) % texts.len()];
-                let start = Instant::now();
-                vector_search(&client, q).await?;
-                lat.push(start.elapsed().as_secs_f64() * 1000.0);
-            }
-            Ok::<_, anyhow::Error>(lat)
-        });
-    }
-    let mut latencies = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        latencies.extend(done??);
-    }
-    let elapsed = t.elapsed().max(Duration::from_micros(1)).as_secs_f64();
-    Ok(Load {
-        concurrency,
-        queries: latencies.len(),
-        queries_per_second: latencies.len() as f64 / elapsed,
-        latency_ms: Distribution::of(&latencies),
-        latencies,
-    })
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM upload_pipeline.search_chunks($1, $2::vector, 10, mode => $3)",
+    )
+    .bind(&q.text)
+    .bind(&q.vector)
+    .bind(mode)
+    .fetch_all(&mut *tx)
+    .await?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    tx.commit().await?;
+    Ok((ms, ids))
 }

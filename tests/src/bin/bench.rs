@@ -7,13 +7,13 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tests::bench::{backlog, pipeline, report, scale, search};
+use tests::bench::{backlog, pipeline, quality, report, scale, search};
 
 #[derive(Parser, Debug)]
 #[command(about = "Runs the benchmark scenarios and writes tests/bench-results/")]
 struct Args {
-    /// Scenarios to run, comma-separated: queue, pipeline-instant, pipeline-realistic, search, scale, backlog, or
-    /// all.
+    /// Scenarios to run, comma-separated: queue, pipeline-instant, pipeline-realistic, search, scale, backlog,
+    /// quality, or all.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Where the results go.
@@ -37,11 +37,14 @@ struct Args {
     /// pipeline-realistic: the offered rates, documents a second.
     #[arg(long, default_value = "0.5,1,2", value_delimiter = ',')]
     realistic_rates: Vec<f64>,
-    /// search: chunks stored.
-    #[arg(long, default_value_t = 100_000)]
+    /// search: chunks stored, across the tenants (384 dimensions).
+    #[arg(long, default_value_t = 1_000_000)]
     search_chunks: usize,
-    /// search: distinct query texts (concurrency 1 runs each once, concurrency 8 twice).
+    /// search: tenants, of sizes from 10 chunks to 300,000 (or 30 % of the chunks, if fewer).
     #[arg(long, default_value_t = 1000)]
+    search_tenants: usize,
+    /// search: queries per tenant-size bucket (each run once in vector mode and once in hybrid mode).
+    #[arg(long, default_value_t = 200)]
     search_queries: usize,
     /// scale: documents per run (`make bench-scale`: 240).
     #[arg(long, default_value_t = 120)]
@@ -70,6 +73,14 @@ struct Args {
     /// backlog: longest wait for every document to settle, seconds; past it, what finished is reported.
     #[arg(long, default_value_t = 900)]
     backlog_deadline_seconds: u64,
+    /// quality: longest wait for the 56 pages of the evaluation set to be ready, seconds.
+    #[arg(long, default_value_t = 1200)]
+    quality_deadline_seconds: u64,
+    /// quality: variants of `[search]` measured on the same chunks after the main run, separated by `;`, each
+    /// `field=value,...` (candidates, rrf_k, vector_weight, keyword_weight, text_config); "" for none. The main
+    /// run takes `[search]`, `[chunking]` and `[embedding]` from the environment (`UPLOAD_PIPELINE__SEARCH__RRF_K`).
+    #[arg(long, value_delimiter = ';', default_value = quality::SWEEP)]
+    quality_sweep: Vec<String>,
 }
 
 fn repo_root() -> PathBuf {
@@ -109,7 +120,12 @@ async fn run(name: &str, args: &Args) -> Result<()> {
             report::realistic(&out, &r)
         }
         "search" => {
-            let r = search::run(args.search_chunks, args.search_queries).await?;
+            let r = search::run(search::Config {
+                chunks: args.search_chunks,
+                tenants: args.search_tenants,
+                queries: args.search_queries,
+            })
+            .await?;
             report::search(&out, &r)
         }
         "scale" => {
@@ -128,6 +144,16 @@ async fn run(name: &str, args: &Args) -> Result<()> {
             })
             .await?;
             report::backlog(&out, &r)
+        }
+        "quality" => {
+            let r = quality::run(quality::Config {
+                eval_dir: repo_root().join("tests/fixtures/eval"),
+                model_dir: repo_root().join("models/all-MiniLM-L6-v2"),
+                deadline: std::time::Duration::from_secs(args.quality_deadline_seconds),
+                sweep: args.quality_sweep.clone(),
+            })
+            .await?;
+            report::quality(&out, &r)
         }
         other => bail!(
             "unknown scenario {other:?}: expected one of {}",

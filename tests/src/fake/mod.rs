@@ -1,5 +1,6 @@
-//! Fake LlamaParse (v1 and v2) and OpenAI embeddings on one port, speaking the published protocols
-//! (`../shared/specs/providers.md`) closely enough that the official Python clients work against it unchanged.
+//! Fake LlamaParse (v1 and v2), OpenAI embeddings and rerankers (Cohere, Jina, text-embeddings-inference) on one
+//! port, speaking the published protocols (`../shared/specs/providers.md`) closely enough that the official Python
+//! clients work against it unchanged.
 //!
 //! - Latency is drawn from a log-normal distribution given by its median and 99th percentile.
 //! - Rate limits are enforced as the real services do: OpenAI per key over a request window and a token window,
@@ -10,7 +11,8 @@
 //!   on and off as a whole (OpenAI `insufficient_quota`, LlamaParse 402), and so can a revoked key (401 with the
 //!   provider's own body, whatever key is sent).
 //! - Embeddings are deterministic (the hashing embedder at the requested dimensions); parse results come from
-//!   the project's local parsers, page by page.
+//!   the project's local parsers, page by page; rerank scores are the share of the query's words a document holds
+//!   (`rerank::score`), and scripted failures (`fail_next`, `hang_next`) hit the next requests in order.
 //! - `GET /_fake/stats` counts calls; `PUT /_fake/config` replaces the configuration; `POST /_fake/reset` zeroes
 //!   the counters.
 
@@ -33,9 +35,11 @@ use serde::{Deserialize, Serialize};
 
 pub use llamaparse::LlamaParseConfig;
 pub use openai::OpenAiConfig;
+pub use rerank::RerankConfig;
 
 mod llamaparse;
 mod openai;
+pub mod rerank;
 
 /// A latency distribution: log-normal with this median and 99th percentile; zero means none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -133,6 +137,18 @@ pub struct FakeConfig {
     pub llamaparse: LlamaParseConfig,
 }
 
+/// The configuration as `/_fake/config` reads and writes it: the providers of [`FakeConfig`] and the rerankers'
+/// side under `"rerank"` (kept apart so that the many `FakeConfig { .. }` literals need not name it; a
+/// configuration without it, as [`FakeProviders::configure`] sends, leaves the rerankers' as it was).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct WireConfig {
+    #[serde(flatten)]
+    providers: FakeConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rerank: Option<RerankConfig>,
+}
+
 /// Calls served, by kind.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -155,16 +171,23 @@ pub struct Stats {
     pub faults: u64,
     /// 429 answers for rate limits.
     pub rate_limited: u64,
+    /// Rerank requests (any protocol, any outcome).
+    pub rerank_requests: u64,
+    /// Documents of the rerank requests answered with a ranking.
+    pub reranked_documents: u64,
 }
 
 #[derive(Default)]
 struct Inner {
     config: FakeConfig,
+    rerank: RerankConfig,
     stats: Stats,
     jobs: HashMap<String, llamaparse::Job>,
     requests: HashMap<String, VecDeque<(Instant, u64)>>,
     tokens: HashMap<String, VecDeque<(Instant, u64)>>,
     uploads: VecDeque<Instant>,
+    /// Rerank requests admitted per key, for `rerank.requests`.
+    rerank_windows: HashMap<String, VecDeque<Instant>>,
     /// Fixed answers: an input found here is embedded as this vector instead of by hashing.
     vectors: Arc<HashMap<String, Vec<f32>>>,
 }
@@ -186,10 +209,19 @@ pub fn router(config: FakeConfig) -> Router {
 /// The router, answering the inputs in `vectors` with those vectors (the search benchmark's corpus has vectors
 /// of a known structure that no text hashes to).
 pub fn router_with_vectors(config: FakeConfig, vectors: Arc<HashMap<String, Vec<f32>>>) -> Router {
+    router_with_all(config, RerankConfig::default(), vectors)
+}
+
+fn router_with_all(
+    config: FakeConfig,
+    rerank: RerankConfig,
+    vectors: Arc<HashMap<String, Vec<f32>>>,
+) -> Router {
     let shared = Shared::default();
     {
         let mut inner = shared.lock();
         inner.config = config;
+        inner.rerank = rerank;
         inner.vectors = vectors;
     }
     Router::new()
@@ -213,6 +245,9 @@ pub fn router_with_vectors(config: FakeConfig, vectors: Arc<HashMap<String, Vec<
             "/api/parsing/job/{id}/result/{format}",
             get(llamaparse::v1_result),
         )
+        .route("/v2/rerank", post(rerank::cohere))
+        .route("/v1/rerank", post(rerank::jina))
+        .route("/rerank", post(rerank::tei))
         .route("/_fake/stats", get(stats))
         .route("/_fake/config", get(get_config).put(put_config))
         .route("/_fake/reset", post(reset))
@@ -238,11 +273,24 @@ impl FakeProviders {
         config: FakeConfig,
         vectors: Arc<HashMap<String, Vec<f32>>>,
     ) -> Self {
+        Self::start_with_all(config, RerankConfig::default(), vectors).await
+    }
+
+    /// Starts serving `config`, its rerankers with `rerank`.
+    pub async fn start_with_rerank(config: FakeConfig, rerank: RerankConfig) -> Self {
+        Self::start_with_all(config, rerank, Arc::default()).await
+    }
+
+    async fn start_with_all(
+        config: FakeConfig,
+        rerank: RerankConfig,
+        vectors: Arc<HashMap<String, Vec<f32>>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let app = router_with_vectors(config, vectors);
+        let app = router_with_all(config, rerank, vectors);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -277,6 +325,22 @@ impl FakeProviders {
         s.parsing.llamaparse.api_key = Secret("llx-test".into());
         s.parsing.llamaparse.poll_interval = Duration::from_millis(50);
         s.parsing.llamaparse.poll_interval_max = Duration::from_millis(200);
+    }
+
+    /// Points `s`'s reranker at this fake, speaking `api`: model `fake-reranker`, key `rerank-test`, on for every
+    /// search.
+    pub fn rerank_with(
+        &self,
+        s: &mut upload_pipeline::Settings,
+        api: upload_pipeline::settings::RerankApi,
+    ) {
+        use upload_pipeline::settings::Secret;
+        let r = &mut s.search.rerank;
+        r.enabled = true;
+        r.api_style = api;
+        r.base_url = self.url.clone();
+        r.api_key = Secret("rerank-test".into());
+        r.model = "fake-reranker".into();
     }
 
     /// Calls served so far.
@@ -324,12 +388,20 @@ async fn stats(State(s): State<Shared>) -> Json<Stats> {
     Json(s.lock().stats.clone())
 }
 
-async fn get_config(State(s): State<Shared>) -> Json<FakeConfig> {
-    Json(s.lock().config.clone())
+async fn get_config(State(s): State<Shared>) -> Json<WireConfig> {
+    let inner = s.lock();
+    Json(WireConfig {
+        providers: inner.config.clone(),
+        rerank: Some(inner.rerank.clone()),
+    })
 }
 
-async fn put_config(State(s): State<Shared>, Json(config): Json<FakeConfig>) -> StatusCode {
-    s.lock().config = config;
+async fn put_config(State(s): State<Shared>, Json(config): Json<WireConfig>) -> StatusCode {
+    let mut inner = s.lock();
+    inner.config = config.providers;
+    if let Some(rerank) = config.rerank {
+        inner.rerank = rerank;
+    }
     StatusCode::NO_CONTENT
 }
 
@@ -339,6 +411,7 @@ async fn reset(State(s): State<Shared>) -> StatusCode {
     inner.requests.clear();
     inner.tokens.clear();
     inner.uploads.clear();
+    inner.rerank_windows.clear();
     StatusCode::NO_CONTENT
 }
 

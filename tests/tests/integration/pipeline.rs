@@ -680,17 +680,18 @@ async fn search_runs_on_the_models_hnsw_index() {
     .unwrap();
     let mut conn = db.admin.acquire().await.unwrap();
     // The table is empty, so the planner would rightly prefer a scan; disabling scans shows the index serves
-    // the exact query match_chunks runs.
-    sqlx::query("SET enable_seqscan = off")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    let sql: String = sqlx::query_scalar("SELECT upload_pipeline.match_chunks_sql($1, $2, false)")
-        .bind(&s.embedding.model)
-        .bind(s.embedding.dimensions as i32)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+    // the exact query match_chunks runs, with sorts off as match_chunks runs the graph's shape (that of a caller
+    // above `upload_pipeline.exact_search_chunks()` chunks).
+    for statement in ["SET enable_seqscan = off", "SET enable_sort = off"] {
+        sqlx::query(statement).execute(&mut *conn).await.unwrap();
+    }
+    let sql: String =
+        sqlx::query_scalar("SELECT upload_pipeline.match_chunks_sql($1, $2, false, false)")
+            .bind(&s.embedding.model)
+            .bind(s.embedding.dimensions as i32)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
     sqlx::query(&format!("PREPARE match_q(vector, jsonb, int) AS {sql}"))
         .execute(&mut *conn)
         .await

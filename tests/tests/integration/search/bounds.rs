@@ -233,9 +233,13 @@ async fn the_hnsw_scan_reaches_a_small_tenants_chunks_past_thousands_of_others()
     let mut tx = upload_pipeline::db::begin_as(app.admin(), small)
         .await
         .unwrap();
-    // The plan walks the graph (no sort allowed: the exact plan over the tenant's chunks needs one), with the memory
-    // of a small work_mem: pgvector's defaults (1 x work_mem) stop this walk after about 4,000 of the crowd's.
-    for statement in ["SET LOCAL enable_sort = off", "SET LOCAL work_mem = '1MB'"] {
+    // The graph is walked (a tenant this small is scanned exactly unless the limit says otherwise, and search_chunks
+    // then runs with sorts off), with the memory of a small work_mem: pgvector's defaults (1 x work_mem) stop this
+    // walk after about 4,000 of the crowd's.
+    for statement in [
+        "SET LOCAL upload_pipeline.exact_search_chunks = 0",
+        "SET LOCAL work_mem = '1MB'",
+    ] {
         sqlx::query(statement).execute(&mut *tx).await.unwrap();
     }
     let found: Vec<Uuid> = sqlx::query_scalar(
@@ -310,8 +314,11 @@ async fn keyword_search_owned_by_a_role_under_row_level_security_is_reported_and
             .await
             .unwrap()
     );
-    sqlx::query(
-        "ALTER FUNCTION upload_pipeline.keyword_candidates(tsquery, uuid[], integer) OWNER TO upload_pipeline_app",
+    // Given to a role that neither owns chunk_keywords nor bypasses row-level security (and may read the table):
+    // it reads the table under its policy.
+    sqlx::raw_sql(
+        "ALTER FUNCTION upload_pipeline.keyword_candidates(tsquery, uuid[], integer) OWNER TO upload_pipeline_app; \
+         GRANT SELECT ON upload_pipeline.chunk_keywords TO upload_pipeline_app",
     )
     .execute(pool)
     .await
@@ -366,11 +373,21 @@ async fn no_function_of_the_schema_is_public_and_the_app_role_keeps_what_it_call
     }
     for signature in [
         "upload_pipeline.set_text_search_config(regconfig)",
-        "upload_pipeline.backfill_content_tsv(uuid, integer)",
+        "upload_pipeline.backfill_chunk_keywords(uuid, integer, bigint)",
+        "upload_pipeline.chunk_keywords_write()",
         "upload_pipeline.register_embedding_model(text, integer)",
     ] {
         assert!(!app_may(signature).await, "{signature}");
     }
+    // Keyword rows are read through keyword_candidates only.
+    let reads_keywords: bool = sqlx::query_scalar(
+        "SELECT has_table_privilege('upload_pipeline_app', 'upload_pipeline.chunk_keywords', \
+         'SELECT, INSERT, UPDATE, DELETE')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(!reads_keywords);
     // The reconciler's fleet-wide read, as the app role.
     let user = Uuid::new_v4();
     let mut tx = upload_pipeline::db::begin_as(pool, user).await.unwrap();

@@ -7,14 +7,20 @@
 //!
 //! `ranking`: what each mode puts first, and citations; `filters`: every operator, applied before the top hits are
 //! taken, and the errors of malformed ones; `sql`: ready documents only, the halfvec index of a wide model,
-//! `search_chunks` for agents under row-level security, and the keyword index's backfill; `bounds`: what bounds a
-//! search's cost (a filter matched once per document, 500 values, the timeout, the HNSW scan's reach) and who may
-//! call the schema's functions.
+//! `search_chunks` for agents under row-level security; `keywords`: the keyword table's index and its backfill;
+//! `bounds`: what bounds a search's cost (a filter matched once per document, 500 values, the timeout, the HNSW
+//! scan's reach) and who may call the schema's functions; `rerank`: the fused hits reordered by the fake rerankers,
+//! and what a failing one answers; `tenants`: a small tenant among a big one gets its exact top k, by a scan of its
+//! own chunks, and a big one walks the HNSW graph.
 
 mod bounds;
+mod cli;
 mod filters;
+mod keywords;
 mod ranking;
+mod rerank;
 mod sql;
+mod tenants;
 
 use std::collections::BTreeSet;
 

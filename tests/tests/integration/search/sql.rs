@@ -1,6 +1,5 @@
 //! Only ready documents are searched, by every door; a 3,072-dimension model is indexed and searched as halfvec;
-//! `search_chunks` in SQL shows the app role only its own chunks, finds the keyword list through the GIN index,
-//! and refuses malformed filters.
+//! `search_chunks` in SQL shows the app role only its own chunks and refuses malformed filters.
 
 use std::collections::BTreeSet;
 
@@ -51,7 +50,8 @@ async fn documents_still_processing_or_failed_are_never_returned() {
     tx.rollback().await.unwrap();
 }
 
-/// The plan of `search_chunks`' query in vector mode on `model`, as `user` under row-level security, looking in
+/// The plan of `search_chunks`' query in vector mode on `model` (the graph's shape, which a caller of more than
+/// `upload_pipeline.exact_search_chunks()` chunks gets), as `user` under row-level security, looking in
 /// `documents` (the ready documents a filter let through; `None`: no filter). Scans and sorts are off, so that the
 /// small test tables do not make reading them whole, or a few documents' chunks sorted, look cheaper than the index:
 /// the plan shows whether the HNSW index can serve the query at all.
@@ -67,7 +67,7 @@ async fn plan(
         .await
         .unwrap();
     let sql: String =
-        sqlx::query_scalar("SELECT upload_pipeline.search_chunks_sql('vector', $1, $2, $3)")
+        sqlx::query_scalar("SELECT upload_pipeline.search_chunks_sql('vector', $1, $2, $3, false)")
             .bind(model)
             .bind(dims as i32)
             .bind(documents.is_some())
@@ -273,205 +273,4 @@ async fn search_chunks_in_sql_refuses_malformed_filters_and_the_app_role_cannot_
     let code = admin_only.as_database_error().and_then(|e| e.code());
     assert_eq!(code.as_deref(), Some("42501"), "{admin_only}");
     tx.rollback().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_keyword_list_is_found_through_the_gin_index_and_only_among_the_callers_chunks() {
-    let app = TestApp::spawn(settings(&unique_prefix("sql-gin"), &tests::redis_url())).await;
-    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-    let (mine, _) = two_users(&app, alice, bob).await;
-    // Enough chunks of Alice's that reading hers by document would cost more than the index.
-    sqlx::query(
-        "INSERT INTO upload_pipeline.document_chunks (document_id, user_id, chunk_index, content, token_count, \
-         content_sha256, metadata) \
-         SELECT $1, $2, 100 + i, 'filler passage number ' || i || ' about harbours and ships', 8, md5(i::text), '{}' \
-         FROM generate_series(1, 2000) i",
-    )
-    .bind(mine)
-    .bind(alice)
-    .execute(app.admin())
-    .await
-    .unwrap();
-    sqlx::query("ANALYZE upload_pipeline.document_chunks")
-        .execute(app.admin())
-        .await
-        .unwrap();
-    // keyword_candidates runs as its owner, asking for the caller's rows itself: its own query, explained.
-    let source: String = sqlx::query_scalar("SELECT upload_pipeline.keyword_candidates_sql()")
-        .fetch_one(app.admin())
-        .await
-        .unwrap();
-    let mut conn = sqlx::PgConnection::connect(app.settings.database_url.expose())
-        .await
-        .unwrap();
-    sqlx::query(&format!(
-        "PREPARE keyword_q(tsquery, uuid[], int) AS {source}"
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    // A test table is small enough that reading it whole is cheaper still; the index must serve the query.
-    sqlx::query("SET LOCAL enable_seqscan = off")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("SELECT set_config('upload_pipeline.user_id', $1, true)")
-        .bind(alice.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM upload_pipeline.keyword_candidates(websearch_to_tsquery('english', 'lenses'), NULL, 10)",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap();
-    assert_eq!(
-        ids.len(),
-        1,
-        "Bob's two matching chunks are not Alice's: {ids:?}"
-    );
-    // Only among the documents a filter let through, as search_chunks passes them.
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM upload_pipeline.keyword_candidates(websearch_to_tsquery('english', 'lenses'), $1, 10)",
-    )
-    .bind(vec![Uuid::new_v4()])
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap();
-    assert!(ids.is_empty(), "{ids:?}");
-    for documents in ["NULL", &format!("'{{{mine}}}'")] {
-        let plan: Vec<String> = sqlx::query_scalar(&format!(
-            "EXPLAIN EXECUTE keyword_q(websearch_to_tsquery('english', 'lighthouse lenses'), {documents}, 40)"
-        ))
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap();
-        let plan = plan.join("\n");
-        assert!(
-            plan.contains("Bitmap Index Scan on document_chunks_content_tsv"),
-            "{plan}"
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changing_the_text_config_recomputes_every_chunks_keywords_in_the_backfill() {
-    let app = TestApp::spawn(settings(&unique_prefix("text-config"), &tests::redis_url())).await;
-    let user = Uuid::new_v4();
-    seed(
-        &app,
-        user,
-        Doc::ready("dogs.txt", &["The running dogs chased geese."]),
-    )
-    .await;
-    let client = app.client(user);
-    let keyword = |q: &str| SearchRequest::new(q).mode(SearchMode::Keyword);
-    let found = |q: &'static str| {
-        let client = client.clone();
-        async move { client.search_with(&keyword(q)).await.unwrap().results.len() }
-    };
-    // english stems: "run" finds "running".
-    assert_eq!(found("run").await, 1);
-    let pool = app.admin();
-    assert!(
-        !upload_pipeline::db::set_text_search_config(pool, "english")
-            .await
-            .unwrap()
-    );
-    // Storing another configuration recomputes nothing by itself; the backfill does, once.
-    assert!(
-        upload_pipeline::db::set_text_search_config(pool, "simple")
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        upload_pipeline::db::backfill_keywords(pool).await.unwrap(),
-        1
-    );
-    assert_eq!(
-        upload_pipeline::db::backfill_keywords(pool).await.unwrap(),
-        0
-    );
-    assert_eq!(found("run").await, 0, "simple does not stem");
-    assert_eq!(found("running").await, 1);
-    // New chunks are read with the configuration in force.
-    seed(&app, user, Doc::ready("cats.txt", &["Sleeping cats."])).await;
-    assert_eq!(found("sleeping").await, 1);
-    assert_eq!(found("sleep").await, 0);
-    let err = upload_pipeline::db::set_text_search_config(pool, "klingon")
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("klingon"), "{err}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunks_from_before_the_keyword_index_are_backfilled_in_batches_and_skipped_until_then() {
-    let app = TestApp::spawn(settings(&unique_prefix("backfill"), &tests::redis_url())).await;
-    let user = Uuid::new_v4();
-    let doc = seed(
-        &app,
-        user,
-        Doc::ready("old.txt", &["The ferry leaves the quay at dawn."]),
-    )
-    .await;
-    // More chunks than one batch holds, all about ferries.
-    let extra = upload_pipeline::db::BACKFILL_BATCH + 500;
-    sqlx::query(
-        "INSERT INTO upload_pipeline.document_chunks (document_id, user_id, chunk_index, content, token_count, \
-         content_sha256, metadata) \
-         SELECT $1, $2, i, 'ferry timetable page ' || i, 4, md5(i::text), '{}' FROM generate_series(1, $3) i",
-    )
-    .bind(doc)
-    .bind(user)
-    .bind(extra)
-    .execute(app.admin())
-    .await
-    .unwrap();
-    // As the migration leaves the chunks written before it: no keyword index, and a pass due.
-    sqlx::raw_sql(
-        "UPDATE upload_pipeline.document_chunks SET content_tsv = NULL, content_tsv_config = NULL; \
-         UPDATE upload_pipeline.text_search SET indexed_config = NULL",
-    )
-    .execute(app.admin())
-    .await
-    .unwrap();
-    let client = app.client(user);
-    let keyword = SearchRequest::new("ferry").k(50).mode(SearchMode::Keyword);
-    let found = client.search_with(&keyword).await.unwrap().results;
-    assert!(found.is_empty(), "skipped until backfilled: {found:?}");
-    let hybrid = client
-        .search_with(&SearchRequest::new("ferry quay").k(5))
-        .await
-        .unwrap()
-        .results;
-    assert_eq!(
-        (hybrid[0].vector_rank, hybrid[0].keyword_rank),
-        (Some(1), None),
-        "the vector list still answers: {hybrid:?}"
-    );
-
-    let pool = app.admin();
-    assert_eq!(
-        upload_pipeline::db::backfill_keywords(pool).await.unwrap(),
-        extra as u64 + 1
-    );
-    let (missing, indexed): (i64, bool) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM upload_pipeline.document_chunks WHERE content_tsv IS NULL), \
-           (SELECT indexed_config = config FROM upload_pipeline.text_search)",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!((missing, indexed), (0, true));
-    assert_eq!(
-        client.search_with(&keyword).await.unwrap().results.len(),
-        50
-    );
-    assert_eq!(
-        upload_pipeline::db::backfill_keywords(pool).await.unwrap(),
-        0,
-        "marked up to date: nothing to walk"
-    );
 }
