@@ -33,10 +33,11 @@
 ALTER TABLE upload_pipeline.document_chunks ALTER COLUMN embedding SET STORAGE MAIN;
 
 -- The most chunks a search scans exactly (see above).
+-- A value that is not a whole number of at most 9 digits is the default's, not an error in every search.
 CREATE FUNCTION upload_pipeline.exact_search_chunks() RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-  SELECT least(greatest(coalesce(nullif(current_setting('upload_pipeline.exact_search_chunks', true), '')::integer,
-                                 5000), 0), 100000000)
+  SELECT CASE WHEN s ~ '^\s*[0-9]{1,9}\s*$' THEN btrim(s)::integer ELSE 5000 END
+  FROM (SELECT coalesce(current_setting('upload_pipeline.exact_search_chunks', true), '') AS s) v
 $$;
 
 -- The caller's chunks of `p_model` (row-level security), of the documents `p_documents` (NULL: all), counted up

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use uuid::Uuid;
 
 use super::{DbError, retry_transient};
@@ -98,22 +98,27 @@ pub async fn backfill_keywords_unless_busy(pool: &PgPool) -> Result<Option<u64>,
 }
 
 async fn backfill(pool: &PgPool, wait: bool) -> Result<Option<u64>, DbError> {
-    let mut conn = pool.acquire().await?;
+    // Detached from the pool (which opens another in its place): should this future be dropped while it holds the
+    // session lock, the connection closes and the lock goes with it, instead of staying with a pooled connection
+    // that would make every later call wait or skip for ever.
+    let mut conn = pool.acquire().await?.detach();
     let due: bool = sqlx::query_scalar(
         "SELECT indexed_generation IS DISTINCT FROM generation FROM upload_pipeline.text_search",
     )
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut conn)
     .await?;
     if !due {
+        let _ = conn.close().await;
         return Ok(Some(0));
     }
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(BACKFILL_LOCK)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut conn)
         .await?;
     if !locked {
         if !wait {
             tracing::info!("Another process is bringing the chunks' keywords up to date");
+            let _ = conn.close().await;
             return Ok(None);
         }
         tracing::warn!(
@@ -121,15 +126,16 @@ async fn backfill(pool: &PgPool, wait: bool) -> Result<Option<u64>, DbError> {
         );
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(BACKFILL_LOCK)
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
     }
     // The batches run on the pool's other connections; this one only holds the lock.
     let walked = backfill_passes(pool).await;
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(BACKFILL_LOCK)
-        .execute(&mut *conn)
+        .execute(&mut conn)
         .await;
+    let _ = conn.close().await;
     let recomputed = walked?;
     unlocked?;
     Ok(Some(recomputed))

@@ -83,7 +83,7 @@ async fn search_sql(
     app: &TestApp,
     user: Uuid,
     filter: serde_json::Value,
-    limit: Option<i32>,
+    limit: Option<&str>,
     indexes: &[&str],
 ) -> (Vec<Uuid>, Vec<i64>) {
     let embedding = &app.settings.embedding;
@@ -93,7 +93,7 @@ async fn search_sql(
         .unwrap();
     if let Some(limit) = limit {
         sqlx::query("SELECT set_config('upload_pipeline.exact_search_chunks', $1, true)")
-            .bind(limit.to_string())
+            .bind(limit)
             .execute(&mut *tx)
             .await
             .unwrap();
@@ -223,6 +223,11 @@ async fn a_small_tenant_among_a_big_one_gets_its_exact_top_k_in_sql_and_through_
     let (found, scans) = search_sql(&app, small, json!({}), None, &[&hnsw, USER_INDEX]).await;
     assert_eq!(found, truth);
     assert_eq!(scans[0], 0, "the small tenant's search walked the graph");
+    // A limit set to what is not a number is the default's, not an error in every search.
+    for bad in ["lots", " ", "99999999999999"] {
+        let (found, _) = search_sql(&app, small, json!({}), Some(bad), &[&hnsw]).await;
+        assert_eq!(found, truth, "with exact_search_chunks = {bad:?}");
+    }
     assert!(
         scans[1] >= 1,
         "the small tenant's chunks were not read by their index"
@@ -272,7 +277,7 @@ async fn a_tenant_above_the_limit_walks_the_graph_and_a_filter_leaving_it_few_ch
 
     // 2,000 chunks, above a limit of 1,000: the model's graph (approximate: its recall is the benchmark's to
     // measure, not a test's to pin).
-    let (found, scans) = search_sql(&app, big, json!({}), Some(1000), &[&hnsw]).await;
+    let (found, scans) = search_sql(&app, big, json!({}), Some("1000"), &[&hnsw]).await;
     assert_eq!(found.len(), 5);
     assert!(
         scans[0] >= 1,
@@ -286,7 +291,7 @@ async fn a_tenant_above_the_limit_walks_the_graph_and_a_filter_leaving_it_few_ch
 
     // A filter that leaves one document of 500 chunks, under the limit: those, exactly.
     let filter = json!({"type": "eq", "key": "filename", "value": "crowd-2.txt"});
-    let (found, scans) = search_sql(&app, big, filter, Some(1000), &[&hnsw]).await;
+    let (found, scans) = search_sql(&app, big, filter, Some("1000"), &[&hnsw]).await;
     assert_eq!(found, exact_top(&app, big, Some(&big_docs[2..3]), 5).await);
     assert_eq!(scans, [0], "the filtered search walked a graph");
     let exact = plan(&app, big, true, Some(&big_docs[2..3])).await;
