@@ -28,8 +28,10 @@
 
 -- The exact scan reads every vector of the caller's. A vector is stored `external` (pgvector's default), so in a
 -- row with a chunk's text (over 2 kB together) it went to the TOAST table, one more index lookup per chunk read;
--- `main` keeps it in the row and moves the text out instead, which only the hits' few rows are read for. Only the
--- catalogue changes: rows written from now on are stored so, older ones as they were until rewritten.
+-- `main` keeps it in the row and moves the text out instead, which only the hits' few rows are read for (a vector
+-- too big for a page, over about 2,000 dimensions, still goes out of line; `main` also lets Postgres try to
+-- compress it, which seldom pays for floats). Only the catalogue changes: rows written from now on are stored so,
+-- older ones as they were until rewritten. It takes the table's exclusive lock for that moment.
 ALTER TABLE upload_pipeline.document_chunks ALTER COLUMN embedding SET STORAGE MAIN;
 
 -- The most chunks a search scans exactly (see above).

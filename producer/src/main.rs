@@ -29,12 +29,17 @@ async fn main() -> anyhow::Result<()> {
             k,
             mode,
             filter,
+            rerank,
+            no_rerank,
             json,
             api,
         } => {
             let mut request = SearchRequest::new(query).k(k).mode(mode);
             if let Some(filter) = filter {
                 request = request.filters(filter);
+            }
+            if rerank || no_rerank {
+                request = request.rerank(rerank);
             }
             documents::search(&settings, &api, &request, json).await
         }

@@ -108,6 +108,13 @@ pub enum Command {
         /// document_id.
         #[arg(long, value_parser = search_filter)]
         filter: Option<Filter>,
+        /// Rerank the best hits with the server's reranker (search.rerank); without it or --no-rerank, the
+        /// server's default (search.rerank.enabled).
+        #[arg(long, conflicts_with = "no_rerank")]
+        rerank: bool,
+        /// Do not rerank, whatever the server's default.
+        #[arg(long)]
+        no_rerank: bool,
         /// Print the API's JSON answer instead of a list.
         #[arg(long)]
         json: bool,

@@ -165,11 +165,12 @@ pub async fn search(
     }
     let n = found.results.len();
     println!(
-        "{n} result{} in {:.1} ms ({}, {})",
+        "{n} result{} in {:.1} ms ({}, {}{})",
         plural(n as u64),
         found.took_ms,
         request.mode,
-        found.embedding_model
+        found.embedding_model,
+        if found.reranked { ", reranked" } else { "" }
     );
     for (i, hit) in found.results.iter().enumerate() {
         let page = hit
@@ -178,10 +179,10 @@ pub async fn search(
             .map(|p| format!(" p.{p}"))
             .unwrap_or_default();
         let text: String = squeeze(&hit.content).chars().take(220).collect();
+        let score = hit.rerank_score.unwrap_or(hit.score);
         println!(
-            "{:>2}. {:.3}  {}{page} #{}\n    {text}",
+            "{:>2}. {score:.3}  {}{page} #{}\n    {text}",
             i + 1,
-            hit.score,
             hit.filename,
             hit.chunk_index
         );

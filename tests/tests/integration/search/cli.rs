@@ -1,4 +1,4 @@
-//! `producer search` with a mode and a filter, against a running API: the flags reach the API, and bad ones are
+//! `producer search` with a mode, a filter and --rerank, against a running API: the flags reach the API, and bad ones are
 //! refused by the command line with a message naming the part and a non-zero exit, before any request.
 
 use serde_json::{Value, json};
@@ -68,7 +68,23 @@ async fn producer_search_sends_the_mode_and_filter_and_refuses_bad_ones_naming_t
         "{text}"
     );
 
+    // --rerank reaches the API, which has no reranker here: its 422 is the CLI's error; --no-rerank is allowed.
+    let out = producer_search(&app, user, &["tides", "--rerank"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("search.rerank.model"), "{err}");
+    let out = producer_search(&app, user, &["tides", "--no-rerank"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     for (args, names) in [
+        (
+            &["tides", "--rerank", "--no-rerank"][..],
+            "cannot be used with",
+        ),
         (&["tides", "--mode", "fuzzy"][..], "unknown mode \"fuzzy\""),
         (&["tides", "--filter", "{"][..], "the filter is not JSON"),
         (
