@@ -22,6 +22,10 @@ export DATABASE_URL=${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432}/$db
 export UPLOAD_PIPELINE__QUEUE__KEY_PREFIX=contract-$db
 # The hashing embedder, chosen explicitly: the contract is the API's shapes, and queries embed instantly.
 export UPLOAD_PIPELINE__EMBEDDING__EMBEDDER=hashing UPLOAD_PIPELINE__EMBEDDING__MODEL=hashing-v1
+# A reranker configured but unreachable (TEI style, no key, a closed port): "rerank": true is a valid request, and
+# is answered 200 in fused order with reranked false (the fail-open path), not 422 rerank_not_configured.
+export UPLOAD_PIPELINE__SEARCH__RERANK__MODEL=contract-reranker UPLOAD_PIPELINE__SEARCH__RERANK__API_STYLE=tei
+export UPLOAD_PIPELINE__SEARCH__RERANK__BASE_URL=http://127.0.0.1:9 UPLOAD_PIPELINE__SEARCH__RERANK__TIMEOUT=200ms
 export RUST_LOG=${RUST_LOG:-warn}
 export PGOPTIONS="-c client_min_messages=warning"
 log=$root/target/contract-producer.log
