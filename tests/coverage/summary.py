@@ -28,7 +28,15 @@ BARRED = {
         "shared/src/providers/http.rs",
         "shared/src/queue/error.rs",
     ],
-    "quota limiter": ["shared/src/quota/mod.rs", "shared/src/quota/budget.rs", "shared/src/quota/aimd.rs"],
+    "quota limiter": [
+        "shared/src/quota/mod.rs",
+        "shared/src/quota/budget/mod.rs",
+        "shared/src/quota/budget/flight.rs",
+        "shared/src/quota/budget/line.rs",
+        "shared/src/quota/report.rs",
+        "shared/src/quota/sizing.rs",
+        "shared/src/quota/aimd.rs",
+    ],
     "queue backend": [
         "shared/src/queue/backend.rs",
         "shared/src/queue/ack.rs",

@@ -11,6 +11,7 @@ use super::{
 use crate::{
     db,
     documents::DocumentStatus,
+    providers::PartialEmbedding,
     queue::{Delivery, JobError},
 };
 
@@ -21,6 +22,41 @@ pub async fn run(p: Pipeline, job: EmbedJob, delivery: Delivery) -> Result<(), J
         Err(e) => {
             settle_failure(&p, job.user_id, job.document_id, Stage::Embed, &delivery, e).await
         }
+    }
+}
+
+/// Stores the vectors a call got before it failed part-way (`rows`' first ones), on their own: the call's error
+/// is what the job reports, so a failure to store them is only logged.
+async fn keep_partial(
+    p: &Pipeline,
+    user: uuid::Uuid,
+    batch: &Batch<'_>,
+    rows: &[content::Pending],
+    vectors: &[Vec<f32>],
+    cacheable: bool,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    let literals: Vec<String> = vectors.iter().map(|v| vector_literal(v)).collect();
+    let kept: Result<(), db::DbError> = async {
+        let mut tx = db::begin_as(&p.pool, user).await?;
+        content::save_vectors(&mut tx, batch, rows, &literals, cacheable).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    .await;
+    match kept {
+        Ok(()) => tracing::info!(
+            document_id = %batch.doc,
+            kept = rows.len(),
+            "An embedding call failed part-way; the vectors it got are kept"
+        ),
+        Err(e) => tracing::warn!(
+            document_id = %batch.doc,
+            error = %e,
+            "An embedding call failed part-way and the vectors it got could not be kept"
+        ),
     }
 }
 
@@ -81,7 +117,23 @@ async fn embed(p: &Pipeline, job: &EmbedJob, delivery: &Delivery) -> Result<(), 
     } else {
         let texts: Vec<String> = rows.iter().map(|(_, c, _)| c.clone()).collect();
         ensure_claim(delivery)?;
-        p.embedder.embed(&texts).await?
+        match p.embedder.embed_keeping(&texts).await {
+            Ok(vectors) => vectors,
+            Err(PartialEmbedding { done, error }) => {
+                // The requests that were answered are paid for: their vectors are kept, and the job's next
+                // attempt embeds only the rest.
+                keep_partial(
+                    p,
+                    user,
+                    &batch,
+                    &rows[..done.len().min(rows.len())],
+                    &done,
+                    cacheable,
+                )
+                .await;
+                return Err(error.into());
+            }
+        }
     };
     let mut tx = db::begin_as(&p.pool, user).await?;
     if !rows.is_empty() {

@@ -92,13 +92,17 @@ impl LlamaParse {
             })
             .into_iter()
             .collect();
-        me.budget = Some(quota.budget(
-            "llamaparse",
-            &settings.parsing.llamaparse.tier,
-            &me.api_key,
-            limits,
-            settings.worker.concurrency.parse,
-        ));
+        me.budget = Some(
+            quota
+                .budget(
+                    "llamaparse",
+                    &settings.parsing.llamaparse.tier,
+                    &me.api_key,
+                    limits,
+                    settings.worker.concurrency.parse,
+                )
+                .with_request_timeout(settings.parsing.llamaparse.request_timeout),
+        );
         Ok(me)
     }
 
@@ -111,6 +115,7 @@ impl LlamaParse {
         // The wait for the budget may have outlived the job's claim: the upload is paid, so a job another
         // consumer took over stops here.
         if crate::queue::current_claim_lost() {
+            permit.release().await;
             return Err(ProviderError::transient(
                 PROVIDER,
                 "the job's claim was taken over by another consumer; stopping before the upload",

@@ -24,6 +24,20 @@ pub use rerank::{Ranked, RerankFuture, Reranker};
 pub type EmbedFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, ProviderError>> + Send + 'a>>;
 
+/// What [`Embedder::embed_keeping`] returns.
+pub type KeepingFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Vec<f32>>, PartialEmbedding>> + Send + 'a>>;
+
+/// A call that failed part-way: the vectors of the inputs it had already (the first `done.len()`, in order,
+/// each paid for), and why it stopped.
+#[derive(Debug)]
+pub struct PartialEmbedding {
+    /// Vectors of a prefix of the inputs.
+    pub done: Vec<Vec<f32>>,
+    /// Why the rest has none.
+    pub error: ProviderError,
+}
+
 #[allow(missing_docs)]
 pub type ParseFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Section>, ProviderError>> + Send + 'a>>;
@@ -40,6 +54,17 @@ pub trait Embedder: Send + Sync {
     }
     #[allow(missing_docs)]
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a>;
+    /// Like [`Embedder::embed`], but a call sent as several requests that fails part-way returns the vectors its
+    /// earlier requests got, so that its caller can keep what was paid for. An embedder that sends one request
+    /// (or computes locally) has none to give.
+    fn embed_keeping<'a>(&'a self, texts: &'a [String]) -> KeepingFuture<'a> {
+        Box::pin(async move {
+            self.embed(texts).await.map_err(|error| PartialEmbedding {
+                done: Vec::new(),
+                error,
+            })
+        })
+    }
 }
 
 /// An upload to parse.

@@ -20,7 +20,7 @@ use reqwest::header::HeaderMap;
 use tiktoken_rs::CoreBPE;
 
 use self::answer::{Failure, classify};
-use super::{EmbedFuture, Embedder, ProviderError, http};
+use super::{EmbedFuture, Embedder, KeepingFuture, PartialEmbedding, ProviderError, http};
 use crate::{
     quota::{Budget, Permit, Quota, Turn, openai_limits},
     settings::{ApiStyle, EmbeddingSettings, EncodingFormat, Settings},
@@ -90,13 +90,15 @@ impl OpenAiEmbedder {
     /// (`quota.openai`).
     pub fn with_quota(settings: &Settings, quota: &Quota) -> Result<Self, ProviderError> {
         let e = &settings.embedding;
-        let budget = quota.budget(
-            "openai",
-            &e.model,
-            e.openai.api_key.expose(),
-            openai_limits(&settings.quota.openai),
-            settings.worker.concurrency.embed,
-        );
+        let budget = quota
+            .budget(
+                "openai",
+                &e.model,
+                e.openai.api_key.expose(),
+                openai_limits(&settings.quota.openai),
+                settings.worker.concurrency.embed,
+            )
+            .with_request_timeout(e.openai.timeout);
         Self::with_budget(e, budget)
     }
 
@@ -134,7 +136,9 @@ impl OpenAiEmbedder {
         (cut, limit, true)
     }
 
-    async fn embed_all(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ProviderError> {
+    /// Every text's vector, in as many requests as the limits and the budget call for; failing part-way, the
+    /// vectors of the texts done so far come back with the error.
+    async fn embed_all(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PartialEmbedding> {
         let mut out = Vec::with_capacity(texts.len());
         let mut adaptations = 0;
         // One place in the fleet's line for all the requests of this call.
@@ -161,11 +165,19 @@ impl OpenAiEmbedder {
                 max_input_tokens,
             );
             let more = out.len() + batch.len() < texts.len();
-            let permit = reserve(turn.as_mut(), tokens, more).await?;
-            match self.request(&batch, tokens, permit).await {
-                Ok(vectors) => out.extend(vectors),
-                Err(Failure::Error(e)) => return Err(e),
-                Err(adapt) => self.adapt(adapt, &mut adaptations)?,
+            let stopped = match reserve(turn.as_mut(), tokens, more).await {
+                Ok(permit) => match self.request(&batch, tokens, permit).await {
+                    Ok(vectors) => {
+                        out.extend(vectors);
+                        None
+                    }
+                    Err(Failure::Error(e)) => Some(e),
+                    Err(adapt) => self.adapt(adapt, &mut adaptations).err(),
+                },
+                Err(e) => Some(e),
+            };
+            if let Some(error) = stopped {
+                return Err(PartialEmbedding { done: out, error });
             }
         }
         Ok(out)
@@ -325,6 +337,9 @@ async fn reserve(
     // Each request is paid, and the wait for the budget may have outlived the job's claim: a job another
     // consumer took over stops here instead of repeating its work.
     if crate::queue::current_claim_lost() {
+        if let Some(permit) = permit {
+            permit.release().await;
+        }
         return Err(ProviderError::transient(
             PROVIDER,
             "the job's claim was taken over by another consumer; stopping before the next request",
@@ -383,6 +398,10 @@ impl Embedder for OpenAiEmbedder {
     }
 
     fn embed<'a>(&'a self, texts: &'a [String]) -> EmbedFuture<'a> {
+        Box::pin(async move { self.embed_all(texts).await.map_err(|p| p.error) })
+    }
+
+    fn embed_keeping<'a>(&'a self, texts: &'a [String]) -> KeepingFuture<'a> {
         Box::pin(self.embed_all(texts))
     }
 }

@@ -3,12 +3,17 @@
 //!
 //! - **Budgets** are token buckets per dimension (requests and tokens per minute for embeddings, uploads per window
 //!   for LlamaParse, requests per minute for a search's reranker), refilled at 97.5 % of the provider's rate with a
-//!   burst of 2 % of its limit, so no sliding window of the provider's length ever sees more than its limit. A call
-//!   reserves its cost before it goes out (tokens counted with the tokenizer) in one atomic script; a reservation
-//!   may put the bucket in debt, and the caller then waits its turn (the wait is counted) instead of failing. A
-//!   request larger than the burst goes when the bucket is full, leaves it in debt for the next caller to wait out,
-//!   and also waits until the provider's window has room for it (a log of what was sent per hundredth of the
-//!   window), since the bucket alone would let a window see the limit plus that request.
+//!   burst of 2 % of its limit. A call reserves its cost before it goes out (tokens counted with the tokenizer) in
+//!   one atomic script; a reservation may put the bucket in debt, and the caller then waits its turn (the wait is
+//!   counted) instead of failing. A request larger than the burst goes when the bucket is full and leaves it in
+//!   debt for the next caller to wait out. Every request also waits until the provider's sliding window has room
+//!   for it, read from two logs of what was sent, per hundredth of the window: a request counts in every window while
+//!   it is in flight and, when its answer is back (or it failed, or was dropped), is logged at that time. The
+//!   provider counts a request from its arrival, between the two, so the log counts it at least as long as the
+//!   provider does, and a request that went out late (a starved process, a slow connection) cannot push a window
+//!   over the limit, as the bucket alone would let it. One in flight longer than its window plus its client's
+//!   request timeout stops counting, so a replica killed mid-call holds no budget for longer; a grant never
+//!   picked up goes back when its caller's ticket lapses (killed: within seconds) or at once (cancelled).
 //! - **Order**: callers are served in the order they came. One that cannot reserve now takes a ticket, a place
 //!   in a line kept in Redis, and reservations are made in ticket order only (each ask reserves for every waiting
 //!   ticket whose turn has come, which picks its grant up when it next asks), so a large request is never starved
@@ -36,17 +41,22 @@
 
 mod aimd;
 mod budget;
+mod report;
+mod sizing;
 
 use std::time::Duration;
 
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 
 pub use budget::{Budget, Permit, Turn};
+pub use report::BudgetState;
+pub(crate) use sizing::oversized_request;
 
-use crate::settings::{EmbedderKind, OpenAiQuota, QuotaSettings, Settings};
+use crate::settings::{OpenAiQuota, QuotaSettings, Settings};
 
 /// The Redis keys of one budget. All carry the provider's hash tag: one Redis Cluster slot holds them.
+#[derive(Clone)]
 struct Keys {
     /// Bucket levels per dimension and the ticket sequence (hash).
     bucket: String,
@@ -56,8 +66,10 @@ struct Keys {
     line: String,
     /// What each ticket in line asks for, and when a granted one may send (hash).
     asks: String,
-    /// Units sent per slot of the provider's window, per dimension (hash).
-    sent: String,
+    /// Units of answered requests per slot of the provider's window, per dimension (hash, a ring of slots).
+    answered: String,
+    /// Units of requests in flight per slot they were allowed to go in, per dimension (hash).
+    flying: String,
     /// The provider's pause: `<reason>: <message>`.
     pause: String,
     /// The provider's probe lock.
@@ -78,6 +90,14 @@ const SIZING_SHARE: f64 = 0.5;
 /// Share of the provider's limit one request should need at most: whole requests then fill at least the rest
 /// of any window (a sliding window holding the limit less one request).
 const WINDOW_SHARE: f64 = 0.1;
+/// Slots of the logs of what was sent per window of the provider.
+const SLOTS: u64 = 100;
+/// Slots past the window the answered log still counts a request for: a margin for the millisecond truncation of
+/// Redis time and the slots' rounding (the log already counts an answer until at least the window after it).
+const LATE_SLOTS: u64 = 1;
+/// How long a request may be in flight, counted in every window, when its client does not say
+/// ([`Budget::with_request_timeout`]).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One dimension of a budget: at most `limit` units per `window`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,6 +122,16 @@ impl Limit {
             .min(self.limit + 0.99 - self.capacity())
             .max(0.5);
         per_window / self.window.as_millis().max(1) as f64
+    }
+
+    /// The length of one slot of the logs of what was sent, ms: a hundredth of the window.
+    fn slot_ms(&self) -> u64 {
+        (self.window.as_millis() as u64).div_ceil(SLOTS).max(1)
+    }
+
+    /// The answered log's ring of slots: the window, the slots past it still counted, the look-ahead and a spare.
+    fn ring(&self) -> u64 {
+        SLOTS + (RESERVE_AHEAD.as_millis() as u64).div_ceil(self.slot_ms()) + LATE_SLOTS + 2
     }
 
     /// The largest cost one request may have so that, first in line, it is granted within `max_wait` however
@@ -141,71 +171,6 @@ pub fn rerank_limits(requests_per_minute: u64) -> Vec<Limit> {
         })
         .into_iter()
         .collect()
-}
-
-/// Checks that the smallest embeddings request the settings can make, one chunk, fits the OpenAI token budget:
-/// first in line, it must be granted within `quota.max_wait`, or its document would be deferred for ever. `None`
-/// when it fits; else the field to name and a reason that says what to change (start-up validation refuses the
-/// settings with it).
-pub(crate) fn oversized_request(settings: &Settings) -> Option<(&'static str, String)> {
-    if settings.embedding.embedder != EmbedderKind::Openai {
-        return None;
-    }
-    let tokens = openai_limits(&settings.quota.openai)
-        .into_iter()
-        .find(|l| l.name == "tokens")?;
-    let max_wait = settings.quota.max_wait;
-    // Longer chunks are cut to the model's input limit before they are sent.
-    let (chunk, per_input) = (
-        settings.chunking.max_tokens,
-        settings.embedding.openai.max_input_tokens,
-    );
-    let (field, cost) = if chunk <= per_input {
-        ("chunking.max_tokens", chunk as f64)
-    } else {
-        ("embedding.openai.max_input_tokens", per_input as f64)
-    };
-    let largest = tokens.largest_request(max_wait);
-    if cost <= largest {
-        return None;
-    }
-    let fits_with =
-        |limit: f64, wait: Duration| Limit { limit, ..tokens }.largest_request(wait) >= cost;
-    let fitting = largest.floor();
-    let mut changes = vec![format!("lower {field} to {fitting} or less")];
-    if let Some(w) = (1..=600u64)
-        .map(Duration::from_secs)
-        .find(|w| fits_with(tokens.limit, *w))
-    {
-        changes.push(format!("raise quota.max_wait to {w:?}"));
-    }
-    // The smallest whole limit that fits: double until it does, then halve the gap.
-    let (mut low, mut high) = (tokens.limit, tokens.limit.max(1.0) * 2.0);
-    while !fits_with(high, max_wait) {
-        low = high;
-        high *= 2.0;
-    }
-    while high - low > 1.0 {
-        let mid = ((low + high) / 2.0).floor();
-        if fits_with(mid, max_wait) {
-            high = mid;
-        } else {
-            low = mid;
-        }
-    }
-    changes.push(format!(
-        "raise quota.openai.tokens_per_minute to {high} if the key's limit is that high"
-    ));
-    Some((
-        field,
-        format!(
-            "one chunk of {cost} tokens is one embeddings request, and at quota.openai.tokens_per_minute = {} a \
-             request granted within quota.max_wait ({max_wait:?}) may cost at most {fitting} tokens: its documents \
-             would be deferred for ever. Change one: {}",
-            tokens.limit,
-            changes.join("; or "),
-        ),
-    ))
 }
 
 /// Why a provider is paused fleet-wide.
@@ -331,7 +296,8 @@ impl Quota {
                 cooldown: format!("{bucket}:cooldown"),
                 line: format!("{bucket}:line"),
                 asks: format!("{bucket}:asks"),
-                sent: format!("{bucket}:sent"),
+                answered: format!("{bucket}:answered"),
+                flying: format!("{bucket}:flying"),
                 bucket,
                 pause: format!("{base}:pause"),
                 probe: format!("{base}:probe"),
@@ -345,112 +311,32 @@ impl Quota {
             concurrency,
         })
     }
-
-    /// The budgets of the settings' providers, for `producer quota`: bucket levels, callers in line, cool-downs,
-    /// pauses and today's spend.
-    pub async fn report(&self) -> Result<Vec<BudgetState>, redis::RedisError> {
-        let mut conn = self.conn.clone();
-        let mut keys: Vec<String> = Vec::new();
-        let mut iter: redis::AsyncIter<'_, String> =
-            conn.scan_match(format!("{}:*", self.prefix)).await?;
-        while let Some(key) = futures::StreamExt::next(&mut iter).await {
-            keys.push(key?);
-        }
-        drop(iter);
-        keys.sort();
-        let mut out = Vec::new();
-        for key in keys {
-            // The costs of the callers in line (their count shows on the line itself) and the log of what was sent.
-            if key.ends_with(":asks") || key.ends_with(":sent") {
-                continue;
-            }
-            let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await?;
-            let value = match kind.as_str() {
-                "hash" => {
-                    let fields: Vec<(String, String)> = conn.hgetall(&key).await?;
-                    fields
-                        .into_iter()
-                        .filter(|(f, _)| f.ends_with(":level"))
-                        .map(|(f, v)| format!("{}={v}", f.trim_end_matches(":level")))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                }
-                "zset" => {
-                    let waiting: u64 = conn.zcard(&key).await?;
-                    format!("{waiting} in line")
-                }
-                "string" => conn.get::<_, String>(&key).await?,
-                other => other.to_owned(),
-            };
-            let ttl_ms: i64 = conn.pttl(&key).await?;
-            out.push(BudgetState {
-                key: key
-                    .trim_start_matches(&format!("{}:", self.prefix))
-                    .replace(['{', '}'], ""),
-                value,
-                ttl_ms,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Whether `provider` is paused fleet-wide, for quota or for a refused key.
-    pub async fn is_paused(&self, provider: &str) -> Result<bool, redis::RedisError> {
-        Ok(self.pause_reason(provider).await?.is_some())
-    }
-
-    /// Why `provider` is paused fleet-wide, if it is.
-    pub async fn pause_reason(
-        &self,
-        provider: &str,
-    ) -> Result<Option<PauseReason>, redis::RedisError> {
-        let mut conn = self.conn.clone();
-        let value: Option<String> = conn
-            .get(format!("{}:pause", self.provider_base(provider)))
-            .await?;
-        Ok(value.as_deref().map(PauseReason::of))
-    }
-
-    /// Ends a provider's pause (`producer quota resume <provider>`); true if it was paused.
-    pub async fn resume(&self, provider: &str) -> Result<bool, redis::RedisError> {
-        let mut conn = self.conn.clone();
-        let base = self.provider_base(provider);
-        let removed: i64 = conn
-            .del(&[format!("{base}:pause"), format!("{base}:probe")])
-            .await?;
-        Ok(removed > 0)
-    }
-}
-
-/// One entry of `producer quota`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BudgetState {
-    /// The key below the quota prefix, without its hash tag's braces: `<provider>:<model>:<key hash>` (bucket
-    /// levels), `…:line` (callers waiting in line), `…:cooldown`, `<provider>:pause`, `<provider>:probe`,
-    /// `<provider>:spent:<day>`.
-    pub key: String,
-    /// Levels, the number in line, the cool-down's end, the pause's reason and message, or the day's spend.
-    pub value: String,
-    /// Time to live in ms (-1: none).
-    pub ttl_ms: i64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `acquire.lua`'s PICKUP covers a grant picked up as late as a caller in line asks.
     #[test]
-    fn the_sent_log_allows_for_a_grant_picked_up_late() {
-        let pickup = include_str!("acquire.lua")
-            .lines()
-            .find_map(|l| l.strip_prefix("local PICKUP = "))
-            .and_then(|v| v.trim().parse::<u128>().ok())
-            .expect("acquire.lua sets PICKUP");
-        assert!(
-            pickup >= budget::ASK_EVERY.as_millis(),
-            "PICKUP {pickup} ms < ASK_EVERY"
-        );
+    fn the_answered_log_ring_holds_every_slot_a_window_and_the_look_ahead_can_touch() {
+        for (ms, slot) in [
+            (60_000u64, 600u64),
+            (10_000, 100),
+            (1_000, 10),
+            (50, 1),
+            (7, 1),
+        ] {
+            let l = Limit {
+                name: "requests",
+                limit: 10.0,
+                window: Duration::from_millis(ms),
+            };
+            assert_eq!(l.slot_ms(), slot);
+            // acquire.lua reads slots from (now - window) / slot - LATE_SLOTS to now + the look-ahead: no two of
+            // them may share a field of the ring.
+            let reach = (ms + RESERVE_AHEAD.as_millis() as u64).div_ceil(slot) + LATE_SLOTS + 1;
+            assert!(l.ring() >= reach, "{ms} ms: ring {} < {reach}", l.ring());
+        }
     }
 
     #[test]
@@ -511,47 +397,6 @@ mod tests {
         q.requests_per_minute = 0;
         let names: Vec<_> = openai_limits(&q).iter().map(|l| l.name).collect();
         assert_eq!(names, ["tokens"]);
-    }
-
-    #[test]
-    fn settings_whose_single_chunk_never_fits_the_token_budget_name_the_fields_to_change() {
-        let mut s = Settings::default();
-        s.embedding.embedder = EmbedderKind::Openai;
-        s.quota.openai.tokens_per_minute = 40_000;
-        s.chunking.max_tokens = 512;
-        assert_eq!(oversized_request(&s), None);
-        // A 5 s wait at 40,000 a minute grants 800 + 975 tokens at most.
-        s.quota.max_wait = Duration::from_secs(5);
-        s.chunking.max_tokens = 4_096;
-        let (field, reason) = oversized_request(&s).expect("refused");
-        assert_eq!(field, "chunking.max_tokens");
-        for named in ["quota.max_wait", "quota.openai.tokens_per_minute", "1775"] {
-            assert!(reason.contains(named), "{named}: {reason}");
-        }
-        // The advice holds: each change alone makes it fit.
-        let mut fixed = s.clone();
-        fixed.chunking.max_tokens = 1_775;
-        assert_eq!(oversized_request(&fixed), None);
-        let mut fixed = s.clone();
-        fixed.quota.max_wait = Duration::from_secs(13);
-        assert_eq!(oversized_request(&fixed), None, "{reason}");
-        assert!(reason.contains("raise quota.max_wait to 13s"), "{reason}");
-        let mut fixed = s.clone();
-        fixed.quota.openai.tokens_per_minute = 92_305;
-        assert_eq!(oversized_request(&fixed), None, "{reason}");
-        assert!(reason.contains("tokens_per_minute to 92305 "), "{reason}");
-        // Inputs are cut to the model's limit first: then that limit is the one to lower.
-        s.embedding.openai.max_input_tokens = 2_048;
-        assert_eq!(
-            oversized_request(&s).map(|(f, _)| f),
-            Some("embedding.openai.max_input_tokens")
-        );
-        // Another embedder, or no token limit: nothing to check.
-        s.quota.openai.tokens_per_minute = 0;
-        assert_eq!(oversized_request(&s), None);
-        s.quota.openai.tokens_per_minute = 40_000;
-        s.embedding.embedder = EmbedderKind::Hashing;
-        assert_eq!(oversized_request(&s), None);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct OpenAiConfig {
     pub key_revoked: bool,
     /// The next this many requests get 503, whatever the rates say (deterministic retry tests).
     pub fail_next: u64,
+    /// These requests get 503: their numbers in the order served, from 1 (a call that fails part-way).
+    pub fail_requests: Vec<u64>,
     /// Models served and their native dimensions.
     pub models: HashMap<String, usize>,
     /// Most inputs per request (OpenAI: 2,048; text-embeddings-inference: 32, answered with 422).
@@ -65,6 +67,7 @@ impl Default for OpenAiConfig {
             quota_exhausted: false,
             key_revoked: false,
             fail_next: 0,
+            fail_requests: Vec::new(),
             models: [
                 ("text-embedding-3-small", 1536),
                 ("text-embedding-3-large", 3072),
@@ -264,13 +267,21 @@ async fn embed_request(s: Shared, headers: HeaderMap, body: Value, azure: bool) 
     resp
 }
 
-/// Counts the request and takes the configuration it is served with; true when `fail_next` fails it.
+/// Counts the request and takes the configuration it is served with; true when `fail_next` or `fail_requests`
+/// fails it.
 fn take_config(s: &Shared) -> (OpenAiConfig, bool) {
     let mut inner = s.lock();
     inner.stats.embedding_requests += 1;
-    let fail_now = inner.config.openai.fail_next > 0;
-    if fail_now {
+    let scripted = inner
+        .config
+        .openai
+        .fail_requests
+        .contains(&inner.stats.embedding_requests);
+    let fail_now = inner.config.openai.fail_next > 0 || scripted;
+    if inner.config.openai.fail_next > 0 {
         inner.config.openai.fail_next -= 1;
+    }
+    if fail_now {
         inner.stats.faults += 1;
     }
     (inner.config.openai.clone(), fail_now)

@@ -314,13 +314,16 @@ async fn the_reconciler_walks_a_backlog_larger_than_a_page_and_pushes_each_lost_
     assert_eq!(p.parse.stats().await.unwrap().pending, 1_200);
 }
 
+/// A job lost with Redis runs again at the reconciler's next pass after it notices the lost data, not after
+/// `reconcile_after`: here ten minutes, so only the noticing can make the document ready within two. (The time
+/// itself, seconds on a quiet machine, is a speed figure; a worker process starting on a loaded machine took
+/// over 30 s alone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_lost_in_a_redis_restart_runs_again_within_30_seconds() {
+async fn a_job_lost_in_a_redis_restart_runs_again_long_before_reconcile_after() {
     let mut redis = RedisServer::start().await;
     let mut s = settings(&unique_prefix("lost-restart"), &redis.url());
     s.embedding.embedder = EmbedderKind::Hashing;
-    // The stale-row path alone would take a minute: only noticing the lost data can make the deadline.
-    s.pipeline.reconcile_after = Duration::from_secs(60);
+    s.pipeline.reconcile_after = Duration::from_secs(600);
     s.pipeline.reconcile_interval = Duration::from_secs(2);
     let app = TestApp::spawn(s).await;
     let client = app.client(Uuid::new_v4());
@@ -355,8 +358,10 @@ async fn a_job_lost_in_a_redis_restart_runs_again_within_30_seconds() {
     let lost_at = std::time::Instant::now();
     let mut worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
     worker.wait_healthy().await;
-    wait_ready(&client, &[up.document_id], Duration::from_secs(30)).await;
-    assert!(lost_at.elapsed() < Duration::from_secs(30));
+    wait_ready(&client, &[up.document_id], Duration::from_secs(120)).await;
+    let took = lost_at.elapsed();
+    println!("ready {took:?} after the restart");
+    assert!(took < Duration::from_secs(120), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,4 +478,52 @@ async fn a_worker_whose_claim_was_taken_over_makes_no_further_provider_call() {
     );
     assert_eq!(client.status(up.document_id).await.unwrap().status, "ready");
     drop(frozen);
+}
+
+/// An embedding call sent as several requests that fails part-way keeps what its earlier requests got: the job's
+/// next attempt embeds only the rest, so no chunk is paid for twice however the call ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_embedding_call_that_fails_part_way_pays_for_no_chunk_twice() {
+    let fake = FakeProviders::start(FakeConfig {
+        openai: OpenAiConfig {
+            // The call's third request.
+            fail_requests: vec![3],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut s = with_fakes(
+        settings(&unique_prefix("split-fail"), &tests::redis_url()),
+        &fake,
+    );
+    // One embed job for the whole document, sent as requests of two inputs.
+    s.embedding.batch_size = 64;
+    s.embedding.openai.max_inputs = 2;
+    let app = TestApp::spawn(s).await;
+    let _worker = WorkerProcess::start(&app.settings, "parse,chunk,embed");
+    let client = app.client(Uuid::new_v4());
+    let text: String = (0..16)
+        .map(|i| format!("Paragraph {i} of the split call: a passage about lighthouse {i} and its keeper, long enough to be a chunk of its own.\n\n"))
+        .collect();
+    let up = client
+        .upload_bytes("split.txt", text.into_bytes(), None)
+        .await
+        .unwrap();
+    let docs = wait_ready(&client, &[up.document_id], Duration::from_secs(60)).await;
+    let total = chunks(&docs);
+    assert!(
+        total >= 6,
+        "{total} chunks: the call needs at least three requests"
+    );
+    let stats = fake.stats().await;
+    println!(
+        "{total} chunks, {} requests, {} inputs embedded",
+        stats.embedding_requests, stats.embedded_inputs
+    );
+    assert_eq!(stats.faults, 1, "the third request failed");
+    assert_eq!(
+        stats.embedded_inputs, total,
+        "every chunk embedded once, although the call failed at its third request"
+    );
 }

@@ -172,8 +172,11 @@ async fn four_embed_workers_share_the_openai_limits_use_them_and_absorb_a_killed
     s.quota.openai.requests_per_minute = RPM;
     s.quota.openai.tokens_per_minute = TPM;
     s.worker.concurrency.embed = 16;
+    // Requests of about 3,000 tokens, within the burst of 4,000; chunks this size keep the workers' own work (and
+    // Postgres's index inserts) small next to the quota's pace, so the run measures the quota even on a busy
+    // machine: with 64-token chunks a loaded run was bound by the CPU, and losing a worker lost a quarter of it.
     s.embedding.batch_size = 16;
-    s.chunking.max_tokens = 64;
+    s.chunking.max_tokens = 192;
     s.chunking.overlap_tokens = 8;
     let app = TestApp::spawn(s).await;
     let client = app.client(Uuid::new_v4());
@@ -227,6 +230,9 @@ async fn four_parse_workers_share_the_llamaparse_upload_window_and_absorb_a_kill
     s.embedding.model = "hashing-v1".into();
     s.quota.llamaparse.uploads = UPLOADS;
     s.quota.llamaparse.window = Duration::from_secs(10);
+    // The killed replica's uploads in flight count until their request timeout: scaled down with the window (the
+    // fake answers an upload in milliseconds).
+    s.parsing.llamaparse.request_timeout = Duration::from_secs(10);
     s.worker.concurrency.parse = 4;
     let app = TestApp::spawn(s).await;
     let client = app.client(Uuid::new_v4());
@@ -784,6 +790,203 @@ async fn a_place_in_line_left_by_a_killed_caller_lapses_within_seconds() {
         waited < Duration::from_secs(8),
         "the lapsed ticket let the line move on: {waited:?}"
     );
+}
+
+/// A request the fleet's quota allowed may reach the provider late (a starved process, a slow connection), and the
+/// provider counts it from its arrival. The quota counts it from its answer on, so however late requests go out,
+/// no window of the provider's length holds more of them than the limit. Here the first dozen requests go out 75 %
+/// of the window late (a replica starved for a while) and the rest on time: with the bucket alone, which counts
+/// each at the moment it was allowed, the late ones land on top of the on-time ones and a window holds about 13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_go_out_late_never_put_more_than_the_limit_in_a_provider_window() {
+    let _turn = super::beside_others().await;
+    let mut s = settings(&unique_prefix("quota-late"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
+    s.quota.max_wait = Duration::from_secs(20);
+    let quota = Quota::connect(&s).await.unwrap();
+    const LIMIT: usize = 8;
+    const WINDOW: Duration = Duration::from_secs(2);
+    const REQUESTS: u64 = 30;
+    let limits = vec![Limit {
+        name: "requests",
+        limit: LIMIT as f64,
+        window: WINDOW,
+    }];
+    let budget = quota.budget("openai", "m", "sk-late", limits, 16);
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let next = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..12)
+        .map(|_| {
+            let (budget, arrivals, next) = (budget.clone(), arrivals.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= REQUESTS {
+                        break;
+                    }
+                    let permit = budget
+                        .acquire(&[("requests", 1.0)])
+                        .await
+                        .expect("granted within max_wait");
+                    if i < 12 {
+                        tokio::time::sleep(WINDOW * 3 / 4).await;
+                    }
+                    // It reaches the provider now; the answer comes back right after.
+                    arrivals.lock().unwrap().push(Instant::now());
+                    budget.settle(permit, &[], &[], 0).await;
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let mut arrivals = arrivals.lock().unwrap().clone();
+    arrivals.sort();
+    assert_eq!(arrivals.len() as u64, REQUESTS);
+    for (i, at) in arrivals.iter().enumerate() {
+        let inside = arrivals[..=i]
+            .iter()
+            .filter(|a| at.duration_since(**a) < WINDOW)
+            .count();
+        assert!(
+            inside <= LIMIT,
+            "{inside} requests arrived within {WINDOW:?} up to request {i}, over the limit of {LIMIT}"
+        );
+    }
+}
+
+/// A reservation counts in every window while its request may be on its way; one whose call was cancelled while
+/// it waited for its time (a search's reranker gives up after its `max_wait`) never went out, and goes back at
+/// once instead of holding the window for its request timeout.
+#[tokio::test]
+async fn a_reservation_cancelled_before_its_request_went_out_stops_counting() {
+    let _turn = super::beside_others().await;
+    let s = settings(&unique_prefix("quota-cancel"), &tests::redis_url());
+    let _keys = tests::RedisKeys::of(&s);
+    let quota = Quota::connect(&s).await.unwrap();
+    // 120 a minute: a burst of 2.4, refilled at 1.95 a second.
+    let limits = vec![Limit {
+        name: "requests",
+        limit: 120.0,
+        window: Duration::from_secs(60),
+    }];
+    let budget = quota.budget("openai", "m", "sk-cancel", limits, 8);
+    let hash = hex::encode(&Sha256::digest(b"sk-cancel")[..6]);
+    let flying = format!("{}:quota:{{openai}}:m:{hash}:flying", s.queue.key_prefix);
+    let conn = redis::Client::open(s.redis_url.expose())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let in_flight = |mut conn: redis::aio::MultiplexedConnection| {
+        let key = flying.clone();
+        async move {
+            let all: Vec<(String, f64)> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            all.iter().map(|(_, v)| v).sum::<f64>()
+        }
+    };
+    let first = budget.acquire(&[("requests", 1.0)]).await.unwrap();
+    let second = budget.acquire(&[("requests", 1.0)]).await.unwrap();
+    assert_eq!(in_flight(conn.clone()).await, 2.0);
+    // A request of 2 is reserved about 0.8 s ahead, and its caller sleeps until then: cancel it meanwhile.
+    let third = tokio::spawn({
+        let budget = budget.clone();
+        async move { budget.acquire(&[("requests", 2.0)]).await }
+    });
+    wait_for("the third reservation", Duration::from_secs(30), || {
+        let conn = conn.clone();
+        let in_flight = &in_flight;
+        async move { (in_flight(conn).await >= 4.0).then_some(()) }
+    })
+    .await;
+    third.abort();
+    let _ = third.await;
+    budget.settle(first, &[], &[], 0).await;
+    budget.settle(second, &[], &[], 0).await;
+    wait_for("nothing left in flight", Duration::from_secs(10), || {
+        let conn = conn.clone();
+        let in_flight = &in_flight;
+        async move { (in_flight(conn).await.abs() < 1e-9).then_some(()) }
+    })
+    .await;
+}
+
+/// `quota.max_wait` holds behind a call that waits for room in the provider's window: the requests in flight fill
+/// it, so nobody can say when the call ahead will be served (a later part of a call waits up to a whole window),
+/// and a caller behind it is deferred once its own patience is spent, not held until the call ahead is served.
+#[tokio::test]
+async fn a_caller_behind_a_call_waiting_for_room_in_the_window_is_deferred_after_max_wait() {
+    let _turn = super::beside_others().await;
+    let mut s = settings(&unique_prefix("quota-patience"), &tests::redis_url());
+    s.quota.max_wait = Duration::from_secs(1);
+    let _keys = tests::RedisKeys::of(&s);
+    let quota = Quota::connect(&s).await.unwrap();
+    let limits = vec![Limit {
+        name: "requests",
+        limit: 120.0,
+        window: Duration::from_secs(60),
+    }];
+    let budget = quota.budget("openai", "m", "sk-patience", limits, 8);
+    let hash = hex::encode(&Sha256::digest(b"sk-patience")[..6]);
+    let base = format!("{}:quota:{{openai}}:m:{hash}", s.queue.key_prefix);
+    let mut conn = redis::Client::open(s.redis_url.expose())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // A call of several parts: its first is granted.
+    let mut ahead = budget.turn();
+    let first = ahead.acquire(&[("requests", 1.0)], true).await.unwrap();
+    // Then other replicas' requests in flight fill the window (what acquire.lua logs: units per slot, a
+    // hundredth of the window, of the time they were allowed to go).
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let slot = (secs * 1_000 + micros / 1_000) / 600;
+    let _: () = redis::cmd("HINCRBYFLOAT")
+        .arg(format!("{base}:flying"))
+        .arg(format!("requests:{slot}"))
+        .arg(119.0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Its next part waits for room, first in line, up to a whole window.
+    let next = tokio::spawn(async move {
+        let r = ahead.acquire(&[("requests", 1.0)], false).await;
+        (ahead, r.map(|_| ()))
+    });
+    wait_for("the next part in line", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let line = format!("{base}:line");
+        async move {
+            let n: u64 = redis::cmd("ZCARD")
+                .arg(&line)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (n >= 1).then_some(())
+        }
+    })
+    .await;
+    // A caller behind it is deferred after its second of patience; without the bar it waited for the call ahead,
+    // a whole minute here.
+    let behind = tokio::time::timeout(
+        Duration::from_secs(30),
+        budget.acquire(&[("requests", 1.0)]),
+    )
+    .await
+    .expect("the caller behind is answered long before the call ahead is served");
+    assert!(
+        matches!(behind, Err(ProviderError::Throttled { .. })),
+        "deferred: {behind:?}"
+    );
+    assert!(!next.is_finished(), "the call ahead still waits for room");
+    next.abort();
+    let _ = next.await;
+    budget.settle(first, &[], &[], 0).await;
 }
 
 #[tokio::test]

@@ -118,14 +118,18 @@ impl HttpReranker {
     /// `search.rerank.max_wait` for it.
     pub fn with_quota(settings: &RerankSettings, quota: &Quota) -> Result<Self, ProviderError> {
         let mut me = Self::new(settings)?;
-        me.budget = Some(quota.budget_waiting(
-            settings.api_style.as_str(),
-            &settings.model,
-            settings.api_key.expose(),
-            rerank_limits(settings.requests_per_minute),
-            MAX_IN_FLIGHT,
-            settings.max_wait,
-        ));
+        me.budget = Some(
+            quota
+                .budget_waiting(
+                    settings.api_style.as_str(),
+                    &settings.model,
+                    settings.api_key.expose(),
+                    rerank_limits(settings.requests_per_minute),
+                    MAX_IN_FLIGHT,
+                    settings.max_wait,
+                )
+                .with_request_timeout(settings.timeout),
+        );
         Ok(me)
     }
 

@@ -1,26 +1,20 @@
 //! One budget shared by the fleet: reservations served in order, settled by the answers; cool-downs and pauses.
 
+mod flight;
+mod line;
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use redis::{AsyncCommands, Script, ScriptInvocation, aio::ConnectionManager};
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
 
-use super::{
-    Keys, Limit, PauseReason, RESERVE_AHEAD, WINDOW_SHARE,
-    aimd::{Aimd, Slot},
-};
+use super::{Keys, Limit, PauseReason, WINDOW_SHARE, aimd::Aimd};
 use crate::providers::ProviderError;
 
-/// How long a ticket keeps its place in line without its holder asking again: a replica killed while it waits
-/// holds the line up for at most this long. A live caller whose lease ran out takes its place back when it asks.
-const TICKET_LEASE: Duration = Duration::from_secs(2);
-/// A caller in line asks again at least this often, renewing its lease. A grant made for it is picked up (and
-/// sent) up to this late, which `acquire.lua` allows for as `PICKUP`.
-pub(super) const ASK_EVERY: Duration = Duration::from_millis(500);
-/// And at most this often: reservations are made two seconds ahead, so asking a little late loses no budget.
-const ASK_AT_MOST: Duration = Duration::from_millis(100);
+pub use flight::Permit;
+pub use line::Turn;
 
 /// Answers of `acquire.lua`.
 const DEFERRED: i64 = 0;
@@ -29,14 +23,12 @@ const PAUSED: i64 = 2;
 const PROBE: i64 = 3;
 const IN_LINE: i64 = 4;
 
-static ACQUIRE: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("acquire.lua")));
 static SETTLE: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("settle.lua")));
+    std::sync::LazyLock::new(|| Script::new(include_str!("../settle.lua")));
 static COOLDOWN: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("cooldown.lua")));
+    std::sync::LazyLock::new(|| Script::new(include_str!("../cooldown.lua")));
 static PAUSE: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("pause.lua")));
+    std::sync::LazyLock::new(|| Script::new(include_str!("../pause.lua")));
 
 fn millis(d: Duration) -> u64 {
     d.as_millis() as u64
@@ -61,6 +53,7 @@ pub struct Budget {
     inner: Arc<BudgetInner>,
 }
 
+#[derive(Clone)]
 struct BudgetInner {
     conn: ConnectionManager,
     provider: &'static str,
@@ -72,6 +65,8 @@ struct BudgetInner {
     daily_units: u64,
     usd_per_million: f64,
     aimd: Arc<Aimd>,
+    /// How long a request may be in flight: until then it counts in every window of the provider.
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for Budget {
@@ -81,29 +76,6 @@ impl std::fmt::Debug for Budget {
             .field("limits", &self.inner.limits)
             .finish_non_exhaustive()
     }
-}
-
-/// A reservation: hold it while the call runs, then give it to [`Budget::settle`] or [`Budget::settle_error`].
-#[derive(Debug)]
-pub struct Permit {
-    costs: Vec<(&'static str, f64)>,
-    /// The call probes whether a pause for this reason can end.
-    probe: Option<PauseReason>,
-    _slot: Slot,
-}
-
-/// A call's place in the fleet's line for a budget ([`Budget::turn`]), kept from one part of the call to the next:
-/// a part that follows one this turn reserved goes first, so a call split in parts is not deferred half-way,
-/// after paying for its first parts. Dropping it gives the place up.
-#[derive(Debug)]
-pub struct Turn {
-    budget: Budget,
-    /// The ticket, once the line gave one (0: none yet).
-    ticket: u64,
-    /// Whether the ticket is in line now (and must be given back when the turn ends).
-    held: bool,
-    /// Whether a request of this turn was reserved already: its later parts wait longer rather than be deferred.
-    started: bool,
 }
 
 impl Budget {
@@ -119,20 +91,10 @@ impl Budget {
                 daily_units: parts.daily_units,
                 usd_per_million: parts.usd_per_million,
                 aimd: Aimd::new(parts.concurrency),
+                request_timeout: super::REQUEST_TIMEOUT,
             }),
         }
     }
-
-    /// A place in line for a call of several requests: reserve each with [`Turn::acquire`].
-    pub fn turn(&self) -> Turn {
-        Turn {
-            budget: self.clone(),
-            ticket: 0,
-            held: false,
-            started: false,
-        }
-    }
-
     /// Reserves `costs` (dimension name, units) for one call: waits its turn for the fleet's budget and for this
     /// process's concurrency, or fails with a deferral when the wait would exceed `quota.max_wait`, the provider
     /// is paused, or today's budget is spent.
@@ -158,11 +120,12 @@ impl Budget {
     /// the process's concurrency, ends a pause the call probed, and adds `spent` to today's budget.
     pub async fn settle(
         &self,
-        permit: Permit,
+        mut permit: Permit,
         actual: &[(&'static str, f64)],
         remaining: &[(&'static str, f64)],
         spent: u64,
     ) {
+        permit.end_flight(Some(actual)).await;
         let b = &*self.inner;
         b.aimd.success();
         let mut conn = b.conn.clone();
@@ -218,6 +181,15 @@ impl Budget {
         }
     }
 
+    /// How long a request of this budget may be in flight (its client's request timeout; 60 s when not said):
+    /// until then it counts in every window of the provider.
+    pub fn with_request_timeout(self, timeout: Duration) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.request_timeout = timeout;
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
     /// Counts `units` (tokens, pages) against today's budget and the usage and cost metrics.
     pub async fn add_spent(&self, units: u64) {
         let b = &*self.inner;
@@ -243,7 +215,8 @@ impl Budget {
 
     /// Settles a call by how it ended: a 429 cools the fleet down, running out of quota or a refused key pauses
     /// the provider, anything else only gives the slot back.
-    pub async fn settle_error(&self, permit: Permit, error: &ProviderError) {
+    pub async fn settle_error(&self, mut permit: Permit, error: &ProviderError) {
+        permit.end_flight(Some(&[])).await;
         match error {
             ProviderError::RateLimited { retry_after, .. } => self.cool_down(*retry_after).await,
             ProviderError::QuotaExhausted { message, .. } => {
@@ -254,7 +227,6 @@ impl Budget {
             }
             _ => {}
         }
-        drop(permit);
     }
 
     /// The provider answered 429: every replica waits `retry_after` (one second when it did not say), and this
@@ -418,98 +390,6 @@ impl Budget {
     }
 }
 
-impl Turn {
-    /// Reserves the `costs` of this call's next request (see [`Budget::acquire`]). With `more`, another request
-    /// of the call follows and keeps the place first in line; the last request of a call passes `false`.
-    pub async fn acquire(
-        &mut self,
-        costs: &[(&'static str, f64)],
-        more: bool,
-    ) -> Result<Permit, ProviderError> {
-        let budget = self.budget.clone();
-        let b = &*budget.inner;
-        let started = Instant::now();
-        let patience = self.patience();
-        let slot = b.aimd.acquire().await;
-        budget.check_daily_budget().await?;
-        let dims = dimensions(&b.limits, costs);
-        let (status, wait_ms, reason) = self.ask(b, &dims, more, patience, started).await;
-        if matches!(status, RESERVED | PROBE) {
-            for (limit, cost) in &dims {
-                metrics::counter!(crate::metrics::QUOTA_RESERVED, "provider" => b.provider, "resource" => limit.name)
-                    .increment(cost.ceil() as u64);
-            }
-        }
-        let probe = budget.answer(status, wait_ms, &reason, started).await?;
-        Ok(Permit {
-            costs: costs.to_vec(),
-            probe,
-            _slot: slot,
-        })
-    }
-
-    /// How long this request may wait for its reservation before it is deferred.
-    fn patience(&self) -> Duration {
-        let b = &*self.budget.inner;
-        // A later part of a started call waits up to a whole window of the provider rather than be deferred, which
-        // would pay for its earlier parts again: first in line, it is never further away than that.
-        if self.started {
-            b.limits
-                .iter()
-                .map(|l| l.window)
-                .fold(b.max_wait, Duration::max)
-        } else {
-            b.max_wait
-        }
-    }
-
-    /// Asks `acquire.lua` until it answers something other than "in line": `(status, wait_ms, pause reason)`.
-    /// Keeps the ticket the line gave, and whether it is held, up to date after every answer.
-    async fn ask(
-        &mut self,
-        b: &BudgetInner,
-        dims: &[(&Limit, f64)],
-        more: bool,
-        patience: Duration,
-        started: Instant,
-    ) -> (i64, i64, String) {
-        let mut conn = b.conn.clone();
-        // Reserve at most RESERVE_AHEAD before the call can go: a replica killed while it waits then takes at most
-        // that much of the fleet's budget with it. Further out, wait in line and ask again.
-        loop {
-            let left = patience.saturating_sub(started.elapsed());
-            let invocation = acquire_invocation(b, self.ticket, more, left, dims);
-            let answer: Result<(i64, i64, i64, String), _> =
-                invocation.invoke_async(&mut conn).await;
-            match answer {
-                Ok((IN_LINE, wait_ms, ticket, _)) => {
-                    self.ticket = ticket.max(0) as u64;
-                    self.held = true;
-                    let turn_in = Duration::from_millis(wait_ms.max(0) as u64);
-                    tokio::time::sleep(
-                        turn_in
-                            .saturating_sub(RESERVE_AHEAD)
-                            .clamp(ASK_AT_MOST, ASK_EVERY),
-                    )
-                    .await;
-                }
-                Ok((status, wait_ms, ticket, reason)) => {
-                    if ticket > 0 {
-                        self.ticket = ticket as u64;
-                    }
-                    self.held = status == RESERVED && more;
-                    self.started |= status == RESERVED;
-                    return (status, wait_ms, reason);
-                }
-                Err(e) => {
-                    tracing::warn!(provider = b.provider, error = %e, "The fleet's quota state is unreachable; calling without it");
-                    return (RESERVED, 0, String::new());
-                }
-            }
-        }
-    }
-}
-
 /// The budget's limits that `costs` names, each with its cost, in the budget's order.
 fn dimensions<'a>(limits: &'a [Limit], costs: &[(&'static str, f64)]) -> Vec<(&'a Limit, f64)> {
     limits
@@ -521,69 +401,4 @@ fn dimensions<'a>(limits: &'a [Limit], costs: &[(&'static str, f64)]) -> Vec<(&'
                 .map(|(_, c)| (l, *c))
         })
         .collect()
-}
-
-/// One ask of `acquire.lua` (its keys and arguments are documented there): reserve within `left`, at most
-/// RESERVE_AHEAD early, for `ticket` (0: none yet).
-fn acquire_invocation(
-    b: &BudgetInner,
-    ticket: u64,
-    more: bool,
-    left: Duration,
-    dims: &[(&Limit, f64)],
-) -> ScriptInvocation<'static> {
-    let mut invocation = ACQUIRE.prepare_invoke();
-    invocation
-        .key(&b.keys.bucket)
-        .key(&b.keys.cooldown)
-        .key(&b.keys.pause)
-        .key(&b.keys.probe)
-        .key(&b.keys.line)
-        .key(&b.keys.asks)
-        .key(&b.keys.sent)
-        .arg(millis(left.min(RESERVE_AHEAD)))
-        .arg(millis(left))
-        .arg(millis(b.probe_every).max(1))
-        .arg(millis(TICKET_LEASE))
-        .arg(ticket)
-        .arg(u32::from(more))
-        .arg(millis(RESERVE_AHEAD))
-        .arg(dims.len());
-    for (limit, cost) in dims {
-        invocation
-            .arg(limit.name)
-            .arg(limit.capacity())
-            .arg(limit.rate_per_ms())
-            .arg(*cost)
-            .arg(limit.limit)
-            .arg(millis(limit.window).max(1));
-    }
-    invocation
-}
-
-impl Drop for Turn {
-    /// Gives the place in line back at once, rather than holding the line up until its lease lapses.
-    fn drop(&mut self) {
-        if !self.held || self.ticket == 0 {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let b = self.budget.inner.clone();
-        let ticket = self.ticket;
-        runtime.spawn(async move {
-            let mut conn = b.conn.clone();
-            let r: Result<(), _> = redis::pipe()
-                .zrem(&b.keys.line, ticket)
-                .ignore()
-                .hdel(&b.keys.asks, &[ticket.to_string(), format!("at:{ticket}")])
-                .ignore()
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(provider = b.provider, error = %e, "Could not leave the budget's line; the ticket lapses");
-            }
-        });
-    }
 }
