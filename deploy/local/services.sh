@@ -117,12 +117,14 @@ if ! has_vector; then
   pg_up || start_postgres || { say "PostgreSQL did not come back after the pgvector install"; exit 1; }
   has_vector || { say "pgvector still unavailable after the build"; exit 1; }
 fi
-# Prove the extensions load, in a scratch database: pgvector, and btree_gin (contrib, shipped with the server
-# packages and the pgvector image) for keyword search's (user_id, tsv) index.
-psql_q 'drop database if exists upload_pipeline_setup_check' >/dev/null
-psql_q 'create database upload_pipeline_setup_check' >/dev/null
-psql -h 127.0.0.1 -U "$PGUSER" -d upload_pipeline_setup_check -v ON_ERROR_STOP=1 -qAtc \
+# Prove the extensions load, in a scratch database of this run's own (two runs may set up at once): pgvector, and
+# btree_gin (contrib, shipped with the server packages and the pgvector image) for keyword search's (user_id,
+# tsv) index.
+check_db="upload_pipeline_setup_check_$$"
+psql_q "drop database if exists $check_db" >/dev/null
+psql_q "create database $check_db" >/dev/null
+psql -h 127.0.0.1 -p "$PGPORT" -U "$PGUSER" -d "$check_db" -v ON_ERROR_STOP=1 -qAtc \
   "create extension vector; create extension btree_gin; select '[1,2,3]'::vector <=> '[1,2,4]'::vector" >/dev/null
-psql_q 'drop database upload_pipeline_setup_check' >/dev/null
+psql_q "drop database $check_db" >/dev/null
 
 say "ready: Redis $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info server | sed -n 's/^redis_version://p' | tr -d '\r') on :$REDIS_PORT, PostgreSQL $(psql_q 'show server_version' | cut -d' ' -f1) with pgvector $(psql_q "select default_version from pg_available_extensions where name = 'vector'") on :$PGPORT"
