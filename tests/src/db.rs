@@ -77,10 +77,30 @@ async fn build_template(conn: &mut sqlx::PgConnection, name: &str) {
         .await
         .expect("create and migrate the template database");
     pool.close().await;
+    // A closed connection's server process ends a moment after the client lets go (the pool's, and the keyword
+    // backfill's detached one): the rename waits until no session is left on the database.
     let rename = format!("ALTER DATABASE {building} RENAME TO {name}");
-    conn.execute(rename.as_str())
-        .await
-        .expect("rename the finished template");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match conn.execute(rename.as_str()).await {
+            Ok(_) => return,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("55006") && std::time::Instant::now() < deadline =>
+            {
+                let sessions: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE datname = $1",
+                )
+                .bind(&building)
+                .fetch_one(&mut *conn)
+                .await
+                .expect("count the template's sessions");
+                if sessions > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            Err(e) => panic!("rename the finished template: {e}"),
+        }
+    }
 }
 
 async fn drop_database(conn: &mut sqlx::PgConnection, name: &str) {
