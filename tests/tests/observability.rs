@@ -548,13 +548,31 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
                 ids.push((client.clone(), up.document_id));
             }
         }
+        if wave == 0 {
+            // The workers draw the two scripted failures, not the searches (which would retry them away).
+            wait_for(
+                "the workers' first embedding requests",
+                Duration::from_secs(60),
+                || async { (fake.stats().await.embedding_requests >= 2).then_some(()) },
+            )
+            .await;
+        }
         let client = app.client(users[0]);
         for q in [
             "how do bees make honey",
             "lighthouse keepers",
             "tides and the moon",
         ] {
-            client.search(q, 5).await.expect("search");
+            // A search asks for its query's vector up to three times; with 15 % of provider requests failing,
+            // all three fail for one search in 300, so the test asks again after a 503, as a caller would.
+            wait_for("a search answered", Duration::from_secs(60), || async {
+                match client.search(q, 5).await {
+                    Ok(_) => Some(()),
+                    Err(upload_pipeline::client::ClientError::Api { status: 503, .. }) => None,
+                    Err(e) => panic!("search: {e}"),
+                }
+            })
+            .await;
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
