@@ -1,12 +1,19 @@
 //! The search handler: the caller's chunks of ready documents for a query, hybrid (by default), vector or keyword,
 //! narrowed by filters on the documents, and optionally reranked. The search itself is [`crate::search`].
 //!
+//! The query's vector is asked for up to three times when the provider fails in a way worth retrying (a 5xx, a
+//! timeout, a 429), as OpenAI's own clients do, within five seconds of the search's start; then the answer is 503
+//! `unavailable`.
+//!
 //! A reranker that fails never fails the search: the answer is the fused order with `reranked: false`, the failure
 //! logged and counted (`upload_pipeline_search_rerank_failures_total`). Search is what agents depend on, and the
 //! fused order is a good answer; a reranker that stays refused (a bad key, a wrong model) shows on that counter,
 //! by reason, and in the logs, and a refused key pauses it fleet-wide instead of being asked on every search.
 
-use std::{fmt, time::Instant};
+use std::{
+    fmt,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json,
@@ -33,8 +40,10 @@ use crate::{
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
-    /// What to look for: natural language for the vector list; for the keyword list, words that must all appear,
-    /// `"a quoted phrase"`, `or`, and `-word` to exclude (Postgres `websearch_to_tsquery`).
+    /// What to look for: natural language for the vector list; for the keyword list, words that must all appear
+    /// (an identifier-like query, at most 4 words or 8 with an identifier, also lists the chunks holding some of
+    /// them, after those holding all), `"a quoted phrase"`, `or`, and `-word` to exclude (Postgres
+    /// `websearch_to_tsquery`).
     #[schema(min_length = 1, max_length = 4000)]
     pub query: String,
     /// How many chunks to return (at most `api.max_search_k`, 50 by default).
@@ -257,16 +266,13 @@ pub(super) async fn search(
     let reranker = chosen_reranker(&state, req.rerank)?;
     let embedder = &state.pipeline.embedder;
     let embedding = if req.mode.needs_embedding() {
-        let mut vectors = embedder
-            .embed(std::slice::from_ref(&query))
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "Embedding the query failed");
-                ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("the embedding provider is unavailable: {e}"),
-                )
-            })?;
+        let mut vectors = embed_query(embedder.as_ref(), &query).await.map_err(|e| {
+            tracing::warn!(error = %e, "Embedding the query failed");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the embedding provider is unavailable: {e}"),
+            )
+        })?;
         vectors.pop()
     } else {
         None
@@ -303,6 +309,50 @@ pub(super) async fn search(
         reranked,
     })
     .into_response())
+}
+
+/// How many times a search asks for its query's vector when the provider fails in a way worth retrying.
+const QUERY_EMBED_ATTEMPTS: u32 = 3;
+/// Asking again happens only within this long of the search's start, every later attempt cut off at its end: a
+/// caller is waiting, so retries add at most this to a search (the first attempt is bounded by the provider
+/// client's own timeout, as without them), and a provider that names a longer delay, or a fleet budget spoken for
+/// longer, gets the 503 at once.
+const QUERY_EMBED_RETRY_WINDOW: Duration = Duration::from_secs(5);
+
+/// The query's vector, asked for again after a retryable failure (a 5xx, a timeout, a 429, the fleet's budget
+/// busy), as OpenAI's own clients do: up to [`QUERY_EMBED_ATTEMPTS`] in all, waiting what the provider asked for,
+/// else 100 ms then 300 ms (a fifth either way at random, so that searches failed together do not ask again
+/// together), all within [`QUERY_EMBED_RETRY_WINDOW`]. A refused key or an exhausted quota is not asked again.
+async fn embed_query(
+    embedder: &dyn crate::providers::Embedder,
+    query: &str,
+) -> Result<Vec<Vec<f32>>, ProviderError> {
+    let texts = [query.to_owned()];
+    let deadline = tokio::time::Instant::now() + QUERY_EMBED_RETRY_WINDOW;
+    let mut last = match embedder.embed(&texts).await {
+        Ok(vectors) => return Ok(vectors),
+        Err(e) => e,
+    };
+    for attempt in 1..QUERY_EMBED_ATTEMPTS {
+        if !last.is_retryable() {
+            break;
+        }
+        let backoff = Duration::from_millis(100 * 3u64.pow(attempt - 1))
+            .mul_f64(rand::random_range(0.8..1.2));
+        let pause = last.retry_after().unwrap_or(backoff);
+        if tokio::time::Instant::now() + pause >= deadline {
+            break;
+        }
+        tracing::debug!(error = %last, attempt, "Embedding the query failed; asking again");
+        tokio::time::sleep(pause).await;
+        match tokio::time::timeout_at(deadline, embedder.embed(&texts)).await {
+            Ok(Ok(vectors)) => return Ok(vectors),
+            Ok(Err(e)) => last = e,
+            // Out of time: the failure the caller hears of is the last answer's.
+            Err(_) => break,
+        }
+    }
+    Err(last)
 }
 
 /// The reranker a search uses: the request's `rerank`, else `search.rerank.enabled`; asking for one where none is

@@ -237,30 +237,33 @@ async fn backfill_pass(
     }
 }
 
-/// Whether keyword search can use its index: `keyword_candidates` runs as its owner and reads
-/// `chunk_keywords`, whose row-level security is enabled but not forced, so its owner (the role that ran the
-/// migrations) reads it whole and the `(user_id, tsv)` index serves `tsv @@ query`. Owned by another role that
-/// does not bypass row-level security, the function reads the table under its policy, where Postgres may not use
-/// `@@` as an index condition (it is not leakproof) and every keyword search reads all of the caller's rows; or,
-/// without a grant on the table, keyword search fails. Logged as a warning.
+/// Whether keyword search can use its index: `keyword_candidates` and `identifier_candidates` (the keyword list of
+/// identifier-like queries) run as their owner and read `chunk_keywords`, whose row-level security is enabled but
+/// not forced, so its owner (the role that ran the migrations) reads it whole and the `(user_id, tsv)` index serves
+/// `tsv @@ query`. Owned by another role that does not bypass row-level security, a function reads the table under
+/// its policy, where Postgres may not use `@@` as an index condition (it is not leakproof) and every keyword
+/// search reads all of the caller's rows; or, without a grant on the table, keyword search fails. Logged as a
+/// warning, naming the owner of the first such function.
 pub async fn keyword_search_uses_its_index(pool: &PgPool) -> Result<bool, DbError> {
     let (owner, reads_whole): (String, bool) = sqlx::query_as(
         "SELECT r.rolname::text, r.rolsuper OR r.rolbypassrls \
            OR (r.oid = c.relowner AND NOT c.relforcerowsecurity) \
          FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid = p.proowner \
          CROSS JOIN pg_catalog.pg_class c \
-         WHERE p.oid = 'upload_pipeline.keyword_candidates(tsquery, uuid[], integer)'::regprocedure \
-           AND c.oid = 'upload_pipeline.chunk_keywords'::regclass",
+         WHERE p.oid IN ('upload_pipeline.keyword_candidates(tsquery, uuid[], integer)'::regprocedure, \
+                         'upload_pipeline.identifier_candidates(tsquery, uuid[], integer)'::regprocedure) \
+           AND c.oid = 'upload_pipeline.chunk_keywords'::regclass \
+         ORDER BY 2, p.proname LIMIT 1",
     )
     .fetch_one(pool)
     .await?;
     if !reads_whole {
         tracing::warn!(
             owner,
-            "upload_pipeline.keyword_candidates is owned by a role that neither owns upload_pipeline.chunk_keywords \
-             nor bypasses row-level security: keyword search cannot use its index and reads every keyword row of \
-             the caller's, or fails if the role may not read the table. Make the table's owner the function's owner \
-             (ALTER FUNCTION ... OWNER TO; docs/security.md)"
+            "upload_pipeline.keyword_candidates or identifier_candidates is owned by a role that neither owns \
+             upload_pipeline.chunk_keywords nor bypasses row-level security: keyword search cannot use its index and \
+             reads every keyword row of the caller's, or fails if the role may not read the table. Make the table's \
+             owner the functions' owner (ALTER FUNCTION ... OWNER TO; docs/security.md)"
         );
     }
     Ok(reads_whole)

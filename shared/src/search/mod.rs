@@ -32,14 +32,16 @@ use crate::{
 #[serde(rename_all = "lowercase")]
 pub enum SearchMode {
     /// Both lists below, fused by reciprocal rank: `score` is the sum of `weight / (rrf_k + rank)` over the lists
-    /// the chunk is in.
+    /// the chunk is in (the keyword list's weight times `search.identifier_boost` for an identifier-like query).
     #[default]
     Hybrid,
     /// Nearest in meaning (cosine similarity on the model's HNSW index): `score` is the similarity, 1 = same
     /// direction.
     Vector,
     /// Matching the words (Postgres full text, `websearch_to_tsquery` syntax: `"a phrase"`, `or`, `-word`): `score`
-    /// is `ts_rank_cd` scaled to 0..1. The query is not embedded.
+    /// is `ts_rank_cd` scaled to 0..1; for an identifier-like query (at most 4 words, or 8 with an identifier), BM25
+    /// scaled to 0..1, the chunks holding every word above 0.5 and those holding some below. The query is not
+    /// embedded.
     Keyword,
 }
 
@@ -160,11 +162,16 @@ pub async fn search(
         .transpose()
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let mut tx = db::begin_as(pool, user).await?;
-    // Bounds the search's statement (a filter is matched against every ready document of the user's).
-    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-        .bind(format!("{}ms", settings.timeout.as_millis().max(1)))
-        .execute(&mut *tx)
-        .await?;
+    // Bounds the search's statement (a filter is matched against every ready document of the user's), and gives
+    // `search_chunks` the keyword list's boost for identifier-like queries (`upload_pipeline.identifier_boost()`).
+    sqlx::query(
+        "SELECT set_config('statement_timeout', $1, true), \
+         set_config('upload_pipeline.identifier_boost', $2, true)",
+    )
+    .bind(format!("{}ms", settings.timeout.as_millis().max(1)))
+    .bind(settings.identifier_boost.to_string())
+    .execute(&mut *tx)
+    .await?;
     let hits: Result<Vec<Hit>, sqlx::Error> = sqlx::query_as(
         "SELECT id, document_id, filename, content_type, chunk_index, content, metadata, document_metadata, page, \
          headings, span, score, vector_rank, keyword_rank \

@@ -352,6 +352,10 @@ mod tests {
             "search.keyword_weight"
         );
         assert_eq!(
+            field_named(|s| s.search.identifier_boost = 0.5),
+            "search.identifier_boost"
+        );
+        assert_eq!(
             field_named(|s| {
                 s.search.vector_weight = 0.0;
                 s.search.keyword_weight = 0.0;

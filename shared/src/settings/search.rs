@@ -26,6 +26,13 @@ pub struct SearchSettings {
     pub vector_weight: f64,
     /// The weight of the keyword list in the fusion.
     pub keyword_weight: f64,
+    /// How many times `keyword_weight` the keyword list weighs for an identifier-like query (every query of at most
+    /// 4 words, and one of 5 to 8 words with an identifier among them: `_`, `--`, quotes, `40P01`, `pg_dump()`,
+    /// camelCase, upper case), whose keyword list is ranked by BM25 with estimated statistics (word counts capped at
+    /// 1,000 chunks), the chunks holding every word first, then those holding some; not when every word of the query
+    /// is in more than 1,000 of the user's chunks (the list is then `ts_rank_cd`'s, at `keyword_weight`); 1 to 20
+    /// (1: the same weight). Sentences and questions keep `keyword_weight` and the list ranked by `ts_rank_cd`.
+    pub identifier_boost: f64,
     /// The reranker the fused hits may go through.
     pub rerank: RerankSettings,
 }
@@ -172,6 +179,11 @@ impl SearchSettings {
             (0.0..=100.0).contains(&self.keyword_weight),
             "search.keyword_weight",
             "must be between 0 and 100",
+        )?;
+        ensure(
+            (1.0..=20.0).contains(&self.identifier_boost),
+            "search.identifier_boost",
+            "must be between 1 and 20",
         )?;
         ensure(
             self.vector_weight + self.keyword_weight > 0.0,

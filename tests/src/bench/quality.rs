@@ -42,10 +42,10 @@ pub const K: u32 = 10;
 pub const RERANK_LABEL: &str = "hybrid+rerank";
 
 /// The `[search]` variants `make bench` measures after the main run (`--quality-sweep`): the weight of each list
-/// in the fusion, its `rrf_k`, the candidate depth, and the `simple` text-search configuration (no stemming, no
-/// stop words) in place of `english`.
-pub const SWEEP: &str = "vector_weight=1.5;vector_weight=2;keyword_weight=2;rrf_k=20;rrf_k=10;candidates=20;\
-                         candidates=100;text_config=simple";
+/// in the fusion, the keyword list's boost for identifier-like queries (1: none), its `rrf_k`, the candidate
+/// depth, and the `simple` text-search configuration (no stemming, no stop words) in place of `english`.
+pub const SWEEP: &str = "vector_weight=1.5;vector_weight=2;keyword_weight=2;identifier_boost=1;identifier_boost=5;\
+                         rrf_k=20;rrf_k=10;candidates=20;candidates=100;text_config=simple";
 
 /// A labelled question of `questions.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,7 +73,7 @@ pub struct Config {
     /// Longest wait for every page to be ready.
     pub deadline: Duration,
     /// Variants of `[search]` measured after the main run on the same chunks: `field=value,...` each
-    /// (`candidates`, `rrf_k`, `vector_weight`, `keyword_weight`, `text_config`).
+    /// (`candidates`, `rrf_k`, `vector_weight`, `keyword_weight`, `identifier_boost`, `text_config`).
     pub sweep: Vec<String>,
 }
 
@@ -385,10 +385,11 @@ fn variant(base: &SearchSettings, spec: &str) -> Result<SearchSettings> {
             "rrf_k" => s.rrf_k = value.parse().with_context(bad)?,
             "vector_weight" => s.vector_weight = value.parse().with_context(bad)?,
             "keyword_weight" => s.keyword_weight = value.parse().with_context(bad)?,
+            "identifier_boost" => s.identifier_boost = value.parse().with_context(bad)?,
             "text_config" => s.text_config = value.trim().to_owned(),
             other => bail!(
                 "sweep variant {spec:?}: unknown field {other:?} (candidates, rrf_k, vector_weight, \
-                 keyword_weight, text_config)"
+                 keyword_weight, identifier_boost, text_config)"
             ),
         }
     }

@@ -904,7 +904,8 @@ pub fn quality(out: &Path, r: &Quality) -> Result<()> {
          The evaluation set of `tests/fixtures/eval/` ([README](../fixtures/eval/README.md)) uploaded through the \
          API, {} bytes of HTML; {} chunks (at most {} tokens, {} overlapping), every page ready {} s after the first \
          upload, one `worker` for every stage embedding with {}. Each question asked through `POST /v1/search` with \
-         k = {} in every mode; `[search]`: text_config {}, candidates {}, rrf_k {}, weights vector {} / keyword {}. \
+         k = {} in every mode; `[search]`: text_config {}, candidates {}, rrf_k {}, weights vector {} / keyword {} \
+         (x {} for identifier-like queries). \
          `{}`: hybrid with `rerank: true`, the best {} fused hits reranked by the fake reranker (the share of the \
          query's words a chunk holds: the path end to end, not a cross-encoder's judgement). A hit is relevant when \
          it comes from the question's page; *chunk*: when its text also holds the evidence phrase.\n\n\
@@ -923,6 +924,7 @@ pub fn quality(out: &Path, r: &Quality) -> Result<()> {
         s.rrf_k,
         s.vector_weight,
         s.keyword_weight,
+        s.identifier_boost,
         quality::RERANK_LABEL,
         s.rerank.candidates,
     );

@@ -77,8 +77,9 @@ struct Args {
     #[arg(long, default_value_t = 1200)]
     quality_deadline_seconds: u64,
     /// quality: variants of `[search]` measured on the same chunks after the main run, separated by `;`, each
-    /// `field=value,...` (candidates, rrf_k, vector_weight, keyword_weight, text_config); "" for none. The main
-    /// run takes `[search]`, `[chunking]` and `[embedding]` from the environment (`UPLOAD_PIPELINE__SEARCH__RRF_K`).
+    /// `field=value,...` (candidates, rrf_k, vector_weight, keyword_weight, identifier_boost, text_config); ""
+    /// for none. The main run takes `[search]`, `[chunking]` and `[embedding]` from the environment
+    /// (`UPLOAD_PIPELINE__SEARCH__RRF_K`).
     #[arg(long, value_delimiter = ';', default_value = quality::SWEEP)]
     quality_sweep: Vec<String>,
 }

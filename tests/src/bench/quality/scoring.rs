@@ -19,7 +19,8 @@ pub struct Ranked {
     pub page_rank: Option<u32>,
     /// Rank of the first hit from that page whose text holds the evidence (the stricter, chunk-level relevance).
     pub chunk_rank: Option<u32>,
-    /// Hits returned (keyword search returns none when not every word of the query is in one chunk).
+    /// Hits returned (keyword search returns none when not every word of a sentence is in one chunk; an
+    /// identifier-like query's also lists chunks holding some of its words).
     pub hits: usize,
     /// The file of the first hit.
     pub first: Option<String>,

@@ -1,7 +1,7 @@
 //! What bounds the cost of a search: a filter matched once per document (not per chunk), at most 500 values in a
 //! filter, a statement timeout (504 `search_timeout`), an HNSW scan that reaches a small tenant's chunks past
 //! thousands of others'; and who may call the schema's functions (no one through PUBLIC), with the warning when
-//! `keyword_candidates` cannot use its index.
+//! `keyword_candidates` or `identifier_candidates` cannot use its index.
 
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -315,9 +315,9 @@ async fn keyword_search_owned_by_a_role_under_row_level_security_is_reported_and
             .unwrap()
     );
     // Given to a role that neither owns chunk_keywords nor bypasses row-level security (and may read the table):
-    // it reads the table under its policy.
+    // each reads the table under its policy. identifier_candidates first (reported alone), then both.
     sqlx::raw_sql(
-        "ALTER FUNCTION upload_pipeline.keyword_candidates(tsquery, uuid[], integer) OWNER TO upload_pipeline_app; \
+        "ALTER FUNCTION upload_pipeline.identifier_candidates(tsquery, uuid[], integer) OWNER TO upload_pipeline_app; \
          GRANT SELECT ON upload_pipeline.chunk_keywords TO upload_pipeline_app",
     )
     .execute(pool)
@@ -328,14 +328,39 @@ async fn keyword_search_owned_by_a_role_under_row_level_security_is_reported_and
             .await
             .unwrap()
     );
-    let request = SearchRequest::new("lighthouse lenses").mode(SearchMode::Keyword);
-    let hits = app
-        .client(alice)
-        .search_with(&request)
-        .await
-        .unwrap()
-        .results;
-    assert_eq!(names(&hits), ["alice.txt"].into());
+    sqlx::raw_sql(
+        "ALTER FUNCTION upload_pipeline.keyword_candidates(tsquery, uuid[], integer) OWNER TO upload_pipeline_app",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    assert!(
+        !upload_pipeline::db::keyword_search_uses_its_index(pool)
+            .await
+            .unwrap()
+    );
+    // A sentence (keyword_candidates) and a short query (identifier_candidates): alice's chunk only.
+    for query in [
+        "lighthouse lenses focus the lamp into a beam",
+        "lighthouse lenses",
+    ] {
+        let request = SearchRequest::new(query).mode(SearchMode::Keyword);
+        let hits = app
+            .client(alice)
+            .search_with(&request)
+            .await
+            .unwrap()
+            .results;
+        assert_eq!(names(&hits), ["alice.txt"].into(), "{query}");
+    }
+    let routed: Vec<bool> = sqlx::query_scalar(
+        "SELECT upload_pipeline.identifier_query(q) FROM unnest($1::text[]) WITH ORDINALITY u (q, i) ORDER BY i",
+    )
+    .bind(["lighthouse lenses focus the lamp into a beam", "lighthouse lenses"])
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(routed, [false, true]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,6 +391,12 @@ async fn no_function_of_the_schema_is_public_and_the_app_role_keeps_what_it_call
          double precision, text)",
         "upload_pipeline.match_chunks(vector, integer, jsonb)",
         "upload_pipeline.keyword_candidates(tsquery, uuid[], integer)",
+        "upload_pipeline.identifier_candidates(tsquery, uuid[], integer)",
+        "upload_pipeline.identifier_query(text)",
+        "upload_pipeline.identifier_boost()",
+        "upload_pipeline.query_terms(tsquery)",
+        "upload_pipeline.strip_double_negation(tsquery)",
+        "upload_pipeline.search_chunks_sql(text, text, integer, boolean, boolean, text)",
         "upload_pipeline.text_search_config()",
         "upload_pipeline.current_user_id()",
     ] {
@@ -379,7 +410,7 @@ async fn no_function_of_the_schema_is_public_and_the_app_role_keeps_what_it_call
     ] {
         assert!(!app_may(signature).await, "{signature}");
     }
-    // Keyword rows are read through keyword_candidates only.
+    // Keyword rows are read through keyword_candidates and identifier_candidates only.
     let reads_keywords: bool = sqlx::query_scalar(
         "SELECT has_table_privilege('upload_pipeline_app', 'upload_pipeline.chunk_keywords', \
          'SELECT, INSERT, UPDATE, DELETE')",

@@ -11,11 +11,13 @@
 //! `bounds`: what bounds a search's cost (a filter matched once per document, 500 values, the timeout, the HNSW
 //! scan's reach) and who may call the schema's functions; `rerank`: the fused hits reordered by the fake rerankers,
 //! and what a failing one answers; `tenants`: a small tenant among a big one gets its exact top k, by a scan of its
-//! own chunks, and a big one walks the HNSW graph.
+//! own chunks, and a big one walks the HNSW graph; `identifiers`: identifier-like queries' keyword list (BM25, every
+//! word then some, boosted in the fusion), and sentences ranked as before.
 
 mod bounds;
 mod cli;
 mod filters;
+mod identifiers;
 mod keywords;
 mod ranking;
 mod rerank;
@@ -56,14 +58,15 @@ impl Doc {
     }
 }
 
-/// Writes `doc` for `user` as the pipeline leaves it: the document in its status, its chunks with vectors of the
-/// app's model (the hashing embedder, which the fake OpenAI server also answers with); returns its id.
+/// Writes `doc` for `user` as the pipeline leaves it: the document in its status with its number of chunks, its
+/// chunks with vectors of the app's model (the hashing embedder, which the fake OpenAI server also answers with);
+/// returns its id.
 pub(crate) async fn seed(app: &TestApp, user: Uuid, doc: Doc) -> Uuid {
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO upload_pipeline.documents (id, user_id, filename, content_type, size_bytes, sha256, status, \
-         metadata, created_at, ready_at) \
-         VALUES ($1, $2, $3, $4, 100, $5, $6, $7, $8::timestamptz, CASE WHEN $6 = 'ready' THEN now() END)",
+         metadata, created_at, ready_at, chunks_total) \
+         VALUES ($1, $2, $3, $4, 100, $5, $6, $7, $8::timestamptz, CASE WHEN $6 = 'ready' THEN now() END, $9)",
     )
     .bind(id)
     .bind(user)
@@ -73,6 +76,7 @@ pub(crate) async fn seed(app: &TestApp, user: Uuid, doc: Doc) -> Uuid {
     .bind(doc.status)
     .bind(&doc.metadata)
     .bind(doc.created_at)
+    .bind(doc.chunks.len() as i32)
     .execute(app.admin())
     .await
     .expect("insert the document");

@@ -63,8 +63,10 @@ async fn hybrid_search_puts_first_the_chunk_with_the_exact_identifier_that_vecto
     assert_eq!(hybrid.results[1].filename, "tls-faq.txt");
     assert_eq!(hybrid.results[1].keyword_rank, None);
     assert!(best.score > hybrid.results[1].score);
+    // An identifier: the keyword list weighs search.identifier_boost (3) times keyword_weight.
+    assert_eq!(app.settings.search.identifier_boost, 3.0);
     assert!(
-        (best.score - (1.0 / 61.0 + 1.0 / 62.0)).abs() < 1e-9,
+        (best.score - (3.0 / 61.0 + 1.0 / 62.0)).abs() < 1e-9,
         "{}",
         best.score
     );
@@ -143,6 +145,43 @@ async fn keyword_search_finds_a_quoted_phrase_and_never_calls_the_embedder() {
         1,
         "hybrid embeds it once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_asks_again_for_its_query_vector_when_the_provider_fails_and_answers_503_when_it_keeps_failing()
+ {
+    let fake = FakeProviders::start(FakeConfig::default()).await;
+    let mut s = settings(&unique_prefix("query-retry"), &tests::redis_url());
+    fake.embed_with(&mut s);
+    let app = TestApp::spawn(s).await;
+    let user = Uuid::new_v4();
+    seed(&app, user, Doc::ready("fox.txt", &["The quick brown fox."])).await;
+    let body = json!({"query": "quick brown fox", "mode": "vector"});
+    let mut config = FakeConfig::default();
+
+    // Two 5xx in a row (the fake's 503 "overloaded", OpenAI's words): the third request answers.
+    config.openai.fail_next = 2;
+    fake.configure(&config).await;
+    let (status, answer) = post_search(&app, user, body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["filename"], "fox.txt", "{answer}");
+    assert_eq!(fake.stats().await.embedding_requests, 3);
+
+    // Three in a row: the search gives up after three requests and says the provider is unavailable.
+    config.openai.fail_next = 3;
+    fake.configure(&config).await;
+    let (status, answer) = post_search(&app, user, body.clone()).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+    assert_eq!(fake.stats().await.embedding_requests, 6);
+
+    // A refused key is not asked again.
+    config.openai.fail_next = 0;
+    config.openai.key_revoked = true;
+    fake.configure(&config).await;
+    let (status, answer) = post_search(&app, user, body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(fake.stats().await.embedding_requests, 7);
 }
 
 /// Parses and chunks a file of the test corpus as the parse and chunk stages do, and seeds it as ready.

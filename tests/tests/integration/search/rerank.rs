@@ -23,7 +23,8 @@ use super::{Doc, seed};
 const QUERY: &str = "pilots boarding ladders harbour";
 /// Matches every word of the query by its stem (keyword rank 1, so fused first), but holds only "harbour" exactly.
 const STEMS: &str = "The pilot boards by the ladder when the harbour is calm.";
-/// Holds three of the query's words exactly, but not "harbour": no keyword match.
+/// Holds three of the query's words exactly, but not "harbour": below `STEMS` in the keyword list (a query of four
+/// words lists the chunks holding some of its words after those holding all).
 const EXACT: &str = "Pilots boarding ladders must be rigged by the crew.";
 const ONE_WORD: &str = "Harbour dues rise in spring.";
 const NONE: &str = "Sourdough needs a lively starter and a very hot oven.";
