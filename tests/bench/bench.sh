@@ -7,8 +7,10 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 if [ -z "${BENCH_FONT:-}" ] && ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1; then
   echo "installing fonts-dejavu-core for the plots" >&2
-  (apt-get install -y -q fonts-dejavu-core >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q fonts-dejavu-core >/dev/null; })
+  # One apt-get at a time with the set-up scripts (deploy/local/services.sh).
+  flock /var/lock/upload-pipeline-apt.lock sh -c 'apt-get -o DPkg::Lock::Timeout=600 install -y -q fonts-dejavu-core >/dev/null 2>&1 \
+    || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null \
+         && apt-get -o DPkg::Lock::Timeout=600 install -y -q fonts-dejavu-core >/dev/null; }'
 fi
 # The `perf` profile is release without line tables (Cargo.toml): the same code, built faster on 2 cores. The
 # `bench` feature of the tests package adds the bench binary and its plots (test builds leave plotters out).
