@@ -464,6 +464,38 @@ async fn explain(app: &TestApp, user: Uuid, query: &str, format: &str) -> serde_
     }
 }
 
+/// `EXPLAIN (ANALYZE, FORMAT JSON)` of keyword_candidates' query (a sentence's keyword list) for `query`, at most
+/// 40 candidates, run as keyword_candidates runs it: as its owner, called by `user` under the app role.
+async fn explain_sentence(app: &TestApp, user: Uuid, query: &str) -> serde_json::Value {
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION upload_pipeline.explain_keyword_candidates(p_query tsquery) \
+         RETURNS SETOF text LANGUAGE plpgsql VOLATILE SECURITY DEFINER \
+         SET search_path = pg_catalog, upload_pipeline AS $$ \
+         DECLARE r record; \
+         BEGIN \
+           FOR r IN EXECUTE 'EXPLAIN (ANALYZE, FORMAT JSON) ' || upload_pipeline.keyword_candidates_sql() \
+             USING p_query, NULL::uuid[], 40 \
+           LOOP RETURN NEXT r.\"QUERY PLAN\"::text; END LOOP; \
+         END $$; \
+         GRANT EXECUTE ON FUNCTION upload_pipeline.explain_keyword_candidates(tsquery) TO upload_pipeline_app",
+    )
+    .execute(app.admin())
+    .await
+    .unwrap();
+    let mut tx = upload_pipeline::db::begin_as(app.admin(), user)
+        .await
+        .unwrap();
+    let lines: Vec<String> = sqlx::query_scalar(
+        "SELECT upload_pipeline.explain_keyword_candidates(websearch_to_tsquery('english', $1))",
+    )
+    .bind(query)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    serde_json::from_str(&lines.join("\n")).unwrap()
+}
+
 /// Rows of chunk_keywords each node of `plan` read (returned, or removed by its recheck or filter), over all its
 /// loops: (node type, rows per loop, loops).
 fn keyword_rows(plan: &serde_json::Value, out: &mut Vec<(String, f64, f64)>) {
@@ -546,6 +578,26 @@ async fn a_common_word_reads_at_most_the_caps_worth_of_rows_whatever_the_tenants
             "{query}: {total} rows of 12,000: {reads:?}"
         );
     }
+
+    // A sentence (keyword_candidates' list, every word required) whose words are all in every chunk: at most
+    // P = 320 matching rows read, then ranked; its hits are some of them.
+    let sentence = "The database keeps the page of it";
+    let plan = explain_sentence(&app, user, sentence).await;
+    let mut reads = Vec::new();
+    keyword_rows(&plan[0]["Plan"], &mut reads);
+    assert!(!reads.is_empty(), "{plan:#}");
+    let total: f64 = reads.iter().map(|(_, rows, loops)| rows * loops).sum();
+    assert!(
+        total <= 320.0,
+        "{sentence}: {total} rows of 12,000: {reads:?}"
+    );
+    let hits = keyword(&app, user, sentence).await;
+    assert_eq!(hits.len(), 20);
+    assert!(
+        hits.iter()
+            .all(|h| h.content.starts_with("The database keeps page")),
+        "{hits:#?}"
+    );
 
     // Every word common: the list before (ts_rank_cd), capped, and not boosted in hybrid search.
     let hits = keyword(&app, user, "database").await;
