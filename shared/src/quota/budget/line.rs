@@ -128,39 +128,42 @@ impl Turn {
             let invocation = acquire_invocation(b, self.ticket, more, left, dims);
             // The script runs in a task of its own: a caller cancelled while its ask is on the wire (a search's
             // reranker gives up after its `max_wait`) would not hear of a reservation made for it, which would
-            // then count in every window until it expired. The task gives such a reservation back.
+            // then count in every window until it expired. Whoever learns that the caller is gone, the task (its
+            // answer refused) or the caller's dropped receiver (an answer sent but never read), gives such a
+            // reservation back.
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let (mut task_conn, budget) = (conn.clone(), self.budget.clone());
-            let costs: Vec<(&'static str, f64)> = dims.iter().map(|(l, c)| (l.name, *c)).collect();
+            let mut pending = Pending {
+                rx,
+                budget: self.budget.clone(),
+                costs: dims.iter().map(|(l, c)| (l.name, *c)).collect(),
+                more,
+            };
+            let (mut task_conn, budget, costs) =
+                (conn.clone(), self.budget.clone(), pending.costs.clone());
             tokio::spawn(async move {
-                let answer: Result<(i64, i64, i64, String, i64), redis::RedisError> =
+                let answer: Result<Answer, redis::RedisError> =
                     invocation.invoke_async(&mut task_conn).await;
-                if let Err(Ok((status, _, ticket, _, granted))) = tx.send(answer) {
-                    if status == RESERVED && granted > 0 {
-                        budget.end_flight(granted, &costs, None).await;
-                    }
-                    // A place the answer left in line (waiting, or kept for the call's next part) goes too,
-                    // rather than hold the fleet's line up until its lease lapses.
-                    if ticket > 0 && (status == IN_LINE || (status == RESERVED && more)) {
-                        leave_line(&budget.inner, ticket as u64).await;
-                    }
+                if let Err(Ok(answer)) = tx.send(answer) {
+                    give_back(&budget, &costs, more, answer).await;
                 }
             });
-            let answer = match rx.await {
+            let answer = match (&mut pending.rx).await {
                 Ok(answer) => answer,
                 Err(_) => Err(redis::RedisError::from((
                     redis::ErrorKind::Client,
                     "the quota script's task ended without an answer",
                 ))),
             };
+            drop(pending);
             match answer {
                 Ok((IN_LINE, wait_ms, ticket, _, _)) => {
                     self.ticket = ticket.max(0) as u64;
                     self.held = true;
                     if left.is_zero() {
                         // Its patience is spent and its turn not come (those ahead wait for room in the window,
-                        // which the script cannot put a time on): deferred, its place given up when the turn
-                        // ends.
+                        // which the script cannot put a time on): deferred, its place given up now (a grant made
+                        // for it meanwhile with it), so that the turn, if asked again, starts afresh.
+                        self.leave();
                         return (
                             DEFERRED,
                             wait_ms.max(ASK_EVERY.as_millis() as i64),
@@ -236,19 +239,70 @@ fn acquire_invocation(
     invocation
 }
 
-impl Drop for Turn {
-    /// Gives the place in line back at once, rather than holding the line up until its lease lapses, and with it
-    /// a grant made for it that it never picked up.
-    fn drop(&mut self) {
-        if !self.held || self.ticket == 0 {
+impl Turn {
+    /// Gives the place in line back, in the background, and forgets it.
+    fn leave(&mut self) {
+        let (ticket, held) = (
+            std::mem::take(&mut self.ticket),
+            std::mem::take(&mut self.held),
+        );
+        if !held || ticket == 0 {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let b = self.budget.inner.clone();
-        let ticket = self.ticket;
         runtime.spawn(async move { leave_line(&b, ticket).await });
+    }
+}
+
+impl Drop for Turn {
+    /// Gives the place in line back at once, rather than holding the line up until its lease lapses, and with it
+    /// a grant made for it that it never picked up.
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// An answer of `acquire.lua`: (status, wait ms, ticket, pause reason, when the request may go).
+type Answer = (i64, i64, i64, String, i64);
+
+/// An ask on its way: dropped before its answer was read (the caller cancelled after the task sent it), it gives
+/// back what the answer made, as the task does for an answer it could not send.
+struct Pending {
+    rx: tokio::sync::oneshot::Receiver<Result<Answer, redis::RedisError>>,
+    budget: Budget,
+    costs: Vec<(&'static str, f64)>,
+    more: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Ok(answer)) = self.rx.try_recv()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (budget, costs, more) = (
+                self.budget.clone(),
+                std::mem::take(&mut self.costs),
+                self.more,
+            );
+            runtime.spawn(async move { give_back(&budget, &costs, more, answer).await });
+        }
+    }
+}
+
+/// Gives back what an answer its caller never heard of made: a reservation leaves the in-flight log (never
+/// sent), and a place it left in line (waiting, or kept for the call's next part) leaves the line rather than
+/// hold it up until its lease lapses.
+async fn give_back(budget: &Budget, costs: &[(&'static str, f64)], more: bool, answer: Answer) {
+    let (status, _, ticket, _, granted) = answer;
+    if status == RESERVED && granted > 0 {
+        budget.end_flight(granted, costs, None).await;
+    }
+    if ticket > 0 && (status == IN_LINE || (status == RESERVED && more)) {
+        leave_line(&budget.inner, ticket as u64).await;
     }
 }
 
