@@ -208,13 +208,16 @@ $$;
 --          estimate barely moves the ranking). A phrase whose words are all in at most P chunks is counted exactly
 --          among those (their words checked: at most P); in more, its frequency is its words' count, an upper
 --          bound. Chunks of documents not ready yet are counted too.
---   hit1 : the chunks matching the whole query, at most P (a query with phrases: looked for among the first C
---          chunks its gate matches).
---   hit2 : only when hit1 holds fewer than $5 (else every listed chunk comes from it), at most P more chunks
---          matching a term's pool, the rarest term first; only terms of at most C chunks add any (their gate
---          bounds what the index returns).
---   pool : those chunks, each once, of ready documents, read by primary key (a subquery per chunk, OFFSET 0, so
---          that the planner cannot join them to all of the caller's rows instead), their words detoasted once.
+--   hit1 : the chunks of ready documents matching the whole query, at most P (a query with phrases: looked for
+--          among the first C chunks of ready documents its gate matches). A chunk of a document still processing
+--          or failed (a failed one keeps its chunks) takes no place under the cap: each match's document is looked
+--          up by primary key.
+--   hit2 : only when hit1 holds fewer than $5 (else every listed chunk comes from it), at most P more chunks of
+--          ready documents matching a term's pool, the rarest term first; only terms of at most C chunks add any
+--          (their gate bounds what the index returns).
+--   pool : those chunks, each once, read by primary key (a subquery per chunk, OFFSET 0, so that the planner
+--          cannot join them to all of the caller's rows instead; their documents checked ready again), their words
+--          detoasted once.
 --   c    : N, the chunks of the caller's ready documents (among $4) by documents.chunks_total, summed over at most
 --          1,000 documents (a lower bound above that) and at least every term's frequency; avgdl, the pool's
 --          average number of distinct words; whether any term is rare (at most C chunks).
@@ -232,24 +235,30 @@ LANGUAGE sql IMMUTABLE AS $$
          'FROM unnest($2::tsquery[], $3::tsquery[], $6::tsquery[]) WITH ORDINALITY q (term, gate, pool, n)), '
          't AS MATERIALIZED (SELECT w.n, w.term, w.pool, 1 + (SELECT coalesce(sum(g[1]::integer - 1), 0) '
          'FROM regexp_matches(w.term::text, ''<([0-9]+)>'', ''g'') g) AS gaps, '
-         'CASE WHEN w.phrase AND w.words <= least(8 * $5, 1000) THEN (SELECT count(*) FROM upload_pipeline.chunk_keywords k '
+         'CASE WHEN w.phrase AND w.words <= least(8::bigint * $5, 1000) THEN (SELECT count(*) FROM upload_pipeline.chunk_keywords k '
          'WHERE k.user_id = upload_pipeline.current_user_id() AND k.tsv @@ w.term '
          'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4))) ELSE w.words END AS df FROM w), '
          'hit1 AS MATERIALIZED ('
          '(SELECT k.chunk_id FROM upload_pipeline.chunk_keywords k '
          'WHERE $7::tsquery IS NOT NULL AND NOT $8 AND k.user_id = upload_pipeline.current_user_id() AND k.tsv @@ $1 '
-         'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4)) LIMIT least(8 * $5, 1000)) '
+         'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4)) '
+         'AND EXISTS (SELECT 1 FROM upload_pipeline.documents d WHERE d.id = k.document_id AND d.user_id = k.user_id AND d.status = ''ready'') '
+         'LIMIT least(8::bigint * $5, 1000)) '
          'UNION ALL '
          '(SELECT g.chunk_id FROM (SELECT k.chunk_id, k.tsv FROM upload_pipeline.chunk_keywords k '
          'WHERE $7::tsquery IS NOT NULL AND $8 AND k.user_id = upload_pipeline.current_user_id() AND k.tsv @@ $7 '
-         'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4)) LIMIT 1000) g '
-         'WHERE g.tsv @@ $1 LIMIT least(8 * $5, 1000))), '
+         'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4)) '
+         'AND EXISTS (SELECT 1 FROM upload_pipeline.documents d WHERE d.id = k.document_id AND d.user_id = k.user_id AND d.status = ''ready'') '
+         'LIMIT 1000) g '
+         'WHERE g.tsv @@ $1 LIMIT least(8::bigint * $5, 1000))), '
          'hit2 AS MATERIALIZED (SELECT x.chunk_id FROM (SELECT t.pool, t.df, t.n FROM t '
          'WHERE t.df <= 1000 AND t.n <= $9 AND (SELECT count(*) FROM hit1) < $5 ORDER BY t.df, t.n) r '
          'CROSS JOIN LATERAL (SELECT k.chunk_id FROM upload_pipeline.chunk_keywords k '
          'WHERE k.user_id = upload_pipeline.current_user_id() AND k.tsv @@ r.pool '
-         'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4)) LIMIT least(8 * $5, 1000)) x '
-         'LIMIT least(8 * $5, 1000)), '
+         'AND ($4::uuid[] IS NULL OR k.document_id = ANY ($4)) '
+         'AND EXISTS (SELECT 1 FROM upload_pipeline.documents d WHERE d.id = k.document_id AND d.user_id = k.user_id AND d.status = ''ready'') '
+         'LIMIT least(8::bigint * $5, 1000)) x '
+         'LIMIT least(8::bigint * $5, 1000)), '
          'pool AS MATERIALIZED (SELECT k.chunk_id, k.tsv || ''''::tsvector AS tsv '
          'FROM (SELECT h.chunk_id FROM hit1 h UNION SELECT h.chunk_id FROM hit2 h) p '
          'CROSS JOIN LATERAL (SELECT k.chunk_id, k.tsv FROM upload_pipeline.chunk_keywords k '

@@ -18,6 +18,11 @@ LANGUAGE sql IMMUTABLE AS $$
          'FROM upload_pipeline.chunk_keywords k JOIN upload_pipeline.documents d ON d.id = k.document_id '
          'WHERE k.user_id = upload_pipeline.current_user_id() AND k.tsv @@ $1 AND d.user_id = k.user_id '
          'AND d.status = ''ready'' AND ($2::uuid[] IS NULL OR k.document_id = ANY ($2)) '
-         'LIMIT least(8 * $3, 1000)) m '
+         'LIMIT least(8::bigint * $3, 1000)) m '
          'ORDER BY rank DESC, m.id LIMIT $3'
 $$;
+
+-- With a LIMIT before the ranking, a plan that returns its first rows soonest may look cheapest: a sequential scan
+-- of the whole table, every tenant's rows, where the (user_id, tsv) index reads only the caller's. As
+-- identifier_candidates does, keyword_candidates plans without sequential scans.
+ALTER FUNCTION upload_pipeline.keyword_candidates(tsquery, uuid[], integer) SET enable_seqscan = off;

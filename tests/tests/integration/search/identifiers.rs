@@ -465,12 +465,24 @@ async fn explain(app: &TestApp, user: Uuid, query: &str, format: &str) -> serde_
 }
 
 /// `EXPLAIN (ANALYZE, FORMAT JSON)` of keyword_candidates' query (a sentence's keyword list) for `query`, at most
-/// 40 candidates, run as keyword_candidates runs it: as its owner, called by `user` under the app role.
+/// 40 candidates, run as keyword_candidates runs it: as its owner, with its settings (checked), called by `user`
+/// under the app role.
 async fn explain_sentence(app: &TestApp, user: Uuid, query: &str) -> serde_json::Value {
+    let settings: Vec<String> = sqlx::query_scalar(
+        "SELECT coalesce(proconfig, '{}') FROM pg_proc WHERE oid = \
+         'upload_pipeline.keyword_candidates(tsquery, uuid[], integer)'::regprocedure",
+    )
+    .fetch_one(app.admin())
+    .await
+    .unwrap();
+    assert!(
+        settings.iter().any(|s| s == "enable_seqscan=off"),
+        "keyword_candidates plans without sequential scans, as explained here: {settings:?}"
+    );
     sqlx::raw_sql(
         "CREATE OR REPLACE FUNCTION upload_pipeline.explain_keyword_candidates(p_query tsquery) \
          RETURNS SETOF text LANGUAGE plpgsql VOLATILE SECURITY DEFINER \
-         SET search_path = pg_catalog, upload_pipeline AS $$ \
+         SET search_path = pg_catalog, upload_pipeline SET enable_seqscan = off AS $$ \
          DECLARE r record; \
          BEGIN \
            FOR r IN EXECUTE 'EXPLAIN (ANALYZE, FORMAT JSON) ' || upload_pipeline.keyword_candidates_sql() \
@@ -586,6 +598,9 @@ async fn a_common_word_reads_at_most_the_caps_worth_of_rows_whatever_the_tenants
     let mut reads = Vec::new();
     keyword_rows(&plan[0]["Plan"], &mut reads);
     assert!(!reads.is_empty(), "{plan:#}");
+    for (node, _, _) in &reads {
+        assert_ne!(node, "Seq Scan", "{sentence}: {reads:?}");
+    }
     let total: f64 = reads.iter().map(|(_, rows, loops)| rows * loops).sum();
     assert!(
         total <= 320.0,
