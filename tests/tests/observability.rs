@@ -417,6 +417,19 @@ impl Drop for Prometheus {
     }
 }
 
+/// A search of `query`, asked again after a 503: a search asks for its query's vector up to three times, and with
+/// 15 % of provider requests failing all three fail for one search in 300, which a caller would ask again.
+async fn search_answered(client: &upload_pipeline::client::Client, query: &str) {
+    wait_for("a search answered", Duration::from_secs(60), || async {
+        match client.search(query, 5).await {
+            Ok(_) => Some(()),
+            Err(upload_pipeline::client::ClientError::Api { status: 503, .. }) => None,
+            Err(e) => panic!("search: {e}"),
+        }
+    })
+    .await;
+}
+
 /// Evaluates each expression until all give a non-empty result (recording rules need an evaluation or two),
 /// returning those still failing at the deadline with why.
 async fn evaluate_all(
@@ -563,16 +576,7 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
             "lighthouse keepers",
             "tides and the moon",
         ] {
-            // A search asks for its query's vector up to three times; with 15 % of provider requests failing,
-            // all three fail for one search in 300, so the test asks again after a 503, as a caller would.
-            wait_for("a search answered", Duration::from_secs(60), || async {
-                match client.search(q, 5).await {
-                    Ok(_) => Some(()),
-                    Err(upload_pipeline::client::ClientError::Api { status: 503, .. }) => None,
-                    Err(e) => panic!("search: {e}"),
-                }
-            })
-            .await;
+            search_answered(&client, q).await;
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -600,11 +604,9 @@ async fn a_real_prometheus_evaluates_every_panel_variable_and_rule_against_a_run
         },
     )
     .await;
+    let client = app.client(users[2]);
     for _ in 0..10 {
-        app.client(users[2])
-            .search("volcanoes and lava", 5)
-            .await
-            .expect("search");
+        search_answered(&client, "volcanoes and lava").await;
     }
     let ready: i64 =
         sqlx::query_scalar("SELECT count(*) FROM upload_pipeline.documents WHERE status = 'ready'")

@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 use sqlx::Connection as _;
-use tests::{TestApp, settings, unique_prefix};
+use tests::{TestApp, settings, unique_prefix, wait_for};
 use upload_pipeline::{
     client::{SearchMode, SearchRequest},
     search::{self, ComparisonOp, Filter, SearchError},
@@ -188,12 +188,26 @@ async fn a_search_past_its_timeout_answers_504_and_the_next_one_is_served() {
     );
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("50ms"), "{message}");
-    let hits = app
-        .client(user)
-        .search_with(&SearchRequest::new("tides").mode(SearchMode::Keyword))
-        .await
-        .unwrap()
-        .results;
+    // The next search is served: a few milliseconds of work, within the 50 ms on a quiet machine. On a loaded one
+    // it may need its turn at a core for longer than that, so a 504 is asked again (a different error fails).
+    let client = app.client(user);
+    let hits = wait_for(
+        "a search within 50 ms after the timeout",
+        std::time::Duration::from_secs(120),
+        || async {
+            match client
+                .search_with(&SearchRequest::new("tides").mode(SearchMode::Keyword))
+                .await
+            {
+                Ok(answer) => Some(answer.results),
+                Err(e) if e.code() == Some(upload_pipeline::client::ErrorCode::SearchTimeout) => {
+                    None
+                }
+                Err(e) => panic!("the search after the timeout: {e}"),
+            }
+        },
+    )
+    .await;
     assert_eq!(names(&hits), ["tides.txt"].into());
 }
 
