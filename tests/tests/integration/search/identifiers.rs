@@ -423,50 +423,27 @@ async fn the_identifier_list_reads_the_callers_part_of_the_index_and_counts_only
 }
 
 /// `EXPLAIN (ANALYZE, FORMAT <format>)` of identifier_candidates' query for `query` (at most 40 candidates), run
-/// as identifier_candidates runs it: as its owner (a function of the same owner, search_path and settings, made
-/// here), called by `user` under the app role. JSON: the plan; TEXT: a string of its lines.
+/// as identifier_candidates runs it. JSON: the plan; TEXT: a string of its lines.
 async fn explain(app: &TestApp, user: Uuid, query: &str, format: &str) -> serde_json::Value {
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION upload_pipeline.explain_identifier_candidates(p_query tsquery, p_json boolean) \
-         RETURNS SETOF text LANGUAGE plpgsql VOLATILE SECURITY DEFINER \
-         SET search_path = pg_catalog, upload_pipeline SET enable_seqscan = off AS $$ \
-         DECLARE v_query tsquery := upload_pipeline.strip_double_negation(p_query); v record; r record; \
+    explain_as_owner(
+        app,
+        user,
+        "explain_identifier_candidates",
+        "DECLARE v_query tsquery := upload_pipeline.strip_double_negation(p_query); v record; r record; \
          BEGIN \
            SELECT * INTO v FROM upload_pipeline.query_terms(v_query); \
-           FOR r IN EXECUTE CASE WHEN p_json THEN 'EXPLAIN (ANALYZE, FORMAT JSON) ' \
-             ELSE 'EXPLAIN (ANALYZE, COSTS OFF) ' END || upload_pipeline.identifier_candidates_sql() \
+           FOR r IN EXECUTE p_explain || upload_pipeline.identifier_candidates_sql() \
              USING v_query, v.terms, v.gates, NULL::uuid[], 40, v.pools, v.gate, v.recheck, v.operands \
            LOOP RETURN NEXT r.\"QUERY PLAN\"::text; END LOOP; \
-         END $$; \
-         GRANT EXECUTE ON FUNCTION upload_pipeline.explain_identifier_candidates(tsquery, boolean) \
-         TO upload_pipeline_app",
+         END",
+        query,
+        format,
     )
-    .execute(app.admin())
     .await
-    .unwrap();
-    let mut tx = upload_pipeline::db::begin_as(app.admin(), user)
-        .await
-        .unwrap();
-    let lines: Vec<String> = sqlx::query_scalar(
-        "SELECT upload_pipeline.explain_identifier_candidates(websearch_to_tsquery('english', $1), $2)",
-    )
-    .bind(query)
-    .bind(format == "JSON")
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap();
-    tx.rollback().await.unwrap();
-    let text = lines.join("\n");
-    if format == "JSON" {
-        serde_json::from_str(&text).unwrap()
-    } else {
-        serde_json::Value::String(text)
-    }
 }
 
 /// `EXPLAIN (ANALYZE, FORMAT JSON)` of keyword_candidates' query (a sentence's keyword list) for `query`, at most
-/// 40 candidates, run as keyword_candidates runs it: as its owner, with its settings (checked), called by `user`
-/// under the app role.
+/// 40 candidates, run as keyword_candidates runs it (its settings checked).
 async fn explain_sentence(app: &TestApp, user: Uuid, query: &str) -> serde_json::Value {
     let settings: Vec<String> = sqlx::query_scalar(
         "SELECT coalesce(proconfig, '{}') FROM pg_proc WHERE oid = \
@@ -479,33 +456,64 @@ async fn explain_sentence(app: &TestApp, user: Uuid, query: &str) -> serde_json:
         settings.iter().any(|s| s == "enable_seqscan=off"),
         "keyword_candidates plans without sequential scans, as explained here: {settings:?}"
     );
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION upload_pipeline.explain_keyword_candidates(p_query tsquery) \
-         RETURNS SETOF text LANGUAGE plpgsql VOLATILE SECURITY DEFINER \
-         SET search_path = pg_catalog, upload_pipeline SET enable_seqscan = off AS $$ \
-         DECLARE r record; \
+    explain_as_owner(
+        app,
+        user,
+        "explain_keyword_candidates",
+        "DECLARE r record; \
          BEGIN \
-           FOR r IN EXECUTE 'EXPLAIN (ANALYZE, FORMAT JSON) ' || upload_pipeline.keyword_candidates_sql() \
-             USING p_query, NULL::uuid[], 40 \
+           FOR r IN EXECUTE p_explain || upload_pipeline.keyword_candidates_sql() USING p_query, NULL::uuid[], 40 \
            LOOP RETURN NEXT r.\"QUERY PLAN\"::text; END LOOP; \
-         END $$; \
-         GRANT EXECUTE ON FUNCTION upload_pipeline.explain_keyword_candidates(tsquery) TO upload_pipeline_app",
+         END",
+        query,
+        "JSON",
     )
+    .await
+}
+
+/// Runs `body`, a PL/pgSQL block given `p_query` (the query, `websearch_to_tsquery`) and `p_explain` (`EXPLAIN
+/// (ANALYZE, ...) ` in `format`), as a function `name` of the candidate functions' owner, search_path and settings
+/// (made here), called by `user` under the app role; the plan it returns, as JSON or (TEXT) a string of its lines.
+async fn explain_as_owner(
+    app: &TestApp,
+    user: Uuid,
+    name: &str,
+    body: &str,
+    query: &str,
+    format: &str,
+) -> serde_json::Value {
+    sqlx::raw_sql(&format!(
+        "CREATE OR REPLACE FUNCTION upload_pipeline.{name}(p_query tsquery, p_explain text) \
+         RETURNS SETOF text LANGUAGE plpgsql VOLATILE SECURITY DEFINER \
+         SET search_path = pg_catalog, upload_pipeline SET enable_seqscan = off AS $$ {body} $$; \
+         GRANT EXECUTE ON FUNCTION upload_pipeline.{name}(tsquery, text) TO upload_pipeline_app"
+    ))
     .execute(app.admin())
     .await
     .unwrap();
+    let explain = if format == "JSON" {
+        "EXPLAIN (ANALYZE, FORMAT JSON) "
+    } else {
+        "EXPLAIN (ANALYZE, COSTS OFF) "
+    };
     let mut tx = upload_pipeline::db::begin_as(app.admin(), user)
         .await
         .unwrap();
-    let lines: Vec<String> = sqlx::query_scalar(
-        "SELECT upload_pipeline.explain_keyword_candidates(websearch_to_tsquery('english', $1))",
-    )
+    let lines: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT upload_pipeline.{name}(websearch_to_tsquery('english', $1), $2)"
+    ))
     .bind(query)
+    .bind(explain)
     .fetch_all(&mut *tx)
     .await
     .unwrap();
     tx.rollback().await.unwrap();
-    serde_json::from_str(&lines.join("\n")).unwrap()
+    let text = lines.join("\n");
+    if format == "JSON" {
+        serde_json::from_str(&text).unwrap()
+    } else {
+        serde_json::Value::String(text)
+    }
 }
 
 /// Rows of chunk_keywords each node of `plan` read (returned, or removed by its recheck or filter), over all its
