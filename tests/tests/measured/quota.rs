@@ -743,6 +743,21 @@ async fn a_large_request_behind_a_stream_of_small_ones_is_served_in_its_turn() {
     assert!(waited < s.quota.max_wait, "waited {waited:?}");
 }
 
+/// The Redis key every key of the `openai` budget of model `m` under `api_key` starts with (`<it>:flying`,
+/// `<it>:line`, ...), and a connection to that Redis: for tests that look at the budget's state or stage it.
+async fn budget_keys(s: &Settings, api_key: &str) -> (String, redis::aio::MultiplexedConnection) {
+    let hash = hex::encode(&Sha256::digest(api_key.as_bytes())[..6]);
+    let conn = redis::Client::open(s.redis_url.expose())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    (
+        format!("{}:quota:{{openai}}:m:{hash}", s.queue.key_prefix),
+        conn,
+    )
+}
+
 #[tokio::test]
 async fn a_place_in_line_left_by_a_killed_caller_lapses_within_seconds() {
     let _turn = super::beside_others().await;
@@ -759,13 +774,7 @@ async fn a_place_in_line_left_by_a_killed_caller_lapses_within_seconds() {
     // A replica killed while it sent a part of a call keeps the place in line its next part would have had (a
     // ticket older than any the line gives out next, asking for nothing): nobody passes it until its lease,
     // never renewed, ends 3 s from now.
-    let hash = hex::encode(&Sha256::digest(b"sk-lapse")[..6]);
-    let bucket = format!("{}:quota:{{openai}}:m:{hash}", s.queue.key_prefix);
-    let mut conn = redis::Client::open(s.redis_url.expose())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (bucket, mut conn) = budget_keys(&s, "sk-lapse").await;
     let lease_end = chrono::Utc::now().timestamp_millis() + 3_000;
     let _: () = redis::pipe()
         .hset(&bucket, "seq", 10)
@@ -872,13 +881,8 @@ async fn a_reservation_cancelled_before_its_request_went_out_stops_counting() {
         window: Duration::from_secs(60),
     }];
     let budget = quota.budget("openai", "m", "sk-cancel", limits, 8);
-    let hash = hex::encode(&Sha256::digest(b"sk-cancel")[..6]);
-    let flying = format!("{}:quota:{{openai}}:m:{hash}:flying", s.queue.key_prefix);
-    let conn = redis::Client::open(s.redis_url.expose())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (base, conn) = budget_keys(&s, "sk-cancel").await;
+    let flying = format!("{base}:flying");
     let in_flight = |mut conn: redis::aio::MultiplexedConnection| {
         let key = flying.clone();
         async move {
@@ -932,13 +936,7 @@ async fn a_caller_behind_a_call_waiting_for_room_in_the_window_is_deferred_after
         window: Duration::from_secs(60),
     }];
     let budget = quota.budget("openai", "m", "sk-patience", limits, 8);
-    let hash = hex::encode(&Sha256::digest(b"sk-patience")[..6]);
-    let base = format!("{}:quota:{{openai}}:m:{hash}", s.queue.key_prefix);
-    let mut conn = redis::Client::open(s.redis_url.expose())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (base, mut conn) = budget_keys(&s, "sk-patience").await;
     // A call of several parts: its first is granted.
     let mut ahead = budget.turn();
     let first = ahead.acquire(&[("requests", 1.0)], true).await.unwrap();

@@ -395,12 +395,7 @@ async fn the_identifier_list_reads_the_callers_part_of_the_index_and_counts_only
     .await
     .unwrap();
     // Statistics, and the index's pending entries merged into it, as autovacuum leaves them.
-    for statement in [
-        "VACUUM ANALYZE upload_pipeline.chunk_keywords",
-        "ANALYZE upload_pipeline.documents",
-    ] {
-        sqlx::raw_sql(statement).execute(pool).await.unwrap();
-    }
+    super::refresh_keyword_statistics(pool).await;
     let after = keyword(&app, alice, "SQLSTATE 40P01").await;
     let ranked =
         |hits: &[Hit]| -> Vec<(Uuid, f64)> { hits.iter().map(|h| (h.chunk_id, h.score)).collect() };
@@ -563,12 +558,7 @@ async fn a_common_word_reads_at_most_the_caps_worth_of_rows_whatever_the_tenants
     .execute(pool)
     .await
     .unwrap();
-    for statement in [
-        "VACUUM ANALYZE upload_pipeline.chunk_keywords",
-        "ANALYZE upload_pipeline.documents",
-    ] {
-        sqlx::raw_sql(statement).execute(pool).await.unwrap();
-    }
+    super::refresh_keyword_statistics(pool).await;
     let (all, rare): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE tsv @@ 'max <-> wal <-> sender'::tsquery) \
          FROM upload_pipeline.chunk_keywords WHERE user_id = $1 AND tsv @@ 'databas'::tsquery",

@@ -171,12 +171,7 @@ async fn the_keyword_list_is_read_from_the_callers_part_of_the_index_on_the_plan
     .unwrap();
     // Statistics, and the index's pending entries merged into it, as autovacuum leaves them; planner settings
     // stay the defaults.
-    for statement in [
-        "VACUUM ANALYZE upload_pipeline.chunk_keywords",
-        "ANALYZE upload_pipeline.documents",
-    ] {
-        sqlx::raw_sql(statement).execute(pool).await.unwrap();
-    }
+    super::refresh_keyword_statistics(pool).await;
     // keyword_candidates runs as its owner, asking for the caller's rows itself: its own query, explained.
     let source: String = sqlx::query_scalar("SELECT upload_pipeline.keyword_candidates_sql()")
         .fetch_one(pool)

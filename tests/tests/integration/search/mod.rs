@@ -124,3 +124,14 @@ pub(crate) async fn post_search(app: &TestApp, user: Uuid, body: Value) -> (u16,
         .expect("search");
     (resp.status().as_u16(), resp.json().await.expect("JSON"))
 }
+
+/// Statistics, and the keyword index's pending entries merged into it, as autovacuum leaves them after a bulk
+/// write: planner settings stay the defaults.
+async fn refresh_keyword_statistics(pool: &sqlx::PgPool) {
+    for statement in [
+        "VACUUM ANALYZE upload_pipeline.chunk_keywords",
+        "ANALYZE upload_pipeline.documents",
+    ] {
+        sqlx::raw_sql(statement).execute(pool).await.unwrap();
+    }
+}
