@@ -360,13 +360,16 @@ pub fn search(out: &Path, r: &Search) -> Result<()> {
          search among at most {} chunks scans them exactly (`upload_pipeline.exact_search_chunks()`); a tenant above \
          that walks the model's HNSW index (`search_chunks`: {}).\n\n\
          Each query is a fresh paraphrase of a passage (its vector, and 8-15 words of its vocabulary for hybrid \
-         search), asked by a random tenant of the bucket: half about a passage of the tenant's own, half about \
+         search, a sentence whose keyword list is BM25's over its terms; and, as a short query read as \
+         identifiers, its first two words with the same vector, whose list is boosted), asked by \
+         a random tenant of the bucket: half about a passage of the tenant's own, half about \
          anyone's (the tenant's best answers then lie far down the list for everyone). Searches run through \
          `search_chunks` as the app role under the tenant's row-level security, at concurrency 1, timed around the \
          statement (the API adds the query's embedding and HTTP). recall@10: the vector search's top 10 against an \
          exact scan of the tenant's own chunks.\n\n\
          | tenant size | tenants | chunks | queries (exact path) | recall@10 mean | worst query | under 0.9 | \
-         vector p50 / p95 / p99 ms | hybrid p50 / p95 / p99 ms |\n|---|---|---|---|---|---|---|---|---|\n",
+         vector p50 / p95 / p99 ms | hybrid p50 / p95 / p99 ms | hybrid, two words: p50 / p95 / p99 ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         fmt(r.chunks as f64),
         r.dimensions,
         fmt(r.tenants as f64),
@@ -395,7 +398,7 @@ pub fn search(out: &Path, r: &Search) -> Result<()> {
             )
         };
         md.push_str(&format!(
-            "| {}-{} | {} | {} | {} ({}) | **{}** | **{}** | {} | {} | {} |\n",
+            "| {}-{} | {} | {} | {} ({}) | **{}** | **{}** | {} | {} | {} | {} |\n",
             fmt(b.from as f64),
             fmt(b.to as f64),
             b.tenants,
@@ -407,6 +410,7 @@ pub fn search(out: &Path, r: &Search) -> Result<()> {
             b.queries_under_0_9,
             ms(&b.vector_ms),
             ms(&b.hybrid_ms),
+            ms(&b.hybrid_short_ms),
         ));
     }
     md.push_str(&format!(
@@ -756,21 +760,30 @@ fn targets(out: &Path) -> Vec<Target> {
             let worst = buckets.iter().map(|b| f(b, "recall_at_10_min")).fold(f64::NAN, f64::min);
             let vector = buckets.iter().map(|b| p95(b, "vector_ms")).fold(f64::NAN, f64::max);
             let hybrid = buckets.iter().map(|b| p95(b, "hybrid_ms")).fold(f64::NAN, f64::max);
+            // Short queries take the identifier-like keyword list: hybrid's target holds for both.
+            let short = buckets.iter().map(|b| p95(b, "hybrid_short_ms")).fold(f64::NAN, f64::max);
             let s = search.as_ref().map_or(&Value::Null, |s| s);
             Target {
                 what: "search: in every tenant-size bucket recall@10 >= 0.95 and no query under 0.7; p95 <= 20 ms \
                        vector, <= 30 ms hybrid at concurrency 1 (1,000,000 chunks, 1,000 tenants)",
                 figure: format!(
                     "{} chunks, {} tenants: lowest bucket mean {}, worst query {}; highest bucket p95 {} ms vector, \
-                     {} ms hybrid",
+                     {} ms hybrid ({} ms hybrid, two-word queries)",
                     fmt(s["chunks"].as_f64().unwrap_or(f64::NAN)),
                     fmt(s["tenants"].as_f64().unwrap_or(f64::NAN)),
                     fmt(lowest_mean),
                     fmt(worst),
                     fmt(vector),
-                    fmt(hybrid)
+                    fmt(hybrid),
+                    fmt(short)
                 ),
-                met: Some(lowest_mean >= 0.95 && worst >= 0.7 && vector <= 20.0 && hybrid <= 30.0),
+                met: Some(
+                    lowest_mean >= 0.95
+                        && worst >= 0.7
+                        && vector <= 20.0
+                        && hybrid <= 30.0
+                        && short <= 30.0,
+                ),
             }
         }
         _ => Target {

@@ -89,6 +89,9 @@ pub struct Bucket {
     pub vector_ms: Distribution,
     /// Hybrid search latency, milliseconds.
     pub hybrid_ms: Distribution,
+    /// Hybrid search latency of a short query (the question's first two words with the same vector), which
+    /// takes the identifier-like keyword list (BM25 over the terms' capped statistics), milliseconds.
+    pub hybrid_short_ms: Distribution,
     /// Raw vector latencies (for the plot).
     pub vector_latencies: Vec<f64>,
     /// Both paths forced on the bucket's first queries (at most [`COMPARED`]), whatever the limit says: what the
@@ -130,6 +133,8 @@ const MODEL: &str = "bench-tenants-384";
 struct Question {
     tenant: usize,
     text: String,
+    /// The first two words of `text`: a short query, read as identifiers.
+    short: String,
     vector: String,
     exact: Vec<Uuid>,
 }
@@ -184,15 +189,18 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
     for q in &mut questions {
         q.exact = exact_top_10(conn, users[q.tenant], &q.vector).await?;
     }
-    // Warm-up: every query once, so that both passes below read from memory alike.
+    // Warm-up: every query once in each form, so that the passes below read from memory alike.
     for q in &questions {
         search(conn, users[q.tenant], q, "vector", None).await?;
+        search(conn, users[q.tenant], q, "hybrid", None).await?;
+        search_text(conn, users[q.tenant], q, &q.short, "hybrid").await?;
     }
     let mut found = Vec::with_capacity(questions.len());
     for q in &questions {
         let (vector_ms, hits) = search(conn, users[q.tenant], q, "vector", None).await?;
         let (hybrid_ms, _) = search(conn, users[q.tenant], q, "hybrid", None).await?;
-        found.push((vector_ms, hybrid_ms, q.recall(&hits)));
+        let (short_ms, _) = search_text(conn, users[q.tenant], q, &q.short, "hybrid").await?;
+        found.push((vector_ms, hybrid_ms, q.recall(&hits), short_ms));
     }
     // Both paths, forced, on each bucket's first queries.
     let mut forced = Vec::new();
@@ -220,7 +228,7 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
             if tenants == 0 {
                 return None;
             }
-            let rows: Vec<(&Question, &(f64, f64, f64))> = questions
+            let rows: Vec<(&Question, &(f64, f64, f64, f64))> = questions
                 .iter()
                 .zip(&found)
                 .filter(|(q, _)| in_bucket(q.tenant))
@@ -228,6 +236,7 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
             let recalls: Vec<f64> = rows.iter().map(|(_, f)| f.2).collect();
             let vector: Vec<f64> = rows.iter().map(|(_, f)| f.0).collect();
             let hybrid: Vec<f64> = rows.iter().map(|(_, f)| f.1).collect();
+            let short: Vec<f64> = rows.iter().map(|(_, f)| f.3).collect();
             Some(Bucket {
                 from,
                 to,
@@ -246,6 +255,7 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
                 queries_under_0_9: recalls.iter().filter(|r| **r < 0.9).count(),
                 vector_ms: Distribution::of(&vector),
                 hybrid_ms: Distribution::of(&hybrid),
+                hybrid_short_ms: Distribution::of(&short),
                 vector_latencies: vector,
                 paths: paths(&forced, bucket_of(from)),
             })
@@ -333,9 +343,15 @@ fn ask(
             let i = rng.random_range(0..doc.chunks);
             let mut vector = String::new();
             corpus::write_vector(&mut vector, &latent.passage(doc, i, rng));
+            let text = corpus::question(corpus, doc, i, rng);
             out.push(Question {
                 tenant,
-                text: corpus::question(corpus, doc, i, rng),
+                short: text
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                text,
                 vector,
                 exact: Vec::new(),
             });
@@ -492,6 +508,28 @@ async fn search(
     mode: &str,
     limit: Option<i64>,
 ) -> Result<(f64, Vec<Uuid>)> {
+    timed_search(conn, user, q, &q.text, mode, limit).await
+}
+
+/// [`search`] with `text` in place of the question's own words.
+async fn search_text(
+    conn: &mut PgConnection,
+    user: Uuid,
+    q: &Question,
+    text: &str,
+    mode: &str,
+) -> Result<(f64, Vec<Uuid>)> {
+    timed_search(conn, user, q, text, mode, None).await
+}
+
+async fn timed_search(
+    conn: &mut PgConnection,
+    user: Uuid,
+    q: &Question,
+    text: &str,
+    mode: &str,
+    limit: Option<i64>,
+) -> Result<(f64, Vec<Uuid>)> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL ROLE upload_pipeline_app")
         .execute(&mut *tx)
@@ -510,7 +548,7 @@ async fn search(
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM upload_pipeline.search_chunks($1, $2::vector, 10, mode => $3)",
     )
-    .bind(&q.text)
+    .bind(text)
     .bind(&q.vector)
     .bind(mode)
     .fetch_all(&mut *tx)
