@@ -40,10 +40,9 @@ use crate::{
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
-    /// What to look for: natural language for the vector list; for the keyword list, words that must all appear
-    /// (an identifier-like query, at most 4 words or 8 with an identifier, also lists the chunks holding some of
-    /// them, after those holding all), `"a quoted phrase"`, `or`, and `-word` to exclude (Postgres
-    /// `websearch_to_tsquery`).
+    /// What to look for: natural language for the vector list; for the keyword list, words: the chunks holding
+    /// all of them first, then (a query of at most about 15 words) those holding some, ranked by BM25;
+    /// `"a quoted phrase"`, `or`, and `-word` to exclude (Postgres `websearch_to_tsquery`).
     #[schema(min_length = 1, max_length = 4000)]
     pub query: String,
     /// How many chunks to return (at most `api.max_search_k`, 50 by default).

@@ -102,8 +102,9 @@ pub struct Hit {
     /// By mode: `hybrid`, the reciprocal rank fusion `sum of weight / (rrf_k + rank)` over the lists the chunk is
     /// in (with the default settings at most 2/61, about 0.033, or 4/61 for an identifier-like query, whose
     /// keyword list weighs `search.identifier_boost` = 3 times more); `vector`, the cosine similarity (1 = same
-    /// direction); `keyword`, `ts_rank_cd` scaled to 0..1 (for an identifier-like query BM25, the chunks holding
-    /// every word above 0.5). Higher is better; compare scores within one search.
+    /// direction); `keyword`, BM25 scaled to 0..1, the chunks holding every word above 0.5 (`ts_rank_cd` scaled to
+    /// 0..1 for a query of more than 16 terms or of common words only). Higher is better; compare scores within
+    /// one search.
     pub score: f64,
     /// The chunk.
     pub chunk_id: Uuid,

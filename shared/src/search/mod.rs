@@ -39,9 +39,9 @@ pub enum SearchMode {
     /// direction.
     Vector,
     /// Matching the words (Postgres full text, `websearch_to_tsquery` syntax: `"a phrase"`, `or`, `-word`): `score`
-    /// is `ts_rank_cd` scaled to 0..1; for an identifier-like query (at most 4 words, or 8 with an identifier), BM25
-    /// scaled to 0..1, the chunks holding every word above 0.5 and those holding some below. The query is not
-    /// embedded.
+    /// is BM25 scaled to 0..1, the chunks holding every word above 0.5 and those holding some below; for a query
+    /// of more than 16 terms, or whose every word is in over 1,000 of the user's chunks, `ts_rank_cd` scaled to
+    /// 0..1 over the chunks holding every word. The query is not embedded.
     Keyword,
 }
 

@@ -31,7 +31,8 @@ pub struct SearchSettings {
     /// camelCase, upper case), whose keyword list is ranked by BM25 with estimated statistics (word counts capped at
     /// 1,000 chunks), the chunks holding every word first, then those holding some; not when every word of the query
     /// is in more than 1,000 of the user's chunks (the list is then `ts_rank_cd`'s, at `keyword_weight`); 1 to 20
-    /// (1: the same weight). Sentences and questions keep `keyword_weight` and the list ranked by `ts_rank_cd`.
+    /// (1: the same weight). Sentences and questions of at most 16 terms get the same list at `keyword_weight`;
+    /// longer ones the list ranked by `ts_rank_cd`, every word required.
     pub identifier_boost: f64,
     /// The reranker the fused hits may go through.
     pub rerank: RerankSettings,

@@ -319,7 +319,8 @@ async fn a_filter_sql_refuses_is_an_invalid_filter_not_a_server_error() {
 async fn keyword_search_owned_by_a_role_under_row_level_security_is_reported_and_still_isolated() {
     let app = TestApp::spawn(settings(&unique_prefix("kw-owner"), &tests::redis_url())).await;
     let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-    let text = "Lighthouse lenses focus the lamp into a beam.";
+    let text = "Lighthouse lenses focus the lamp into a beam that passing ships see far out at sea on the darkest \
+                stormy winter nights, guiding fishermen, sailors and ferries home.";
     seed(&app, alice, Doc::ready("alice.txt", &[text])).await;
     seed(&app, bob, Doc::ready("bob.txt", &[text])).await;
     let pool = app.admin();
@@ -353,8 +354,20 @@ async fn keyword_search_owned_by_a_role_under_row_level_security_is_reported_and
             .await
             .unwrap()
     );
-    // A sentence (keyword_candidates) and a short query (identifier_candidates): alice's chunk only.
+    // A sentence of more than 16 terms (keyword_candidates), one of fewer and a short query
+    // (identifier_candidates): alice's chunk only.
+    let long = "lighthouse lenses focus the lamp into a beam that passing ships see far out at sea on the darkest \
+                stormy winter nights, guiding fishermen, sailors and ferries home";
+    let terms: i32 = sqlx::query_scalar(
+        "SELECT cardinality((upload_pipeline.query_terms(websearch_to_tsquery('english', $1))).terms)",
+    )
+    .bind(long)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(terms > 16, "{terms}");
     for query in [
+        long,
         "lighthouse lenses focus the lamp into a beam",
         "lighthouse lenses",
     ] {

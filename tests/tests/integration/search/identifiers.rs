@@ -3,7 +3,8 @@
 //! identifier before a longer one that mentions it more often in passing; the chunks holding every word come first,
 //! then those holding some (`-word` still excludes); the list weighs `search.identifier_boost` times more in hybrid
 //! search; its statistics are the caller's own, read from the caller's part of the `(user_id, tsv)` index. A
-//! sentence is ranked exactly as before.
+//! sentence of at most 16 terms gets the same list, not boosted (`20261204000000_sentence_keywords.sql`); a longer
+//! one the list before.
 
 use sqlx::Connection as _;
 use tests::{TestApp, settings, unique_prefix};
@@ -170,19 +171,21 @@ async fn an_identifier_query_whose_words_are_not_all_in_one_chunk_still_finds_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sentence_is_ranked_exactly_as_before_whatever_the_identifier_boost() {
+async fn a_sentence_lists_the_chunks_holding_every_word_then_some_by_bm25_and_is_not_boosted() {
     let mut s = settings(&unique_prefix("ident-sentence"), &tests::redis_url());
     s.search.identifier_boost = 20.0;
     let app = TestApp::spawn(s).await;
     let user = Uuid::new_v4();
-    let chunks = [
+    let every = [
         "The keeper trimmed the lamp wick every evening before the storm came in from the west.",
         "Every evening before the storm the keeper trimmed the lamp wick, and in the storm the keeper trimmed the \
          lamp wick again, every hour, until the morning.",
         "Lamp oil, wicks and glass were shipped to the keeper every month; in winter the storm kept the boat away, \
          and the keeper trimmed what wick was left each evening before dark.",
-        "Tides follow the moon; spring tides come at new and full moon.",
     ];
+    let some = "The storm broke the lamp glass.";
+    let mut chunks = every.to_vec();
+    chunks.extend([some, TIDES]);
     seed(&app, user, Doc::ready("keeper.txt", &chunks)).await;
     let sentence = "how the keeper trimmed the lamp wick every evening before the storm";
     let mut tx = upload_pipeline::db::begin_as(app.admin(), user)
@@ -194,30 +197,30 @@ async fn a_sentence_is_ranked_exactly_as_before_whatever_the_identifier_boost() 
         .await
         .unwrap();
     assert!(!is_identifier);
-
-    // Keyword mode: every word required, scored by ts_rank_cd (normalisation 32), as before.
-    let hits = keyword(&app, user, sentence).await;
-    assert_eq!(hits.len(), 3, "{hits:#?}");
-    for hit in &hits {
-        let before: f64 = sqlx::query_scalar(
-            "SELECT ts_rank_cd(to_tsvector('english', $1), websearch_to_tsquery('english', $2), 32)::float8",
-        )
-        .bind(&hit.content)
-        .bind(sentence)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-        assert!(
-            (hit.score - before).abs() < 1e-6,
-            "{} against {before}",
-            hit.score
-        );
-    }
-    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
     tx.rollback().await.unwrap();
 
-    // Hybrid: the keyword list at keyword_weight 1, not boosted.
-    let hybrid = hybrid_search(&app, user, sentence, 4).await;
+    // Keyword mode: the chunks holding every word first (above 0.5), then the one holding some (below).
+    let hits = keyword(&app, user, sentence).await;
+    let contents: Vec<&str> = hits.iter().map(|h| h.content.as_str()).collect();
+    assert_eq!(hits.len(), 4, "{hits:#?}");
+    assert!(every.iter().all(|c| contents[..3].contains(c)), "{hits:#?}");
+    assert_eq!(contents[3], some, "{hits:#?}");
+    assert!(
+        hits[..3].iter().all(|h| h.score > 0.5) && hits[3].score < 0.5,
+        "{hits:#?}"
+    );
+    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    // `or -word` keeps the query's alternatives: the chunks holding `lamp`.
+    let hits = keyword(&app, user, "lamp or -tides").await;
+    assert_eq!(hits.len(), 4, "{hits:#?}");
+    assert!(
+        hits.iter()
+            .all(|h| h.content.to_lowercase().contains("lamp")),
+        "{hits:#?}"
+    );
+
+    // Hybrid: that list at keyword_weight 1, not boosted (identifier_boost is 20 here).
+    let hybrid = hybrid_search(&app, user, sentence, 5).await;
     for hit in &hybrid {
         let part = |rank: Option<u32>| rank.map_or(0.0, |r| 1.0 / (60.0 + f64::from(r)));
         let expected = part(hit.vector_rank) + part(hit.keyword_rank);
@@ -225,8 +228,76 @@ async fn a_sentence_is_ranked_exactly_as_before_whatever_the_identifier_boost() 
     }
     assert_eq!(
         hybrid.iter().filter(|h| h.keyword_rank.is_some()).count(),
-        3
+        4
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentence_of_more_than_fifteen_words_keeps_the_list_before() {
+    let app = TestApp::spawn(settings(&unique_prefix("ident-long"), &tests::redis_url())).await;
+    let user = Uuid::new_v4();
+    let journal = "Lighthouse keepers logged weather, tides, ships, storms, fog, wind speed, lamp oil, wick \
+                   trimming, glass cleaning, bell ringing, rocket signals, visitors and repairs in a daily journal.";
+    let some = "The keepers logged the weather and the tides.";
+    seed(
+        &app,
+        user,
+        Doc::ready("journal.txt", &[journal, some, TIDES]),
+    )
+    .await;
+    // 17 words, 18 terms with their side-by-side phrase: over the 16 a sentence's BM25 list takes.
+    let sentence = "keepers logged weather tides ships storms fog wind speed lamp oil wick trimming glass \
+                    cleaning bell ringing";
+    let mut tx = upload_pipeline::db::begin_as(app.admin(), user)
+        .await
+        .unwrap();
+    let terms: i32 = sqlx::query_scalar(
+        "SELECT cardinality((upload_pipeline.query_terms(websearch_to_tsquery('english', $1))).terms)",
+    )
+    .bind(sentence)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(terms, 18);
+    // The bound is a setting (`upload_pipeline.sentence_terms`), 16 unless set to a whole number.
+    for (set, expected) in [
+        (None, 16),
+        (Some("0"), 0),
+        (Some("20"), 20),
+        (Some("many"), 16),
+    ] {
+        if let Some(value) = set {
+            sqlx::query("SELECT set_config('upload_pipeline.sentence_terms', $1, true)")
+                .bind(value)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        let bound: i32 = sqlx::query_scalar("SELECT upload_pipeline.sentence_terms()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(bound, expected, "{set:?}");
+    }
+
+    // Keyword mode: every word required, scored by ts_rank_cd (normalisation 32), as before.
+    let hits = keyword(&app, user, sentence).await;
+    assert_eq!(hits.len(), 1, "{hits:#?}");
+    assert_eq!(hits[0].content, journal);
+    let before: f64 = sqlx::query_scalar(
+        "SELECT ts_rank_cd(to_tsvector('english', $1), websearch_to_tsquery('english', $2), 32)::float8",
+    )
+    .bind(journal)
+    .bind(sentence)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert!(
+        (hits[0].score - before).abs() < 1e-6,
+        "{} against {before}",
+        hits[0].score
+    );
+    tx.rollback().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,8 +660,10 @@ async fn a_common_word_reads_at_most_the_caps_worth_of_rows_whatever_the_tenants
         );
     }
 
-    // A sentence (keyword_candidates' list, every word required) whose words are all in every chunk: at most
-    // P = 320 matching rows read, then ranked; its hits are some of them.
+    // keyword_candidates' list (every word required; sentences of more than 16 terms take it) for a sentence whose
+    // words are all in every chunk: at most P = 320 matching rows read, then ranked. Through the API the sentence
+    // takes identifier_candidates' list, whose words all being common make it that same list: its hits are some
+    // of those rows.
     let sentence = "The database keeps the page of it";
     let plan = explain_sentence(&app, user, sentence).await;
     let mut reads = Vec::new();

@@ -12,7 +12,7 @@
 //! scan's reach) and who may call the schema's functions; `rerank`: the fused hits reordered by the fake rerankers,
 //! and what a failing one answers; `tenants`: a small tenant among a big one gets its exact top k, by a scan of its
 //! own chunks, and a big one walks the HNSW graph; `identifiers`: identifier-like queries' keyword list (BM25, every
-//! word then some, boosted in the fusion), and sentences ranked as before.
+//! word then some, boosted in the fusion), sentences' (the same list, not boosted), and longer ones as before.
 
 mod bounds;
 mod cli;
