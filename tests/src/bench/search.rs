@@ -129,6 +129,14 @@ const BUCKETS: [(usize, usize); 5] = [
 const DIMS: usize = 384;
 const MODEL: &str = "bench-tenants-384";
 
+/// What one query measured: vector, hybrid and two-word hybrid latency (ms), and vector recall@10.
+struct Found {
+    vector_ms: f64,
+    hybrid_ms: f64,
+    recall: f64,
+    short_ms: f64,
+}
+
 /// One query: whose, and about what.
 struct Question {
     tenant: usize,
@@ -200,7 +208,12 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
         let (vector_ms, hits) = search(conn, users[q.tenant], q, "vector", None).await?;
         let (hybrid_ms, _) = search(conn, users[q.tenant], q, "hybrid", None).await?;
         let (short_ms, _) = search_text(conn, users[q.tenant], q, &q.short, "hybrid").await?;
-        found.push((vector_ms, hybrid_ms, q.recall(&hits), short_ms));
+        found.push(Found {
+            vector_ms,
+            hybrid_ms,
+            recall: q.recall(&hits),
+            short_ms,
+        });
     }
     // Both paths, forced, on each bucket's first queries.
     let mut forced = Vec::new();
@@ -228,15 +241,15 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
             if tenants == 0 {
                 return None;
             }
-            let rows: Vec<(&Question, &(f64, f64, f64, f64))> = questions
+            let rows: Vec<(&Question, &Found)> = questions
                 .iter()
                 .zip(&found)
                 .filter(|(q, _)| in_bucket(q.tenant))
                 .collect();
-            let recalls: Vec<f64> = rows.iter().map(|(_, f)| f.2).collect();
-            let vector: Vec<f64> = rows.iter().map(|(_, f)| f.0).collect();
-            let hybrid: Vec<f64> = rows.iter().map(|(_, f)| f.1).collect();
-            let short: Vec<f64> = rows.iter().map(|(_, f)| f.3).collect();
+            let recalls: Vec<f64> = rows.iter().map(|(_, f)| f.recall).collect();
+            let vector: Vec<f64> = rows.iter().map(|(_, f)| f.vector_ms).collect();
+            let hybrid: Vec<f64> = rows.iter().map(|(_, f)| f.hybrid_ms).collect();
+            let short: Vec<f64> = rows.iter().map(|(_, f)| f.short_ms).collect();
             Some(Bucket {
                 from,
                 to,
