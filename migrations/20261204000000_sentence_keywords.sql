@@ -20,9 +20,11 @@
 -- GIN index answers it with a bitmap of every chunk of the caller's holding the term, so a common word costs more
 -- the more chunks the caller has. Measured (`make bench`, scenario `search`, 1,000,000 chunks): hybrid search of
 -- an 8-15 word sentence at p50 9.8 ms for tenants of 10-99 chunks and 82.5 ms for one of 300,000 (vector alone
--- 7.4 ms). `SET upload_pipeline.sentence_terms = 0` (ALTER ROLE / ALTER DATABASE) gives sentences the list before.
+-- 7.4 ms). `upload_pipeline.sentence_terms = 0` (ALTER DATABASE ... SET, or ALTER ROLE for the role the API logs in
+-- as: the app role is only SET LOCAL, so its own settings do not apply) gives sentences the list before.
 -- Longer queries, and those of more than 64 tsquery nodes (not read term by term), keep the list before. A query
--- without a positive term gets no keyword list, as before.
+-- without a positive term gets no keyword list, as before; one whose every alternative starts with an exclusion
+-- gets keyword_candidates' (as before for a sentence; an identifier-like one got none).
 --
 -- Keyword mode changes with it: a sentence's chunks holding every word come first (rank above 0.5, as for an
 -- identifier-like query), then those holding some of its words; before, only the former were listed.
@@ -160,8 +162,10 @@ BEGIN
     v_identifier := upload_pipeline.identifier_query(query_text);
     IF v_identifier OR numnode(v_query) <= 64 THEN
       v_terms := cardinality((upload_pipeline.query_terms(upload_pipeline.strip_double_negation(v_query))).terms);
+      -- No term: every top-level alternative starts with an exclusion (`-draft lamp or -memo storm`, which
+      -- query_terms reads as negated) or there is nothing to look for; keyword_candidates' list, or none below.
       v_list := CASE
-        WHEN v_terms = 0 THEN 'none'
+        WHEN v_terms = 0 THEN 'keyword'
         WHEN v_identifier AND v_terms <= 8 THEN 'identifier'
         WHEN v_terms <= upload_pipeline.sentence_terms() THEN 'sentence'
         ELSE 'keyword' END;

@@ -210,8 +210,9 @@ async fn a_sentence_lists_the_chunks_holding_every_word_then_some_by_bm25_and_is
         "{hits:#?}"
     );
     assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
-    // `or -word` keeps the query's alternatives: the chunks holding `lamp`.
-    let hits = keyword(&app, user, "lamp or -tides").await;
+    // Alternatives that each start with an exclusion: no BM25 term, but the all-words list still finds them (the
+    // chunks holding `lamp`, all four with it: none holds `draft`).
+    let hits = keyword(&app, user, "-draft lamp or -memo storm").await;
     assert_eq!(hits.len(), 4, "{hits:#?}");
     assert!(
         hits.iter()
