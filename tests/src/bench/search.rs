@@ -201,13 +201,14 @@ async fn measure(s: Settings, config: Config) -> Result<Search> {
     for q in &questions {
         search(conn, users[q.tenant], q, "vector", None).await?;
         search(conn, users[q.tenant], q, "hybrid", None).await?;
-        search_text(conn, users[q.tenant], q, &q.short, "hybrid").await?;
+        timed_search(conn, users[q.tenant], q, &q.short, "hybrid", None).await?;
     }
     let mut found = Vec::with_capacity(questions.len());
     for q in &questions {
         let (vector_ms, hits) = search(conn, users[q.tenant], q, "vector", None).await?;
         let (hybrid_ms, _) = search(conn, users[q.tenant], q, "hybrid", None).await?;
-        let (short_ms, _) = search_text(conn, users[q.tenant], q, &q.short, "hybrid").await?;
+        let (short_ms, _) =
+            timed_search(conn, users[q.tenant], q, &q.short, "hybrid", None).await?;
         found.push(Found {
             vector_ms,
             hybrid_ms,
@@ -525,16 +526,6 @@ async fn search(
 }
 
 /// [`search`] with `text` in place of the question's own words.
-async fn search_text(
-    conn: &mut PgConnection,
-    user: Uuid,
-    q: &Question,
-    text: &str,
-    mode: &str,
-) -> Result<(f64, Vec<Uuid>)> {
-    timed_search(conn, user, q, text, mode, None).await
-}
-
 async fn timed_search(
     conn: &mut PgConnection,
     user: Uuid,
