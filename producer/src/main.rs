@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Serve { listen, check } => serve::run(settings, listen, check).await,
         Command::Migrate => setup::migrate(&settings).await,
+        Command::TenantIndexes => setup::tenant_indexes(&settings).await,
         Command::Settings { listen } => setup::show_settings(settings, listen),
         Command::Openapi => setup::openapi(),
         Command::Token { user, ttl, admin } => setup::token(&settings, user, ttl, admin),

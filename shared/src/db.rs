@@ -3,9 +3,11 @@
 //! Every read and write of user data goes through [`begin_as`]: the transaction takes the role
 //! `upload_pipeline_app` (no BYPASSRLS) and sets `upload_pipeline.user_id`, so row-level security shows it only
 //! that user's rows, whatever the query says. Keyword search's text configuration and the backfill of the chunks'
-//! keywords are in `db/keywords.rs` (re-exported here).
+//! keywords are in `db/keywords.rs`, large tenants' own HNSW indexes in `db/tenant_indexes.rs` (both re-exported
+//! here).
 
 mod keywords;
+mod tenant_indexes;
 
 use std::{future::Future, time::Duration};
 
@@ -19,6 +21,10 @@ use uuid::Uuid;
 pub use self::keywords::{
     BACKFILL_BATCH, backfill_keywords, backfill_keywords_unless_busy,
     keyword_search_uses_its_index, set_text_search_config, text_search_config_matches,
+};
+pub use self::tenant_indexes::{
+    TENANT_INDEX_LOCK, TenantIndexChange, TenantIndexPass, maintain_tenant_indexes,
+    maintain_tenant_indexes_every,
 };
 use crate::settings::Settings;
 
@@ -73,6 +79,20 @@ async fn bypasses_rls(opts: &PgConnectOptions) -> Result<bool, DbError> {
     .await?;
     let _ = conn.close().await;
     Ok(bypass)
+}
+
+/// A pool of the owner's (`database_admin_url`, else `database_url`), connecting when first used: for the
+/// maintenance that must run as the owner without migrating (`producer tenant-indexes`).
+pub fn connect_owner(settings: &Settings) -> Result<PgPool, DbError> {
+    let url = settings
+        .database_admin_url
+        .as_ref()
+        .unwrap_or(&settings.database_url)
+        .expose();
+    Ok(PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options(url)?))
 }
 
 /// Connects the pool of the API and the workers: `database_url`, as `database_app_role` when that URL names a

@@ -182,6 +182,8 @@ pub const SEARCH_DURATION: &str = "upload_pipeline_search_duration_seconds";
 /// Searches that asked for reranking and were answered in fused order because the reranker failed, by reason
 /// (an outcome of [`PROVIDER_OUTCOMES`] other than `ok` and `too_large`).
 pub const SEARCH_RERANK_FAILURES: &str = "upload_pipeline_search_rerank_failures_total";
+/// Tenants' own HNSW indexes changed by the maintenance passes, by outcome (`built`, `dropped`, `failed`).
+pub const SEARCH_TENANT_INDEX_CHANGES: &str = "upload_pipeline_search_tenant_index_changes_total";
 /// Stage jobs pushed again by the reconciler, by stage.
 pub const RECONCILER_REQUEUED: &str = "upload_pipeline_reconciler_requeued_jobs_total";
 /// API responses, by route and status class.
@@ -411,6 +413,12 @@ pub const CATALOGUE: &[Metric] = &[
         SEARCH_RERANK_FAILURES,
         &["reason"],
         "Searches answered in fused order, unreranked, because the reranker failed, by reason (rate_limited: a 429; throttled: the fleet's budget or a cool-down was longer than search.rerank.max_wait; quota; unauthorized: a 401/403 or a pause for it; transient: a timeout, connection failure or 5xx; permanent: another 4xx or an invalid answer).",
+        Producer,
+    ),
+    counter(
+        SEARCH_TENANT_INDEX_CHANGES,
+        &["outcome"],
+        "Tenants' own HNSW indexes changed by the producer's maintenance passes, by outcome (built; dropped: the tenant fell under half of exact_search_chunks; failed: the statement failed, and the next pass tries again).",
         Producer,
     ),
     counter(

@@ -59,6 +59,9 @@ pub fn settings(prefix: &str, redis_url: &str) -> Settings {
     s.worker.shutdown_grace = Duration::from_secs(5);
     // Tests upload in bursts; the per-user rate limit has a test of its own.
     s.api.uploads_per_minute = 0;
+    // No tenant index built behind a test's back (a test of 12,000 chunks would get one); the tests of tenant
+    // indexes run the passes themselves, or turn the server's on.
+    s.search.tenant_index_interval = Duration::ZERO;
     s
 }
 

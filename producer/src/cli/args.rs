@@ -53,6 +53,10 @@ pub enum Command {
     },
     /// Creates the database if missing, applies the migrations and registers the embedding model's index.
     Migrate,
+    /// Gives each tenant with more chunks of a model than `upload_pipeline.exact_search_chunks()` an HNSW index of
+    /// its own and drops those of tenants under half that, once, as the database's owner (what `serve` does every
+    /// `search.tenant_index_interval` when it holds the owner's credentials); prints what it did as JSON.
+    TenantIndexes,
     /// Checks the settings (defaults, --config file, environment) and prints them as JSON, secrets hidden: what
     /// `serve` and the workers of the same environment will run with.
     Settings {

@@ -1,4 +1,4 @@
-//! Commands that prepare and check a deployment: `migrate`, `settings`, `openapi` and `token`.
+//! Commands that prepare and check a deployment: `migrate`, `tenant-indexes`, `settings`, `openapi` and `token`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -18,6 +18,41 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
          configuration {}",
         settings.embedding.model, settings.embedding.dimensions, settings.search.text_config
     );
+    Ok(())
+}
+
+/// Builds and drops the large tenants' own HNSW indexes once (`db::maintain_tenant_indexes`), as the owner (it
+/// does not migrate: `producer migrate` does); prints the pass as JSON.
+pub async fn tenant_indexes(settings: &Settings) -> anyhow::Result<()> {
+    super::start_logging(settings, super::QUIET)?;
+    if !upload_pipeline::db::can_migrate(settings)
+        .await
+        .context("Failed to reach the database")?
+    {
+        anyhow::bail!(
+            "building indexes needs the database owner's credentials: set DATABASE_ADMIN_URL (database_url is the \
+             app role's)"
+        );
+    }
+    let pool = upload_pipeline::db::connect_owner(settings).context("Invalid database URL")?;
+    let pass =
+        upload_pipeline::db::maintain_tenant_indexes(&pool, settings.search.tenant_index_memory_mb)
+            .await
+            .context("Failed to maintain the tenants' indexes")?;
+    pool.close().await;
+    let Some(pass) = pass else {
+        anyhow::bail!(
+            "another process is maintaining the tenants' indexes; try again when it is done"
+        );
+    };
+    println!("{}", serde_json::to_string_pretty(&pass)?);
+    let failed = pass.changes.iter().filter(|c| c.error.is_some()).count();
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} index changes failed (see above)",
+            pass.changes.len()
+        );
+    }
     Ok(())
 }
 

@@ -41,6 +41,7 @@ pub async fn run_server_on(
 ) -> ServerResult<()> {
     // Migrations as the admin role; requests as the app role, under row-level security. With the app role's
     // credentials only, the migrations were run before (`producer migrate` as the owner).
+    let mut maintenance = None;
     if crate::db::can_migrate(&settings)
         .await
         .map_err(ServerError::Db)?
@@ -49,13 +50,23 @@ pub async fn run_server_on(
             .await
             .map_err(ServerError::Db)?;
         // The keywords of chunks written before their table (or in another text configuration) are computed in
-        // batches while the API serves; keyword search skips those chunks until then.
-        tokio::spawn(async move {
+        // batches while the API serves; keyword search skips those chunks until then. Then, as the owner, the
+        // large tenants' own HNSW indexes are kept (db::maintain_tenant_indexes) until shutdown.
+        let search = settings.search.clone();
+        maintenance = Some(tokio::spawn(async move {
             if let Err(e) = crate::db::backfill_keywords_unless_busy(&admin).await {
                 tracing::warn!(error = %e, "The keyword backfill stopped; the next start-up or `producer migrate` resumes it");
             }
+            if !search.tenant_index_interval.is_zero() {
+                crate::db::maintain_tenant_indexes_every(
+                    admin.clone(),
+                    search.tenant_index_interval,
+                    search.tenant_index_memory_mb,
+                )
+                .await;
+            }
             admin.close().await;
-        });
+        }));
     } else {
         tracing::info!("database_url is the app role's: leaving migrations to `producer migrate`");
     }
@@ -116,6 +127,11 @@ pub async fn run_server_on(
     })
     .await;
     let _ = reconciler.await;
+    // A keyword backfill or an index build cut short is resumed by the next start-up (an index left invalid is
+    // never searched, and the next pass drops and builds it again).
+    if let Some(maintenance) = maintenance {
+        maintenance.abort();
+    }
     served.map_err(|e| ServerError::Setup(e.to_string()))
 }
 

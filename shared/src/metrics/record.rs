@@ -53,6 +53,9 @@ pub fn register_series(
         for outcome in ["created", "duplicate", "replayed"] {
             metrics::counter!(DOCUMENTS_UPLOADED, "outcome" => outcome).absolute(0);
         }
+        for outcome in ["built", "dropped", "failed"] {
+            metrics::counter!(SEARCH_TENANT_INDEX_CHANGES, "outcome" => outcome).absolute(0);
+        }
     }
     for &(provider, operation) in providers {
         for &outcome in PROVIDER_OUTCOMES {

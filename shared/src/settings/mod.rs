@@ -356,6 +356,14 @@ mod tests {
             "search.identifier_boost"
         );
         assert_eq!(
+            field_named(|s| s.search.tenant_index_interval = Duration::from_millis(500)),
+            "search.tenant_index_interval"
+        );
+        assert_eq!(
+            field_named(|s| s.search.tenant_index_memory_mb = 32),
+            "search.tenant_index_memory_mb"
+        );
+        assert_eq!(
             field_named(|s| {
                 s.search.vector_weight = 0.0;
                 s.search.keyword_weight = 0.0;

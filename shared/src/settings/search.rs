@@ -34,6 +34,15 @@ pub struct SearchSettings {
     /// (1: the same weight). Sentences and questions of at most 16 terms get the same list at `keyword_weight`;
     /// longer ones the list ranked by `ts_rank_cd`, every word required.
     pub identifier_boost: f64,
+    /// How often `producer serve` (when it holds the owner's credentials) gives each tenant with more chunks of a
+    /// model than `upload_pipeline.exact_search_chunks()` (5,000; up to 64, largest first) an HNSW index of its own, which
+    /// its searches walk instead of the model's graph of every tenant's, and drops those of tenants under half
+    /// that; 0s: never (then `producer tenant-indexes`, run as the owner, does it once). 0s or 1s to 1d.
+    #[serde(with = "humantime_serde")]
+    pub tenant_index_interval: Duration,
+    /// `maintenance_work_mem` of those builds, in MiB, 64 to 65536: an HNSW graph that does not fit is built far
+    /// more slowly (about 2 kB a chunk at 384 dimensions).
+    pub tenant_index_memory_mb: u32,
     /// The reranker the fused hits may go through.
     pub rerank: RerankSettings,
 }
@@ -185,6 +194,18 @@ impl SearchSettings {
             (1.0..=20.0).contains(&self.identifier_boost),
             "search.identifier_boost",
             "must be between 1 and 20",
+        )?;
+        ensure(
+            self.tenant_index_interval.is_zero()
+                || (Duration::from_secs(1)..=Duration::from_secs(86_400))
+                    .contains(&self.tenant_index_interval),
+            "search.tenant_index_interval",
+            "must be 0s (never) or between 1s and 1d",
+        )?;
+        ensure(
+            (64..=65_536).contains(&self.tenant_index_memory_mb),
+            "search.tenant_index_memory_mb",
+            "must be between 64 and 65536",
         )?;
         ensure(
             self.vector_weight + self.keyword_weight > 0.0,
