@@ -358,7 +358,9 @@ pub fn search(out: &Path, r: &Search) -> Result<()> {
          Loaded by COPY in {} s with the secondary indexes dropped, then the HNSW index (m 16, ef_construction 64) \
          built once in {} s ({} of index, {} of table) and the other indexes with `VACUUM ANALYZE` in {} s. A \
          search among at most {} chunks scans them exactly (`upload_pipeline.exact_search_chunks()`); a tenant above \
-         that walks the model's HNSW index (`search_chunks`: {}).\n\n\
+         that walks an HNSW index of its own chunks: {} such indexes, built by one maintenance pass \
+         (`db::maintain_tenant_indexes`, what `producer serve` runs every `search.tenant_index_interval`) in {} s, \
+         {} together (`search_chunks`: {}).\n\n\
          Each query is a fresh paraphrase of a passage (its vector, and 8-15 words of its vocabulary for hybrid \
          search, a sentence whose keyword list is BM25's over its terms; and, as a short query read as \
          identifiers, its first two words with the same vector, whose list is boosted), asked by \
@@ -386,6 +388,9 @@ pub fn search(out: &Path, r: &Search) -> Result<()> {
         mib(r.table_bytes as u64),
         fmt(r.other_indexes_seconds),
         fmt(r.exact_search_chunks as f64),
+        r.tenant_indexes,
+        fmt(r.tenant_index_seconds),
+        mib(r.tenant_index_bytes as u64),
         r.search_settings.join(", "),
     );
     for b in &r.buckets {
@@ -415,7 +420,7 @@ pub fn search(out: &Path, r: &Search) -> Result<()> {
     }
     md.push_str(&format!(
         "\nBoth paths forced on each bucket's first {} queries (vector search; the limit set very high, then to 0): \
-         the exact scan, and the graph: the model's index shared by every tenant, walked until enough of the tenant's chunks turn up.\n\n\
+         the exact scan, and the graph: the tenant's own HNSW index where it has one (above the limit), else the model's index shared by every tenant, walked until enough of the tenant's chunks turn up.\n\n\
          | tenant size | queries | exact scan p50 / p95 ms | graph p50 / p95 ms | graph recall@10 mean | worst |\n\
          |---|---|---|---|---|---|\n",
         super::search::COMPARED
