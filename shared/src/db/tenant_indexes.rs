@@ -47,7 +47,7 @@ pub struct TenantIndexPass {
     pub indexes: i64,
 }
 
-type PlanRow = (String, String, Uuid, Option<String>, i64, bool, String);
+type PlanRow = (String, String, Uuid, Option<String>, i64, String);
 
 /// The session settings of a pass. A build waits for every transaction older than it (twice), holding a
 /// `SHARE UPDATE EXCLUSIVE` lock on the chunks meanwhile (which stops autovacuum and a migration's `ALTER TABLE`
@@ -99,31 +99,21 @@ async fn pass(conn: &mut PgConnection, memory_mb: u32) -> Result<TenantIndexPass
         .fetch_one(&mut *conn)
         .await?;
     let plan: Vec<PlanRow> = sqlx::query_as(
-        "SELECT action, index_name, user_id, embedding_model, chunks, invalid, statement \
+        "SELECT action, index_name, user_id, embedding_model, chunks, statement \
          FROM upload_pipeline.tenant_index_plan($1)",
     )
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     let mut changes = Vec::with_capacity(plan.len());
-    for (action, index_name, user_id, embedding_model, chunks, invalid, statement) in plan {
+    for (action, index_name, user_id, embedding_model, chunks, statement) in plan {
         let started = Instant::now();
         if action == "build" {
             tracing::info!(index = %index_name, %user_id, model = embedding_model.as_deref(), chunks,
                 "Building a tenant's own HNSW index");
         }
-        let mut result = Ok(());
-        if action == "build" && invalid {
-            // What a failed or cancelled build left.
-            result = run(
-                conn,
-                &format!("DROP INDEX CONCURRENTLY IF EXISTS upload_pipeline.\"{index_name}\""),
-            )
-            .await;
-        }
-        if result.is_ok() {
-            result = run(conn, &statement).await;
-        }
+        // A failed build's invalid index was dropped by the plan's drops, which come first.
+        let result = run(conn, &statement).await;
         let seconds = started.elapsed().as_secs_f64();
         let error = match result {
             Ok(()) => {
